@@ -236,6 +236,10 @@ class SparseDictionary(nn.Module):
         io.write_json(directory / CFG_FILE, folded.cfg_dict())
         return directory
 
+    def prepare_for_weights(self, tensors: dict[str, Tensor]) -> None:
+        """Create optional tensors a saved file carries (e.g. a pruned TopK's shadow encoder)
+        before `load_weights` copies into them."""
+
     def load_weights(self, tensors: dict[str, Tensor]) -> None:
         expected = set(self.weights())
         missing, extra = expected - set(tensors), set(tensors) - expected
