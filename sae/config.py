@@ -1,0 +1,248 @@
+"""The run config: one YAML file describes a whole experiment (harvest, train, evaluate, prune).
+
+`load_run_config(path, overrides)` reads the YAML, applies `dotted.key=value` overrides,
+validates everything (unknown keys, types, files) before any work starts, and expands the
+dictionaries' sweeps into the flat list of dictionaries to train. Errors are one line
+naming the key path, with a close-match suggestion for typos.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sae.dictionaries import DictionaryConfig, parse_dictionary_config
+from sae.errors import ConfigError, UserError, did_you_mean
+from sae.text import DataConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HarvestConfig(_Strict):
+    """How activations reach the trainer."""
+
+    mode: Literal["disk", "stream"] = Field("disk", description="disk: cache shards; stream: straight from the model")
+    cache_dir: str | None = Field(None, description="default: <output_dir>/<run_name>/cache")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_contexts: int = Field(16, ge=1, description="contexts per model forward")
+    contexts_per_shard: int = Field(512, ge=1)
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(4096, ge=1, description="tokens per optimiser step")
+    epochs: float = Field(1.0, gt=0, description="passes over the train tokens")
+    checkpoint_every_tokens: int | None = Field(None, description="None: a checkpoint every ~10% of training")
+    autocast: Literal["auto", "bfloat16", "float16", "none"] = Field("auto", description="auto: bf16 on CUDA, none on CPU")
+    log_every_steps: int = 50
+
+
+class EvalConfig(_Strict):
+    enabled: bool = True
+    batch_contexts: int = Field(8, ge=1, description="contexts per model forward during evaluation")
+
+
+class AblationConfig(_Strict):
+    dictionary: str = Field(description="name of the dictionary to ablate")
+    thresholds: list[float]
+    compare: list[str] = Field(default_factory=list, description="dictionaries drawn as reference points")
+    mode: Literal["after", "before"] = "after"
+
+
+class PruneConfig(_Strict):
+    """Kill features by frequency after training; each (dictionary, threshold) is saved and evaluated."""
+
+    dictionaries: list[str] = Field(description="names of the trained dictionaries to prune")
+    max_frequency: list[float] = Field(default_factory=list, description="kill features firing more often")
+    min_frequency: float | None = Field(None, description="also kill features firing less often (e.g. 0 for dead)")
+    mode: Literal["after", "before"] = Field("after", description="TopK only: kill after or before the top-k selection")
+    ablation: AblationConfig | None = None
+
+
+class WandbConfig(_Strict):
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "sae"
+    entity: str | None = None
+    log_every_steps: int = 50
+
+
+class RunConfig(_Strict):
+    """Everything a run does; see configs/*.yaml for annotated examples."""
+
+    run_name: str
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = Field("auto", description="auto picks CUDA when present")
+    model: str = Field(description="smollm2-135m (embedded), a local HF folder or a hub id")
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    hooks: list[str] = Field(min_length=1, description="hook points, e.g. blocks.3.hook_resid_post")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train_tokens: int = Field(ge=1, description="tokens harvested for training")
+    eval_tokens: int = Field(16_384, ge=1, description="held-out tokens for evaluation")
+    harvest: HarvestConfig = Field(default_factory=HarvestConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    dictionaries: list[dict[str, Any]] = Field(min_length=1)
+    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="grid applied to every dictionary")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    prune: PruneConfig | None = None
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError("run_name must be a plain folder name (no '/', not starting with '.')")
+        return name
+
+    @model_validator(mode="after")
+    def _unique_hooks(self) -> "RunConfig":
+        if len(set(self.hooks)) != len(self.hooks):
+            raise ValueError("hooks lists a hook point twice")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.harvest.cache_dir) if self.harvest.cache_dir else self.run_dir / "cache"
+
+
+# ---- sweep expansion -----------------------------------------------------------------------
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).replace("/", "_")
+
+
+def expand_dictionaries(run: RunConfig) -> list[DictionaryConfig]:
+    """Each `dictionaries` entry × its own `sweep:` grid × the run's `sweep:` grid × (hook points
+    when the entry names none) -> validated configs with unique names."""
+    expanded: list[DictionaryConfig] = []
+    for index, entry in enumerate(run.dictionaries):
+        entry = dict(entry)
+        grid = {**run.sweep, **(entry.pop("sweep", None) or {})}
+        if "hook_name" not in entry and "hook_name" not in grid and len(run.hooks) > 1:
+            grid["hook_name"] = list(run.hooks)
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"dictionaries[{index}].sweep.{key}: must be a non-empty list")
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+            raw = {**entry, **dict(zip(keys, combo))}
+            raw.setdefault("hook_name", run.hooks[0])
+            if raw["hook_name"] not in run.hooks:
+                raise ConfigError(f"dictionaries[{index}].hook_name: {raw['hook_name']!r} is not in hooks "
+                                  f"{run.hooks}{did_you_mean(raw['hook_name'], run.hooks)}")
+            base = raw.get("name") or raw.get("architecture", f"dict{index}")
+            suffix = [f"{k}={_fmt(v)}" for k, v in zip(keys, combo) if k != "hook_name" or len(run.hooks) > 1]
+            raw["name"] = "-".join([base, *suffix]).replace("hook_name=", "")
+            raw.setdefault("seed", run.seed)
+            try:
+                expanded.append(parse_dictionary_config(raw))
+            except ValidationError as e:
+                raise ConfigError(_format_validation_error(e, f"dictionaries[{index}]", raw)) from None
+    names = [c.name for c in expanded]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"dictionaries: names {duplicates} occur twice; give each entry a distinct `name`")
+    return expanded
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {dotted}: {'.'.join(parts[:i])} has no item {part}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        else:
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"override {dotted}: {'.'.join(parts[:i + 1])} is not a mapping")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        key, text = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(text))
+    return raw
+
+
+def _model_fields(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """Field names valid at `loc` (for typo suggestions)."""
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return [] if model is None else list(model.model_fields)
+        annotation = model.model_fields[part].annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        model = next((a for a in candidates if issubclass(a, BaseModel)), None)
+    return list(model.model_fields) if model is not None else []
+
+
+def _format_validation_error(err: ValidationError, prefix: str, raw: Any, model: type[BaseModel] | None = None) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    path = ".".join([prefix, *(f"[{p}]" if isinstance(p, int) else str(p) for p in loc)] if prefix else
+                    [f"[{p}]" if isinstance(p, int) else str(p) for p in loc]).replace(".[", "[")
+    if first["type"] == "extra_forbidden":
+        if model is None and isinstance(raw, dict) and "architecture" in raw:
+            from sae.dictionaries import get_architecture
+            model = get_architecture(raw["architecture"]).Config
+        valid = _model_fields(model, loc[:-1])
+        more = f"; more than one problem ({len(err.errors())})" if len(err.errors()) > 1 else ""
+        return f"{path}: unknown key{did_you_mean(str(loc[-1]), valid)}{more}"
+    if first["type"] == "missing":
+        return f"{path}: required key is missing"
+    return f"{path}: {first['msg']} (got {first.get('input')!r})"
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, list[DictionaryConfig]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        run = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: " + _format_validation_error(e, "", raw, RunConfig)) from None
+    dictionaries = expand_dictionaries(run)
+    if run.prune is not None:
+        names = [d.name for d in dictionaries]
+        for name in run.prune.dictionaries + ([run.prune.ablation.dictionary, *run.prune.ablation.compare]
+                                              if run.prune.ablation else []):
+            if name not in names:
+                raise ConfigError(f"{path}: prune: no dictionary named {name!r}{did_you_mean(name, names)}; "
+                                  f"dictionaries are: {', '.join(names)}")
+    return run, dictionaries
+
+
+def dump_run_config(run: RunConfig) -> str:
+    return yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False)

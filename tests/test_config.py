@@ -1,0 +1,97 @@
+"""Config loading: every bad-input case is one clear line naming the key path, exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sae.config import expand_dictionaries, load_run_config
+from sae.errors import ConfigError, UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = """
+run_name: t
+model: {model}
+hooks: [blocks.0.hook_resid_post, blocks.1.hook_resid_post]
+data: {{source: {text}, context_size: 16}}
+train_tokens: 2048
+dictionaries:
+  - {{architecture: topk, k: 4, d_sae: 64}}
+  - {{architecture: relu, expansion_factor: 2, sweep: {{l1_coefficient: [0.001, 0.01]}}}}
+"""
+
+
+def write(tmp_path: Path, text: str, tiny_model_dir, tiny_text_file) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(textwrap.dedent(text).format(model=tiny_model_dir, text=tiny_text_file))
+    return path
+
+
+def test_valid_config_expands_sweeps_and_hooks(tmp_path, tiny_model_dir, tiny_text_file):
+    run, dicts = load_run_config(write(tmp_path, BASE, tiny_model_dir, tiny_text_file))
+    names = [d.name for d in dicts]
+    # 1 topk × 2 hooks + 2 l1 values × 2 hooks
+    assert len(names) == 6 and len(set(names)) == 6
+    assert {d.hook_name for d in dicts} == set(run.hooks)
+    assert sorted(d.l1_coefficient for d in dicts if d.architecture == "relu") == [0.001, 0.001, 0.01, 0.01]
+    assert run.data.context_size == 16
+
+
+def test_overrides_set_nested_and_list_keys(tmp_path, tiny_model_dir, tiny_text_file):
+    path = write(tmp_path, BASE, tiny_model_dir, tiny_text_file)
+    run, dicts = load_run_config(path, ["train.batch_size=128", "dictionaries.0.k=8", "hooks=[blocks.1.hook_resid_post]"])
+    assert run.train.batch_size == 128
+    assert {d.k for d in dicts if d.architecture == "topk"} == {8}
+    assert {d.hook_name for d in dicts} == {"blocks.1.hook_resid_post"}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trian_tokens=5", "trian_tokens: unknown key (did you mean: train_tokens?)"),
+    ("train.batch_sise=5", "train.batch_sise: unknown key (did you mean: batch_size?)"),
+    ("train_tokens=lots", "train_tokens: Input should be a valid integer"),
+    ("dictionaries.0.kk=3", "dictionaries[0].kk: unknown key (did you mean: k"),
+    ("dictionaries.0.architecture=reul", "unknown architecture 'reul' (did you mean: relu?)"),
+    ("data.source=/no/such/file.txt", "data.source: Value error, no files match '/no/such/file.txt'"),
+    ("harvest.dtype=float64", "harvest.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+])
+def test_bad_input_names_the_key(tmp_path, tiny_model_dir, tiny_text_file, override, expected):
+    path = write(tmp_path, BASE, tiny_model_dir, tiny_text_file)
+    with pytest.raises(UserError) as err:
+        load_run_config(path, [override])
+    assert expected in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_run_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_run_config(bad)
+
+
+def test_missing_required_key(tmp_path, tiny_model_dir, tiny_text_file):
+    text = BASE.replace("train_tokens: 2048\n", "")
+    with pytest.raises(ConfigError, match="train_tokens: required key is missing"):
+        load_run_config(write(tmp_path, text, tiny_model_dir, tiny_text_file))
+
+
+def test_prune_must_name_a_real_dictionary(tmp_path, tiny_model_dir, tiny_text_file):
+    text = BASE + "prune: {dictionaries: [rleu], max_frequency: [0.1]}\n"
+    with pytest.raises(ConfigError, match="no dictionary named 'rleu'"):
+        load_run_config(write(tmp_path, text, tiny_model_dir, tiny_text_file))
+
+
+def test_train_py_exits_2_with_one_line(tmp_path, tiny_model_dir, tiny_text_file):
+    path = write(tmp_path, BASE, tiny_model_dir, tiny_text_file)
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(path), "trian_tokens=1"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did you mean: train_tokens" in lines[0], proc.stderr
