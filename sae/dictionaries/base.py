@@ -72,17 +72,34 @@ class DictionaryConfig(BaseModel):
 
 @dataclass
 class TrainStep:
-    """What `training_loss` returns: the loss to minimise and what the trainer logs/tracks."""
+    """What `training_loss` returns: the loss to minimise and what the trainer logs/tracks.
+
+    Dense architectures return `f`; sparse paths (TopK-style) may return `f=None` and give
+    `feature_counts` (tokens of the batch on which each feature fired) instead, so that no
+    dense [batch, d_sae] tensor is ever built.
+    """
 
     loss: Tensor  # scalar
-    x_hat: Tensor  # [batch, d_in]
-    f: Tensor  # [batch, d_sae], the activations used for L0 and dead-feature tracking
+    x_hat: Tensor  # [batch, d_in], in normalised units (compare with x·input_scale)
+    f: Tensor | None  # [batch, d_sae], the activations used for L0 and dead-feature tracking
     metrics: dict[str, Tensor] = field(default_factory=dict)  # scalars, e.g. {"mse":..., "l1":...}
+    feature_counts: Tensor | None = None  # [d_sae] how many tokens of the batch each feature fired on
+
+    def counts(self) -> Tensor:
+        """[d_sae] number of tokens of the batch on which each feature was non-zero."""
+        if self.feature_counts is not None:
+            return self.feature_counts
+        assert self.f is not None
+        return (self.f != 0).sum(dim=0)
 
 
 class SparseDictionary(nn.Module):
     architecture: ClassVar[str]
     Config: ClassVar[type[DictionaryConfig]] = DictionaryConfig
+    # Which dimension of each saved tensor indexes features (d_sae). Pruning slices these,
+    # resampling resets these rows of the optimizer state; tensors not listed (b_dec, a
+    # shadow encoder) are feature-independent. Architectures extend it with their extras.
+    feature_dims: ClassVar[dict[str, int]] = {"W_enc": 1, "W_dec": 0, "b_enc": 0}
 
     def __init__(self, cfg: DictionaryConfig, d_in: int, metadata: dict[str, Any] | None = None):
         super().__init__()
@@ -160,6 +177,19 @@ class SparseDictionary(nn.Module):
         return self.decode(self.encode(x))
 
     # ---- training hooks (the trainer calls these) -------------------------------------------
+    def scale_input(self, x: Tensor) -> Tensor:
+        """Raw activations -> the normalised units the dictionary trains in."""
+        return x * self.input_scale
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """True: decoder rows are kept at unit norm (gradient projection + renormalisation)."""
+        return bool(getattr(self.cfg, "normalize_decoder", False))
+
+    def resample_every_tokens(self) -> int | None:
+        """Tokens between dead-feature resamplings (None: never); see `resample`."""
+        return None
+
     def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None) -> TrainStep:
         """One step's loss on raw x [batch, d_in], computed in normalised units (x·input_scale).
 
@@ -170,11 +200,51 @@ class SparseDictionary(nn.Module):
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """E.g. remove the gradient component parallel to unit-norm decoder rows."""
+        """Remove the gradient component parallel to unit-norm decoder rows (when constrained)."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            W, g = self.W_dec, self.W_dec.grad
+            g.sub_((g * W).sum(dim=1, keepdim=True) * W / W.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """E.g. renormalise decoder rows."""
+        """Renormalise decoder rows to unit norm (when constrained)."""
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def resample(self, x: Tensor, dead_mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Re-initialise dead features from inputs the dictionary reconstructs badly.
+
+        Towards Monosemanticity / dictionary_learning style: inputs are drawn from the batch `x`
+        (raw units) with probability proportional to their squared reconstruction error
+        ‖x - x̂‖²; each dead feature gets the direction of one drawn input (centred on b_dec) as
+        its decoder row (unit norm) and as its encoder column, scaled to 0.2 × the mean norm of
+        the live encoder columns; its encoder bias is set to 0. Returns the ids re-initialised
+        (the trainer then resets their optimizer state and their dead-feature counters).
+        """
+        ids = dead_mask.nonzero().flatten()
+        if ids.numel() == 0:
+            return ids
+        xs = self.scale_input(x.to(self.W_enc.dtype))
+        err = (self.decode_scaled(self.encode(x)) - xs).pow(2).sum(dim=1)
+        if not torch.isfinite(err).all() or err.sum() <= 0:
+            err = torch.ones_like(err)
+        gen_device = generator.device if generator is not None else err.device
+        picks = torch.multinomial(err.to(gen_device), ids.numel(), replacement=True,
+                                  generator=generator).to(err.device)
+        v = xs[picks] - self.b_dec
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        live = ~dead_mask
+        enc_norm = self.W_enc[:, live].norm(dim=0).mean() if live.any() else self.W_enc.new_tensor(1.0)
+        dec_norm = self.W_dec[live].norm(dim=1).mean() if (live.any() and not self.unit_norm_decoder) else 1.0
+        self.W_dec[ids] = v * dec_norm
+        self.W_enc[:, ids] = (v * (0.2 * enc_norm)).T
+        self.b_enc[ids] = 0.0
+        self._resample_extra(ids)
+        return ids
+
+    def _resample_extra(self, ids: Tensor) -> None:
+        """Architectures with more per-feature parameters re-initialise them here."""
 
     # ---- killing and pruning -------------------------------------------------------------
     def set_killed(self, kill_mask: Tensor | None, mode: KillMode = "after") -> None:
@@ -185,6 +255,48 @@ class SparseDictionary(nn.Module):
                 raise ValueError(f"kill_mask must have shape [{self.d_sae}], got {list(kill_mask.shape)}")
         self.kill_mask = kill_mask
         self.kill_mode = mode
+
+    @torch.no_grad()
+    def pruned(self, keep_ids: Tensor, mode: KillMode = "after") -> "SparseDictionary":
+        """A new, smaller dictionary with only the features `keep_ids` (in that order).
+
+        It encodes exactly like this dictionary with every other feature killed in `mode`:
+        `pruned(keep).encode(x) == (self with kill_mask = not keep).encode(x)[..., keep]`.
+        For element-wise activations both modes are the same and the killed features are simply
+        dropped; TopK overrides this for mode "after" (the killed features keep competing for the
+        top-k slots through a shadow encoder). `metadata["pruning"]` records the original width,
+        the killed original feature ids and the mode (pruning code may add its threshold).
+        """
+        keep_ids = torch.as_tensor(keep_ids, dtype=torch.long).flatten().to(self.W_enc.device)
+        if keep_ids.numel() and (keep_ids.min() < 0 or keep_ids.max() >= self.d_sae):
+            raise ValueError(f"keep_ids must lie in [0, {self.d_sae})")
+        if keep_ids.unique().numel() != keep_ids.numel():
+            raise ValueError("keep_ids has duplicates")
+        tensors = self._pruned_tensors(keep_ids, mode)
+        killed = torch.ones(self.d_sae, dtype=torch.bool, device=keep_ids.device)
+        killed[keep_ids] = False
+        metadata = dict(self.metadata)
+        metadata["pruning"] = {**dict(self.metadata.get("pruning", {})),
+                               "original_d_sae": self.d_sae,
+                               "killed_feature_ids": killed.nonzero().flatten().tolist(),
+                               "kept_feature_ids": keep_ids.tolist(),
+                               "kill_mode": mode}
+        cfg = self.cfg.model_copy(update={"d_sae": int(keep_ids.numel()), "expansion_factor": None})
+        new = type(self)(cfg, self.d_in, metadata=metadata)
+        new.prepare_for_weights(tensors)
+        new.to(device=self.W_enc.device, dtype=self.W_enc.dtype)
+        new.load_weights(tensors)
+        new.input_scale.copy_(self.input_scale)
+        new.train(self.training)
+        return new
+
+    def _pruned_tensors(self, keep_ids: Tensor, mode: KillMode) -> dict[str, Tensor]:
+        """weights() with every feature-indexed tensor sliced to keep_ids."""
+        out = {}
+        for name, t in self.weights().items():
+            dim = self.feature_dims.get(name)
+            out[name] = t.detach().index_select(dim, keep_ids).clone() if dim is not None else t.detach().clone()
+        return out
 
     # ---- normalisation folding -------------------------------------------------------------
     @torch.no_grad()

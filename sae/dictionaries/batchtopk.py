@@ -1,0 +1,104 @@
+"""`batchtopk`: BatchTopK (Bussmann et al. 2024): in training the top k·batch pre-activations of
+the whole batch are kept (a token may use more or fewer than k latents); at inference
+(`module.eval()`) a learned threshold replaces the batch selection:
+f_i = pre_i if pre_i > threshold else 0.
+
+The threshold is an exponential moving average (`threshold_beta`, 0.999) of the smallest
+selected positive activation of each training batch; it is saved as `threshold` [d_sae] (one
+value repeated, so the file reads like a JumpReLU dictionary's and slices like one when pruned),
+in pre-activation units (which folding the input scale leaves unchanged).
+
+Everything else (AuxK, unit-norm decoder, sparse kernels, lr) is TopK's.
+
+Killing features: at inference the threshold acts on each latent alone, so the two meanings
+("before": masked before selection; "after": zeroed after it) give identical outputs, and a
+pruned dictionary just drops the killed latents (no shadow encoder is needed). In training mode
+the batch selection is shared, so "before" frees slots for other latents and "after" does not.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from sae.dictionaries.base import KillMode, SparseDictionary, TrainStep
+from sae.dictionaries.registry import register
+from sae.dictionaries.topk import TopKConfig, TopKDictionary
+
+
+class BatchTopKConfig(TopKConfig):
+    architecture: Literal["batchtopk"] = "batchtopk"  # type: ignore[assignment]
+    threshold_beta: float = 0.999
+
+
+def batch_topk_flat(pre: Tensor, n: int) -> Tensor:
+    """Flat indices (ascending) of the n largest entries of pre [B, d].
+
+    On CPU a per-row top-m pre-filter (m = 4·n/B) makes this several times faster; it is exact
+    (checked: when some row might hold more than m of the winners, the full selection runs).
+    """
+    B, d = pre.shape
+    n = min(n, B * d)
+    m = min(d, 4 * max(1, -(-n // B)))
+    if pre.device.type == "cpu" and m < d:
+        v, i = pre.topk(m, dim=1, sorted=False)
+        top, pos = v.flatten().topk(n, sorted=False)
+        if not bool((v.min(dim=1).values >= top.min()).any()):
+            flat = (torch.arange(B, device=pre.device)[:, None] * d + i).flatten()[pos]
+            return flat.sort().values
+    return pre.flatten().topk(n, sorted=False).indices.sort().values
+
+
+@register
+class BatchTopKDictionary(TopKDictionary):
+    architecture = "batchtopk"
+    Config = BatchTopKConfig
+    cfg: BatchTopKConfig
+    feature_dims = {**SparseDictionary.feature_dims, "threshold": 0}
+
+    def __init__(self, cfg, d_in, metadata=None):
+        super().__init__(cfg, d_in, metadata)
+        # -1: not yet estimated (the first training batch sets it).
+        self.register_buffer("threshold", torch.full((self.d_sae,), -1.0))
+
+    def weights(self) -> dict[str, Tensor]:
+        return {**super().weights(), "threshold": self.threshold}
+
+    @torch.no_grad()
+    def pruned(self, keep_ids: Tensor, mode: KillMode = "after") -> SparseDictionary:
+        # Both meanings coincide at inference (see the module docstring): no shadow encoder.
+        return SparseDictionary.pruned(self, keep_ids, mode)
+
+    def activation(self, pre: Tensor) -> Tensor:
+        if not self.training:
+            return torch.where((pre > self.threshold) & (pre > 0), pre, torch.zeros_like(pre))
+        flat_pre = pre.reshape(-1, pre.shape[-1])
+        idx = batch_topk_flat(flat_pre, self.cfg.k * flat_pre.shape[0])
+        out = torch.zeros_like(flat_pre).flatten()
+        out[idx] = torch.relu(flat_pre.flatten()[idx])
+        return out.view_as(pre)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return SparseDictionary.encode(self, x)
+
+    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None) -> TrainStep:
+        from sae import sparse_ops
+
+        xs = self.scale_input(x)
+        B = xs.shape[0]
+        with torch.no_grad():
+            pre = sparse_ops.dense_pre_acts_no_grad(xs, self.W_enc, self.b_enc, self.b_dec).float()
+            flat = batch_topk_flat(pre, self.cfg.k * B)
+            rows, cols = flat // self.d_sae, flat % self.d_sae
+            sel = pre[rows, cols]
+            valid = sel > 0
+            smallest = torch.where(valid, sel, torch.inf).min()
+            beta = self.cfg.threshold_beta
+            t = self.threshold
+            new = torch.where(t < 0, smallest, beta * t + (1 - beta) * smallest)
+            # A batch with no positive selection leaves the threshold as it was.
+            t.copy_(torch.where(torch.isfinite(new), new, t))
+        x_hat, counts, l0 = self._decode_selected(xs, pre, rows, cols, valid)
+        return self._loss(xs, x_hat, pre, counts, l0, dead_mask)

@@ -1,0 +1,120 @@
+"""`jumprelu`: JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"):
+f_i = pre_i · H(pre_i - θ_i) with a learned per-feature threshold θ, trained with an L0 penalty.
+
+The step function has no useful gradient; θ gets straight-through estimates with a rectangle
+kernel of width `bandwidth` ε:
+
+* ∂JumpReLU(z)/∂θ ≈ -(θ/ε) · K((z - θ)/ε),  ∂JumpReLU(z)/∂z = H(z - θ);
+* ∂H(z - θ)/∂θ ≈ -(1/ε) · K((z - θ)/ε) (the L0 term passes no gradient to z),
+  K(u) = 1 for |u| < 1/2, else 0.
+
+Loss: ‖x - x̂‖² (summed over dimensions, mean over tokens, normalised units)
++ λ(progress) · L0, with λ = `l0_coefficient` warmed up over `sparsity_warmup_fraction`.
+θ is kept ≥ 0 after each step. The threshold is saved as `threshold` [d_sae], in
+pre-activation units: folding the input scale leaves pre-activations unchanged
+((x - b/s)(s·W_enc) = (s·x - b) W_enc), so the threshold needs no folding.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from sae.dictionaries.base import DictionaryConfig, SparseDictionary, TrainStep
+from sae.dictionaries.registry import register
+from sae.dictionaries.relu import penalty_warmup
+
+
+class JumpReLUConfig(DictionaryConfig):
+    architecture: Literal["jumprelu"] = "jumprelu"
+    l0_coefficient: float = 0.1
+    sparsity_warmup_fraction: float = 0.05
+    bandwidth: float = 0.05  # ε of the rectangle kernel, in normalised pre-activation units
+    threshold_init: float = 0.1
+    normalize_decoder: bool = True
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        g_z = g * (z > theta).to(g.dtype)
+        g_theta = (-(theta / eps) * _rectangle((z - theta) / eps) * g).reshape(-1, z.shape[-1]).sum(0)
+        return g_z, g_theta.to(theta.dtype), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        g_theta = (-(1.0 / eps) * _rectangle((z - theta) / eps) * g).reshape(-1, z.shape[-1]).sum(0)
+        return torch.zeros_like(z), g_theta.to(theta.dtype), None
+
+
+def jumprelu(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    return _JumpReLU.apply(z, theta, bandwidth)
+
+
+def heaviside_step(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    return _Step.apply(z, theta, bandwidth)
+
+
+@register
+class JumpReLUDictionary(SparseDictionary):
+    architecture = "jumprelu"
+    Config = JumpReLUConfig
+    cfg: JumpReLUConfig
+    feature_dims = {**SparseDictionary.feature_dims, "threshold": 0}
+
+    def __init__(self, cfg, d_in, metadata=None):
+        super().__init__(cfg, d_in, metadata)
+        self.threshold = nn.Parameter(torch.full((self.d_sae,), float(cfg.threshold_init)))
+
+    def default_lr(self) -> float:
+        return 7e-4
+
+    def weights(self) -> dict[str, Tensor]:
+        return {**super().weights(), "threshold": self.threshold}
+
+    def activation(self, pre: Tensor) -> Tensor:
+        return pre * (pre > self.threshold).to(pre.dtype)
+
+    def _resample_extra(self, ids: Tensor) -> None:
+        self.threshold[ids] = self.cfg.threshold_init
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        self.threshold.clamp_(min=0.0)
+
+    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None) -> TrainStep:
+        xs = self.scale_input(x)
+        pre = torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc)
+        theta = self.threshold.to(pre.dtype)
+        f = jumprelu(pre, theta, self.cfg.bandwidth)
+        x_hat = f @ self.W_dec + self.b_dec
+        sse = (x_hat.float() - xs.float()).pow(2).sum(dim=-1).mean()
+        l0 = heaviside_step(pre, theta, self.cfg.bandwidth).float().sum(dim=-1).mean()
+        lam = self.cfg.l0_coefficient * penalty_warmup(progress, self.cfg.sparsity_warmup_fraction)
+        return TrainStep(loss=sse + lam * l0, x_hat=x_hat, f=f,
+                         metrics={"sse": sse.detach(), "l0": l0.detach()})

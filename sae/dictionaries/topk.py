@@ -1,0 +1,223 @@
+"""`topk`: f = TopK_k(ReLU-free pre-activations), then ReLU (Gao et al. 2024, "Scaling and
+evaluating sparse autoencoders"), with the AuxK loss on dead latents.
+
+* Loss: ‖x - x̂‖² / Σ‖x - x̄‖² over the batch (the batch FVU), plus `aux_coefficient` (1/32) ×
+  the AuxK loss: the residual e = x - x̂ is reconstructed from the top `aux_k` (default d_in/2)
+  pre-activations of the dead latents (silent for `dead_after_tokens`), scaled by
+  min(n_dead / aux_k, 1), normalised by the same variance.
+* Decoder rows at unit norm (projection), encoder = decoder transpose at init, b_dec from the
+  data, lr default 2e-4 / √(d_sae / 16384).
+* Training uses the sparse kernels of `sae.sparse_ops` (`sparse: true`, the default): the
+  decoder is an `embedding_bag` over the k selected latents and the encoder backward touches
+  only them. `sparse: false` runs the dense formulation (same maths; for checking).
+
+Killing features (`set_killed`), the two meanings of the METRICS page:
+
+* mode "before": killed latents are masked to -inf before the selection, another latent takes
+  the slot, L0 stays k;
+* mode "after": the top k is chosen among all latents, then killed ones are zeroed (L0 drops).
+
+A pruned dictionary (`pruned(keep_ids, "after")`) keeps the killed latents' encoder columns as a
+*shadow encoder* (`W_enc_shadow [d_in, n_killed]`, `b_enc_shadow [n_killed]`, saved in
+sae.safetensors): their pre-activations compete for the top-k slots but produce no output, so
+the pruned dictionary encodes exactly like the original with the kill mask in mode "after".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from sae import sparse_ops
+from sae.dictionaries.base import DictionaryConfig, KillMode, SparseDictionary, TrainStep
+from sae.dictionaries.registry import register
+
+
+class TopKConfig(DictionaryConfig):
+    architecture: Literal["topk"] = "topk"
+    k: int = 32
+    aux_k: int | None = None  # None: d_in // 2
+    aux_coefficient: float = 1.0 / 32
+    normalize_decoder: bool = True
+    sparse: bool = True  # sparse decoder / encoder backward in training (same maths as dense)
+
+
+def _row_major_coords(idx: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, k] column indices of a per-row selection -> flat (rows, cols), rows ascending."""
+    B, k = idx.shape
+    rows = torch.arange(B, device=idx.device).repeat_interleave(k)
+    return rows, idx.reshape(-1)
+
+
+@register
+class TopKDictionary(SparseDictionary):
+    architecture = "topk"
+    Config = TopKConfig
+    cfg: TopKConfig
+
+    def __init__(self, cfg, d_in, metadata=None):
+        super().__init__(cfg, d_in, metadata)
+        # Optional shadow encoder of killed latents (pruned in mode "after"); buffers, never trained.
+        self.register_buffer("W_enc_shadow", None)
+        self.register_buffer("b_enc_shadow", None)
+
+    def default_lr(self) -> float:
+        return 2e-4 / math.sqrt(self.d_sae / 16384)
+
+    @property
+    def aux_k(self) -> int:
+        return self.cfg.aux_k if self.cfg.aux_k is not None else max(1, self.d_in // 2)
+
+    # ---- shadow encoder ---------------------------------------------------------------------
+    @property
+    def n_shadow(self) -> int:
+        return 0 if self.W_enc_shadow is None else self.W_enc_shadow.shape[1]
+
+    def set_shadow(self, W: Tensor | None, b: Tensor | None) -> None:
+        """Install (or remove, with None) the shadow encoder."""
+        if W is None:
+            self.W_enc_shadow = self.b_enc_shadow = None
+            return
+        if W.shape[0] != self.d_in or b is None or b.shape != (W.shape[1],):
+            raise ValueError("shadow encoder must be W [d_in, n], b [n]")
+        self.register_buffer("W_enc_shadow", W.detach().to(self.W_enc).clone())
+        self.register_buffer("b_enc_shadow", b.detach().to(self.b_enc).clone())
+
+    def shadow_pre_acts(self, xs: Tensor) -> Tensor | None:
+        """Pre-activations of the shadow latents for normalised input xs (None without shadow)."""
+        if self.W_enc_shadow is None:
+            return None
+        return (xs - self.b_dec) @ self.W_enc_shadow + self.b_enc_shadow
+
+    def weights(self) -> dict[str, Tensor]:
+        w = super().weights()
+        if self.W_enc_shadow is not None:
+            w["W_enc_shadow"] = self.W_enc_shadow
+            w["b_enc_shadow"] = self.b_enc_shadow
+        return w
+
+    def prepare_for_weights(self, tensors: dict[str, Tensor]) -> None:
+        if "W_enc_shadow" in tensors:
+            self.set_shadow(tensors["W_enc_shadow"], tensors["b_enc_shadow"])
+        else:
+            self.set_shadow(None, None)
+
+    def _fold_extra(self, scale: float) -> None:
+        if self.W_enc_shadow is not None:
+            self.W_enc_shadow.mul_(scale)
+
+    @torch.no_grad()
+    def pruned(self, keep_ids: Tensor, mode: KillMode = "after") -> SparseDictionary:
+        new = super().pruned(keep_ids, mode)
+        if mode == "after":
+            keep = torch.as_tensor(keep_ids, dtype=torch.long, device=self.W_enc.device).flatten()
+            killed = torch.ones(self.d_sae, dtype=torch.bool, device=keep.device)
+            killed[keep] = False
+            W_sh, b_sh = self.W_enc[:, killed], self.b_enc[killed]
+            if self.W_enc_shadow is not None:
+                W_sh = torch.cat([self.W_enc_shadow, W_sh], dim=1)
+                b_sh = torch.cat([self.b_enc_shadow, b_sh])
+            if W_sh.shape[1] > 0:
+                new.set_shadow(W_sh, b_sh)
+        return new
+
+    # ---- inference ------------------------------------------------------------------------
+    def _topk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        return pre.topk(min(self.cfg.k, pre.shape[-1]), dim=-1, sorted=False)
+
+    def encode(self, x: Tensor) -> Tensor:
+        xs = self.scale_input(x)
+        pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
+        kill = self.kill_mask
+        if kill is not None and self.kill_mode == "before":
+            pre = pre.masked_fill(kill, -torch.inf)
+        shadow = self.shadow_pre_acts(xs)
+        full = pre if shadow is None else torch.cat([pre, shadow], dim=-1)
+        vals, idx = self._topk(full)
+        f = torch.zeros_like(full).scatter_(-1, idx, torch.relu(vals))[..., : self.d_sae]
+        if kill is not None:
+            f = f.masked_fill(kill, 0.0)
+        return f
+
+    def activation(self, pre: Tensor) -> Tensor:
+        vals, idx = self._topk(pre)
+        return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+
+    # ---- training -------------------------------------------------------------------------
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Selection on detached pre-activations [B, d_sae + n_shadow] -> flat (rows, cols,
+        valid) with rows ascending; `valid` is False for shadow latents (cols clamped to 0)."""
+        _, idx = self._topk(pre)
+        rows, cols = _row_major_coords(idx)
+        valid = cols < self.d_sae
+        return rows, torch.where(valid, cols, 0), valid
+
+    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None) -> TrainStep:
+        xs = self.scale_input(x)
+        B = xs.shape[0]
+        with torch.no_grad():
+            pre = sparse_ops.dense_pre_acts_no_grad(xs, self.W_enc, self.b_enc, self.b_dec).float()
+            shadow = self.shadow_pre_acts(xs)
+            full = pre if shadow is None else torch.cat([pre, shadow.float()], dim=-1)
+            rows, cols, valid = self._select(full)
+        x_hat, counts, l0 = self._decode_selected(xs, pre, rows, cols, valid)
+        return self._loss(xs, x_hat, pre, counts, l0, dead_mask)
+
+    def _decode_selected(self, xs, pre, rows, cols, valid):
+        """x̂ from the selected (rows, cols); returns (x_hat, feature counts, mean L0)."""
+        B = xs.shape[0]
+        if self.cfg.sparse:
+            vals = sparse_ops.selected_pre_acts(pre[rows, cols], xs, self.W_enc, self.b_enc, self.b_dec,
+                                                rows, cols)
+            vals = torch.relu(vals) * valid
+            x_hat = sparse_ops.sparse_decode(vals, rows, cols, self.W_dec, B) + self.b_dec
+        else:
+            pre_g = torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc)
+            vals = torch.relu(pre_g[rows, cols]) * valid
+            f = torch.zeros_like(pre_g).index_put_((rows, cols), vals, accumulate=True)
+            x_hat = f @ self.W_dec + self.b_dec
+        fired = (vals.detach() > 0).to(xs.dtype)
+        counts = torch.zeros(self.d_sae, dtype=xs.dtype, device=xs.device).index_add_(0, cols, fired)
+        return x_hat, counts, fired.sum() / B
+
+    def _loss(self, xs, x_hat, pre, counts, l0, dead_mask) -> TrainStep:
+        B = xs.shape[0]
+        err = xs.float() - x_hat.float()
+        sse = err.pow(2).sum()
+        variance = (xs.float() - xs.float().mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        fvu = sse / variance
+        loss = fvu
+        metrics = {"fvu": fvu.detach(), "sse": (sse / B).detach(), "l0": l0}
+        if dead_mask is not None and self.cfg.aux_coefficient > 0:
+            aux = self._aux_loss(xs, err.detach(), pre, dead_mask, variance)
+            if aux is not None:
+                loss = loss + self.cfg.aux_coefficient * aux
+                metrics["aux_loss"] = aux.detach()
+        return TrainStep(loss=loss, x_hat=x_hat, f=None, metrics=metrics, feature_counts=counts)
+
+    def _aux_loss(self, xs, e, pre, dead_mask, variance) -> Tensor | None:
+        """AuxK: reconstruct the residual e from the top aux_k dead latents' pre-activations."""
+        if xs.device.type == "cpu":  # host syncs cost nothing on CPU: skip the work when none is dead
+            dead_ids = dead_mask.nonzero().flatten()
+            n_dead = dead_ids.numel()
+            if n_dead == 0:
+                return None
+            k_aux = min(self.aux_k, n_dead)
+            _, sub = pre[:, dead_ids].topk(k_aux, dim=1, sorted=False)
+            rows, cols = _row_major_coords(dead_ids[sub])
+            scale = min(n_dead / self.aux_k, 1.0)
+        else:  # no host sync: masked selection over all latents
+            k_aux = min(self.aux_k, self.d_sae)
+            masked = pre.masked_fill(~dead_mask, -torch.inf)
+            _, idx = masked.topk(k_aux, dim=1, sorted=False)
+            rows, cols = _row_major_coords(idx)
+            scale = (dead_mask.sum() / self.aux_k).clamp(max=1.0)
+        valid = dead_mask[cols]
+        vals = sparse_ops.selected_pre_acts(pre[rows, cols].masked_fill(~valid, 0.0), xs, self.W_enc,
+                                            self.b_enc, self.b_dec, rows, cols)
+        vals = torch.relu(vals) * valid
+        e_hat = sparse_ops.sparse_decode(vals, rows, cols, self.W_dec, xs.shape[0])
+        return scale * (e - e_hat.float()).pow(2).sum() / variance
