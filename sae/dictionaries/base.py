@@ -129,7 +129,7 @@ class SparseDictionary(nn.Module):
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         with torch.no_grad():
             self.W_dec.copy_(W_dec * self.init_decoder_norm())
-            self.W_enc.copy_(W_dec.T)
+            self.W_enc.copy_((W_dec * self.init_decoder_norm()).T)
             self.b_enc.zero_()
             self.b_dec.zero_()
 
@@ -363,6 +363,30 @@ class SparseDictionary(nn.Module):
                 if param.shape != tensors[name].shape:
                     raise ValueError(f"{name}: expected shape {list(param.shape)}, got {list(tensors[name].shape)}")
                 param.copy_(tensors[name])
+
+    # ---- interop (sae.load, SAEBench's custom-SAE interface) ---------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the weights (SAEBench reads `sae.dtype`)."""
+        return self.W_enc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """device of the weights (SAEBench reads `sae.device`)."""
+        return self.W_enc.device
+
+    def encode_sparse(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """x [..., d_in] -> (values [..., k], indices [..., k]) of the k largest feature
+        activations, largest first. k defaults to the architecture's `k` (TopK) or, for the
+        others, to the largest number of active features of any row of this x; rows with fewer
+        active features are padded with value 0 (their padding indices mean nothing)."""
+        f = self.encode(x)
+        if k is None:
+            k = getattr(self.cfg, "k", None) if self.architecture == "topk" else None
+        if k is None:
+            k = int((f != 0).sum(dim=-1).max()) if f.numel() else 0
+        k = max(0, min(int(k), self.d_sae))
+        return f.topk(k, dim=-1, sorted=True)
 
     def extra_repr(self) -> str:
         return f"architecture={self.architecture}, d_in={self.d_in}, d_sae={self.d_sae}"

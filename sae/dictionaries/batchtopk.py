@@ -3,8 +3,9 @@ the whole batch are kept (a token may use more or fewer than k latents); at infe
 (`module.eval()`) a learned threshold replaces the batch selection:
 f_i = pre_i if pre_i > threshold else 0.
 
-The threshold is an exponential moving average (`threshold_beta`, 0.999) of the smallest
-selected positive activation of each training batch; it is saved as `threshold` [d_sae] (one
+The threshold is an exponential moving average (`threshold_beta`, 0.999; a plain running mean
+over the first 1/(1-beta) batches) of the smallest selected positive activation of each training
+batch; it is saved as `threshold` [d_sae] (one
 value repeated, so the file reads like a JumpReLU dictionary's and slices like one when pruned),
 in pre-activation units (which folding the input scale leaves unchanged).
 
@@ -62,6 +63,8 @@ class BatchTopKDictionary(TopKDictionary):
         super().__init__(cfg, d_in, metadata)
         # -1: not yet estimated (the first training batch sets it).
         self.register_buffer("threshold", torch.full((self.d_sae,), -1.0))
+        # Batches averaged into the threshold so far (checkpointed, not part of the saved weights).
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
     def weights(self) -> dict[str, Tensor]:
         return {**super().weights(), "threshold": self.threshold}
@@ -95,10 +98,13 @@ class BatchTopKDictionary(TopKDictionary):
             sel = pre[rows, cols]
             valid = sel > 0
             smallest = torch.where(valid, sel, torch.inf).min()
-            beta = self.cfg.threshold_beta
+            # EMA with the warm-up of a running mean: beta_eff = min(beta, n / (n + 1)).
+            n = self.threshold_updates.to(torch.float32)
+            beta = torch.clamp(n / (n + 1), max=self.cfg.threshold_beta)
             t = self.threshold
-            new = torch.where(t < 0, smallest, beta * t + (1 - beta) * smallest)
-            # A batch with no positive selection leaves the threshold as it was.
-            t.copy_(torch.where(torch.isfinite(new), new, t))
+            new = beta * t + (1 - beta) * smallest
+            ok = torch.isfinite(new)  # a batch with no positive selection leaves it as it was
+            t.copy_(torch.where(ok, new, t))
+            self.threshold_updates += ok.all().to(torch.long)
         x_hat, counts, l0 = self._decode_selected(xs, pre, rows, cols, valid)
         return self._loss(xs, x_hat, pre, counts, l0, dead_mask)

@@ -1,0 +1,630 @@
+"""Train many sparse dictionaries from one stream of activation batches.
+
+    from sae.trainer import train_dictionaries
+    from sae.dictionaries import parse_dictionary_config
+
+    configs = [parse_dictionary_config({"architecture": "topk", "k": 32, "expansion_factor": 8}),
+               parse_dictionary_config({"architecture": "relu", "l1_coefficient": 1.0, "d_sae": 4096})]
+    dictionaries = train_dictionaries(batches, configs, total_tokens=10_000_000, out_dir="runs/mine")
+
+`batches` is either a *batch source* (an object with `batches(start_step) -> Iterator[dict[hook_name,
+Tensor[batch, d_in]]]`, deterministic given its own seed, like the activation-cache reader) or any
+re-iterable collection of `[batch, d_in]` tensors (your own activations). Every step draws ONE batch
+and every dictionary takes one optimiser step on it (the batch of its `hook_name`): a sweep of
+twelve dictionaries costs one pass over the data.
+
+The loop, per step and per dictionary (see `_Slot.step`):
+
+    lr = base_lr · warm-up · decay-to-0           (from the step alone: nothing to save)
+    out = dictionary.training_loss(x, progress, dead_mask)   (bf16 autocast if asked)
+    out.loss.backward(); dictionary.before_optimizer_step()   (e.g. unit-norm projection)
+    clip_grad_norm_; adam.step(); dictionary.after_optimizer_step()
+    tracker.update(features fired)                 (tokens since each feature last fired)
+
+Nothing in a step reads a value back to the host: statistics accumulate on the device and are read
+every `log_every` steps (progress bar, wandb) and before every checkpoint, which is also when a
+non-finite loss is noticed (`TrainingDiverged`, naming the dictionary and the step; the last good
+checkpoint is never overwritten by a diverged state).
+
+Checkpoints (`checkpoint_every_tokens`, into `out_dir/checkpoints/`) hold every dictionary's
+weights and buffers, Adam state, dead-feature tracker, resampling generator, the step, the global
+RNG states and the config fingerprint. Calling `train_dictionaries` again with the same arguments
+after a crash (SIGKILL included) resumes from the latest one; on CPU with fixed seeds the result is
+bit-identical to an uninterrupted run. A checkpoint made by different configs is refused.
+
+At the end each dictionary is folded to raw-activation units and saved to
+`out_dir/<name>/sae.safetensors` + `cfg.json` (architecture, d_in, d_sae, dtype, the metadata
+you pass, hyperparameters, tokens_trained, library_version), and the checkpoints are removed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+import sae
+from sae import checkpoint as ckpt
+from sae.dictionaries.base import DictionaryConfig, SparseDictionary, geometric_median, unit_norm_scale
+from sae.dictionaries.registry import get_architecture
+from sae.errors import ConfigError, TrainingDiverged, UserError
+
+DEFAULT_HOOK = "activations"  # the hook key of batches given as plain tensors
+CHECKPOINT_FORMAT = 1
+_BDEC_INIT_ROWS = 16384  # rows of the first batch used to initialise b_dec and the input scale
+
+
+# ---- batch sources ------------------------------------------------------------------------------
+class BatchSource(Protocol):
+    def batches(self, start_step: int = 0) -> Iterator[Mapping[str, Tensor]]:
+        """Batches from step `start_step` on, exactly as an uninterrupted iteration yields them."""
+
+
+class IterableSource:
+    """Adapts a re-iterable collection of `[batch, d_in]` tensors (or of {hook: tensor} dicts) to the
+    batch-source protocol. Resuming re-iterates it and skips the batches already trained on, so it
+    must yield the same batches each time it is iterated (a list, a Dataset, a generator
+    *function* wrapped as an iterable class, ...). A one-shot iterator can train but not resume.
+    """
+
+    def __init__(self, data: Iterable[Tensor] | Iterable[Mapping[str, Tensor]]):
+        self.data = data
+        self.iterations = 0  # how many passes were started (tests count them)
+
+    def batches(self, start_step: int = 0) -> Iterator[Mapping[str, Tensor]]:
+        it = iter(self.data)
+        if start_step > 0 and it is self.data:
+            raise UserError("cannot resume from a one-shot iterator: pass a re-iterable collection "
+                            "(a list, or an object whose __iter__ restarts), or a batch source "
+                            "with batches(start_step), or delete the checkpoint to start over")
+        self.iterations += 1
+        for item in itertools.islice(it, start_step, None):
+            yield item if isinstance(item, Mapping) else {DEFAULT_HOOK: item}
+
+
+def as_batch_source(source: Any) -> BatchSource:
+    if hasattr(source, "batches") and callable(source.batches):
+        return source
+    if isinstance(source, Tensor):
+        raise UserError("pass an iterable of [batch, d_in] tensors (e.g. tensor.split(4096)), not one tensor")
+    if isinstance(source, Iterable):
+        return IterableSource(source)
+    raise UserError(f"cannot train from a {type(source).__name__}: give a batch source with "
+                    "batches(start_step) or an iterable of [batch, d_in] tensors")
+
+
+# ---- schedules and naming -----------------------------------------------------------------------
+def lr_factor(step: int, total_steps: int, warmup_fraction: float, decay_fraction: float) -> float:
+    """Linear warm-up over the first `warmup_fraction` of the steps, linear decay to 0 over the last
+    `decay_fraction` (reaching 1/decay_steps on the last step)."""
+    factor = 1.0
+    warm = math.ceil(warmup_fraction * total_steps)
+    if warm > 0 and step < warm:
+        factor = (step + 1) / warm
+    decay = math.ceil(decay_fraction * total_steps)
+    if decay > 0 and step >= total_steps - decay:
+        factor = min(factor, (total_steps - step) / decay)
+    return factor
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def dictionary_names(configs: Sequence[DictionaryConfig]) -> list[str]:
+    """cfg.name, or the architecture plus the keys in which it differs from the other configs of
+    the same architecture (e.g. `relu-l1_coefficient=0.001`); unique, filesystem-safe."""
+    dumps = [c.model_dump(exclude={"name"}) for c in configs]
+    names = []
+    for i, (cfg, dump) in enumerate(zip(configs, dumps)):
+        if cfg.name:
+            names.append(cfg.name)
+            continue
+        same = [d for d in dumps if d["architecture"] == dump["architecture"]]
+        keys = [k for k in dump if k != "architecture" and any(d.get(k) != dump[k] for d in same)]
+        name = "-".join([cfg.architecture] + [f"{k}={_fmt(dump[k])}" for k in keys])
+        names.append("".join(ch if ch.isalnum() or ch in "._-=," else "_" for ch in name))
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+    dup = [n for n, c in seen.items() if c > 1]
+    if dup:
+        raise ConfigError(f"dictionary names must be unique; repeated: {', '.join(dup)} "
+                          "(give each dictionary a distinct `name:` or make the configs differ)")
+    return names
+
+
+# ---- dead / dense feature tracking ---------------------------------------------------------------
+class FeatureTracker:
+    """Per feature: tokens since it last fired, and how often it fired over the current window.
+
+    All on the device; nothing is read back until `frequencies()` / `n_dead()` are called."""
+
+    def __init__(self, d_sae: int, device: torch.device):
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.window_counts = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.window_tokens = 0
+
+    def update(self, counts: Tensor, n_tokens: int) -> None:
+        fired = counts > 0
+        self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + n_tokens)
+        self.window_counts += counts.to(torch.long)
+        self.window_tokens += n_tokens
+
+    def dead_mask(self, after_tokens: int) -> Tensor:
+        return self.tokens_since_fired >= after_tokens
+
+    def reset(self, ids: Tensor) -> None:
+        self.tokens_since_fired[ids] = 0
+        self.window_counts[ids] = 0
+
+    def frequencies(self) -> Tensor:
+        return self.window_counts.double() / max(self.window_tokens, 1)
+
+    def new_window(self) -> None:
+        self.window_counts.zero_()
+        self.window_tokens = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_since_fired": self.tokens_since_fired, "window_counts": self.window_counts,
+                "window_tokens": self.window_tokens}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.tokens_since_fired.device)
+        self.window_counts = state["window_counts"].to(self.window_counts.device)
+        self.window_tokens = int(state["window_tokens"])
+
+
+def reset_optimizer_rows(optimizer: torch.optim.Optimizer, dictionary: SparseDictionary, ids: Tensor) -> None:
+    """Zero the Adam moments of features `ids` in every feature-indexed parameter (resampling)."""
+    params = {id(p): name for name, p in dictionary.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = params.get(id(p))
+            dim = dictionary.feature_dims.get(name) if name else None
+            state = optimizer.state.get(p)
+            if dim is None or not state:
+                continue
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in state:
+                    state[key].index_fill_(dim, ids.to(state[key].device), 0.0)
+
+
+# ---- one dictionary being trained -----------------------------------------------------------------
+_STAT_KEYS = ("loss", "sse", "var", "l0")
+
+
+@dataclass
+class _Slot:
+    name: str
+    cfg: DictionaryConfig
+    hook: str
+    dictionary: SparseDictionary
+    optimizer: torch.optim.Optimizer
+    tracker: FeatureTracker
+    generator: torch.Generator
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    stat_steps: int = 0
+    bad_step: Tensor | None = None  # first step with a non-finite loss (-1: none), on device
+
+    def zero_stats(self, device: torch.device) -> None:
+        self.stats = {k: torch.zeros((), dtype=torch.float64, device=device) for k in _STAT_KEYS}
+        self.stat_steps = 0
+
+    def step(self, x: Tensor, step: int, total_steps: int, autocast_dtype: torch.dtype | None) -> None:
+        d, cfg = self.dictionary, self.cfg
+        lr = d.lr * lr_factor(step, total_steps, cfg.lr_warmup_fraction, cfg.lr_decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        dead = self.tracker.dead_mask(cfg.dead_after_tokens)
+        with torch.autocast(device_type=x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            out = d.training_loss(x, step / total_steps, dead)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        d.before_optimizer_step()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        d.after_optimizer_step()
+        counts = out.counts()
+        self.tracker.update(counts, x.shape[0])
+        with torch.no_grad():
+            loss = out.loss.detach().double()
+            self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss),
+                                        torch.full_like(self.bad_step, step), self.bad_step)
+            xs = d.scale_input(x).double()
+            self.stats["loss"] += loss
+            self.stats["sse"] += (out.x_hat.detach().double() - xs).pow(2).sum()
+            self.stats["var"] += (xs - xs.mean(dim=0)).pow(2).sum()
+            self.stats["l0"] += counts.double().sum() / x.shape[0]
+        self.stat_steps += 1
+
+
+# ---- the trainer ------------------------------------------------------------------------------------
+class Trainer:
+    """Trains `configs` on one batch stream; see `train_dictionaries` for the arguments."""
+
+    def __init__(self, configs: Sequence[DictionaryConfig], *, total_tokens: int,
+                 d_in: int | Mapping[str, int] | None = None, device: str | torch.device = "cpu",
+                 out_dir: str | Path | None = None, checkpoint_every_tokens: int | None = None,
+                 metadata: Mapping[str, Mapping[str, Any]] | None = None,
+                 wandb: Mapping[str, Any] | None = None, autocast_dtype: torch.dtype | None = None,
+                 progress: bool = True, log_every: int | None = None,
+                 histogram_every_tokens: int | None = None, keep_checkpoint: bool = False):
+        if not configs:
+            raise ConfigError("no dictionaries to train")
+        if total_tokens <= 0:
+            raise ConfigError(f"total_tokens must be positive, got {total_tokens}")
+        if checkpoint_every_tokens is not None and out_dir is None:
+            raise ConfigError("checkpoint_every_tokens needs an out_dir to write checkpoints into")
+        self.configs = list(configs)
+        self.names = dictionary_names(self.configs)
+        self.total_tokens = int(total_tokens)
+        self.d_in = d_in
+        self.device = torch.device(device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.checkpoint_every_tokens = checkpoint_every_tokens
+        self.metadata = {k: dict(v) for k, v in (metadata or {}).items()}
+        unknown = set(self.metadata) - set(self.names)
+        if unknown:
+            raise ConfigError(f"metadata given for unknown dictionaries {sorted(unknown)}; names are {self.names}")
+        self.wandb_cfg = dict(wandb or {})
+        self.log_every = int(log_every or self.wandb_cfg.get("log_every", 20))
+        self.histogram_every_tokens = histogram_every_tokens or self.wandb_cfg.get("histogram_every_tokens")
+        self.autocast_dtype = autocast_dtype
+        self.progress = progress
+        self.keep_checkpoint = keep_checkpoint
+        self.slots: list[_Slot] = []
+        self.step = 0
+        self.tokens_seen = 0
+        self.total_steps: int | None = None
+        self.batch_size: int | None = None
+        self._wandb_run = None
+        self._wandb_id: str | None = None
+        self._last_checkpoint: Path | None = None
+
+    # -- fingerprint of what determines the result --------------------------------------------
+    def fingerprint(self) -> str:
+        return json.dumps({"names": self.names, "configs": [c.model_dump(mode="json") for c in self.configs],
+                           "total_tokens": self.total_tokens}, sort_keys=True)
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return ckpt.checkpoint_dir(self.out_dir) if self.out_dir is not None else None
+
+    # -- building --------------------------------------------------------------------------------
+    def _hook_for(self, cfg: DictionaryConfig, batch: Mapping[str, Tensor]) -> str:
+        keys = [k for k, v in batch.items() if isinstance(v, Tensor) and v.ndim == 2 and v.is_floating_point()]
+        if cfg.hook_name is not None:
+            if cfg.hook_name not in batch:
+                raise ConfigError(f"hook_name {cfg.hook_name!r} is not in the batches (they hold {sorted(keys)})")
+            return cfg.hook_name
+        if len(keys) != 1:
+            raise ConfigError(f"the batches hold several hook points {sorted(keys)}: give each dictionary a hook_name")
+        return keys[0]
+
+    def _expected_d_in(self, hook: str) -> int | None:
+        if self.d_in is None or isinstance(self.d_in, int):
+            return self.d_in
+        return self.d_in.get(hook)
+
+    def _build(self, batch: Mapping[str, Tensor]) -> None:
+        for cfg, name in zip(self.configs, self.names):
+            hook = self._hook_for(cfg, batch)
+            x = batch[hook]
+            d_in = x.shape[1]
+            expected = self._expected_d_in(hook)
+            if expected is not None and expected != d_in:
+                raise ConfigError(f"{name}: d_in is {expected} but the batches of {hook!r} have width {d_in}")
+            cls = get_architecture(cfg.architecture)
+            dictionary = cls(cfg, d_in).to(self.device)
+            optimizer = torch.optim.Adam(dictionary.parameters(), lr=dictionary.lr, betas=tuple(cfg.adam_betas))
+            generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+            slot = _Slot(name, cfg, hook, dictionary, optimizer, FeatureTracker(dictionary.d_sae, self.device),
+                         generator, bad_step=torch.full((), -1, dtype=torch.long, device=self.device))
+            slot.zero_stats(self.device)
+            self.slots.append(slot)
+
+    @torch.no_grad()
+    def _init_from_data(self, batch: Mapping[str, Tensor]) -> None:
+        """Input scale (E‖s·x‖² = d_in) and b_dec (geometric median / mean / zeros) from the first batch."""
+        for slot in self.slots:
+            d, cfg = slot.dictionary, slot.cfg
+            x = batch[slot.hook][:_BDEC_INIT_ROWS].to(self.device, torch.float32)
+            if cfg.normalize_activations:
+                d.input_scale.fill_(unit_norm_scale(x))
+            xs = d.scale_input(x)
+            if cfg.b_dec_init == "geometric_median":
+                d.b_dec.copy_(geometric_median(xs))
+            elif cfg.b_dec_init == "mean":
+                d.b_dec.copy_(xs.mean(dim=0))
+            else:
+                d.b_dec.zero_()
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "library_version": sae.__version__,
+            "fingerprint": self.fingerprint(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "total_steps": self.total_steps,
+            "batch_size": self.batch_size,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "wandb_id": self._wandb_id or "",
+            "dictionaries": {
+                s.name: {"model": s.dictionary.state_dict(), "optimizer": s.optimizer.state_dict(),
+                         "tracker": s.tracker.state_dict(), "generator": s.generator.get_state(),
+                         "d_in": s.dictionary.d_in, "hook": s.hook}
+                for s in self.slots},
+        }
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.total_steps, self.batch_size = int(state["total_steps"]), int(state["batch_size"])
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and state["rng_cuda"]:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self._wandb_id = state["wandb_id"] or None
+        for s in self.slots:
+            st = state["dictionaries"][s.name]
+            s.dictionary.prepare_for_weights(st["model"])
+            s.dictionary.load_state_dict(st["model"])
+            s.optimizer.load_state_dict(st["optimizer"])
+            s.tracker.load_state_dict(st["tracker"])
+            s.generator.set_state(st["generator"])
+
+    def _save_checkpoint(self) -> None:
+        self._check_finite()
+        self._last_checkpoint = ckpt.save_checkpoint(self.checkpoint_dir, self.step, self._state())
+
+    def _find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        if self.checkpoint_dir is None:
+            return None
+        found = ckpt.load_latest(self.checkpoint_dir)
+        if found is None:
+            return None
+        path, state = found
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.fingerprint():
+            raise ConfigError(f"{path} was written by a run with different dictionaries or total_tokens; "
+                              f"use another out_dir, or delete {self.checkpoint_dir} to start over")
+        return path, state
+
+    # -- divergence -----------------------------------------------------------------------------------
+    def _check_finite(self) -> None:
+        for s in self.slots:
+            bad = int(s.bad_step)
+            if bad >= 0:
+                kept = (f"the last good checkpoint {self._last_checkpoint} is kept"
+                        if self._last_checkpoint is not None else "no checkpoint had been written")
+                raise TrainingDiverged(
+                    f"dictionary {s.name!r}: the loss became NaN or inf at step {bad} "
+                    f"(about {bad * (self.batch_size or 0):,} tokens in); {kept}. Lower its lr, "
+                    f"keep grad_clip on, or check the activations for inf/NaN")
+
+    # -- logging ----------------------------------------------------------------------------------------
+    def _read_stats(self) -> dict[str, dict[str, float]]:
+        """One host sync: every dictionary's window averages, then a fresh window."""
+        out = {}
+        for s in self.slots:
+            n = max(s.stat_steps, 1)
+            vals = torch.stack([s.stats[k] for k in _STAT_KEYS]).tolist()
+            st = dict(zip(_STAT_KEYS, vals))
+            dead = int(s.tracker.dead_mask(s.cfg.dead_after_tokens).sum())
+            out[s.name] = {"loss": st["loss"] / n, "fvu": st["sse"] / max(st["var"], 1e-30),
+                           "l0": st["l0"] / n, "dead": dead, "lr": s.optimizer.param_groups[0]["lr"]}
+            s.zero_stats(self.device)
+        return out
+
+    def _postfix(self, stats: dict[str, dict[str, float]]) -> str:
+        parts = []
+        for name, st in list(stats.items())[:4]:
+            short = name if len(stats) == 1 else name[:24]
+            parts.append(f"{short}: loss {st['loss']:.3g} L0 {st['l0']:.1f} fvu {st['fvu']:.3f} dead {st['dead']}")
+        if len(stats) > 4:
+            parts.append(f"+{len(stats) - 4} more")
+        return " | ".join(parts)
+
+    def _start_wandb(self) -> None:
+        mode = self.wandb_cfg.get("mode", "disabled")
+        if mode == "disabled":
+            return
+        import wandb
+
+        if self._wandb_id is None:
+            self._wandb_id = wandb.util.generate_id()
+        self._wandb_run = wandb.init(
+            project=self.wandb_cfg.get("project", "sae"), name=self.wandb_cfg.get("name"),
+            entity=self.wandb_cfg.get("entity"), mode=mode, id=self._wandb_id, resume="allow",
+            dir=str(self.out_dir) if self.out_dir is not None else None,
+            config={"total_tokens": self.total_tokens,
+                    "dictionaries": {n: c.model_dump(mode="json") for n, c in zip(self.names, self.configs)}})
+
+    def _log(self, stats: dict[str, dict[str, float]], histograms: bool) -> None:
+        if self._wandb_run is None:
+            return
+        import wandb
+
+        row: dict[str, Any] = {"tokens": self.tokens_seen}
+        for name, st in stats.items():
+            row.update({f"{name}/{k}": v for k, v in st.items()})
+        if histograms:
+            for s in self.slots:
+                freq = s.tracker.frequencies().cpu()
+                live = freq[freq > 0]
+                row[f"{s.name}/dead_in_window"] = int((freq == 0).sum())
+                row[f"{s.name}/dense_1e-2"] = int((freq > 1e-2).sum())
+                row[f"{s.name}/dense_1e-1"] = int((freq > 1e-1).sum())
+                if live.numel():
+                    row[f"{s.name}/log10_frequency"] = wandb.Histogram(live.log10().numpy(), num_bins=64)
+        self._wandb_run.log(row, step=self.step)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def fit(self, source: Any) -> dict[str, SparseDictionary]:
+        """Train every dictionary on `source` (see module docstring); returns {name: dictionary}."""
+        from sae.progress import token_bar
+
+        if self.slots:
+            raise RuntimeError("a Trainer trains once; make a new one")
+        source = as_batch_source(source)
+        found = self._find_checkpoint()
+        if found is not None:
+            self._last_checkpoint, state = found
+            start_step = int(state["step"])
+        else:
+            state, start_step = None, 0
+        batches = source.batches(start_step)
+        batch = next(batches, None)
+        if batch is None:
+            raise UserError("the batch source yielded no batches")
+        self._build(batch)
+        if state is not None:
+            self._load_state(state)
+            del state
+        else:
+            self._init_from_data(batch)
+            self.batch_size = int(batch[self.slots[0].hook].shape[0])
+            self.total_steps = math.ceil(self.total_tokens / self.batch_size)
+        hist_every = self.histogram_every_tokens or max(self.total_tokens // 20, 1)
+        last_hist_tokens = self.tokens_seen
+        bar = None
+        try:
+            self._start_wandb()
+            bar = token_bar(self.total_tokens, desc="train", initial=self.tokens_seen, enabled=self.progress)
+            while self.tokens_seen < self.total_tokens:
+                if batch is None:
+                    batch = next(batches, None)
+                    if batch is None:
+                        warnings.warn(f"the batch source ran out after {self.tokens_seen:,} of "
+                                      f"{self.total_tokens:,} tokens; saving what was trained")
+                        break
+                self._train_step(batch)
+                batch = None
+                bar.update(self.tokens_seen - bar.n)
+                if self.step % self.log_every == 0 or self.tokens_seen >= self.total_tokens:
+                    self._check_finite()
+                    stats = self._read_stats()
+                    bar.set_postfix_str(self._postfix(stats), refresh=False)
+                    histograms = self.tokens_seen - last_hist_tokens >= hist_every
+                    self._log(stats, histograms)
+                    if histograms:
+                        for s in self.slots:
+                            s.tracker.new_window()
+                        last_hist_tokens = self.tokens_seen
+                if self._checkpoint_due():
+                    self._save_checkpoint()
+            self._check_finite()
+            return self._finish()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._wandb_run is not None:
+                self._wandb_run.finish()
+                self._wandb_run = None
+
+    def _checkpoint_due(self) -> bool:
+        every = self.checkpoint_every_tokens
+        if not every or self.tokens_seen >= self.total_tokens:
+            return False
+        B = self.batch_size or 1
+        return self.tokens_seen // every > (self.tokens_seen - B) // every
+
+    def _train_step(self, batch: Mapping[str, Tensor]) -> None:
+        xs: dict[str, Tensor] = {}
+        for s in self.slots:
+            if s.hook not in xs:
+                xs[s.hook] = batch[s.hook].to(self.device, torch.float32, non_blocking=True)
+            s.step(xs[s.hook], self.step, self.total_steps, self.autocast_dtype)
+        B = next(iter(xs.values())).shape[0]
+        self.tokens_seen += B
+        self.step += 1
+        for s in self.slots:
+            every = s.dictionary.resample_every_tokens()
+            if every and self.tokens_seen < self.total_tokens and \
+                    self.tokens_seen // every > (self.tokens_seen - B) // every:
+                self._resample(s, xs[s.hook])
+
+    def _resample(self, s: _Slot, x: Tensor) -> None:
+        window = s.dictionary.resample_dead_tokens() if hasattr(s.dictionary, "resample_dead_tokens") else None
+        dead = s.tracker.dead_mask(window or s.cfg.dead_after_tokens)
+        ids = s.dictionary.resample(x, dead, s.generator)
+        if ids.numel():
+            reset_optimizer_rows(s.optimizer, s.dictionary, ids)
+            s.tracker.reset(ids)
+
+    def _finish(self) -> dict[str, SparseDictionary]:
+        result = {}
+        for s in self.slots:
+            d = s.dictionary
+            d.fold_input_scale()
+            d.eval()
+            d.metadata.update(self.metadata.get(s.name, {}))
+            d.metadata.setdefault("hook_name", s.hook if s.hook != DEFAULT_HOOK else None)
+            d.metadata["tokens_trained"] = self.tokens_seen
+            d.metadata["library_version"] = sae.__version__
+            if self.out_dir is not None:
+                d.save(self.out_dir / s.name)
+            result[s.name] = d
+        if self.out_dir is not None and not self.keep_checkpoint:
+            ckpt.remove_checkpoints(self.checkpoint_dir)
+        return result
+
+
+def train_dictionaries(source: Any, configs: Sequence[DictionaryConfig], *, total_tokens: int,
+                       d_in: int | Mapping[str, int] | None = None, device: str | torch.device = "cpu",
+                       out_dir: str | Path | None = None, checkpoint_every_tokens: int | None = None,
+                       metadata: Mapping[str, Mapping[str, Any]] | None = None,
+                       wandb: Mapping[str, Any] | None = None, autocast_dtype: torch.dtype | None = None,
+                       progress: bool = True, **trainer_kwargs: Any) -> dict[str, SparseDictionary]:
+    """Train one or many sparse dictionaries from one pass over a stream of activation batches.
+
+    Args:
+        source: a batch source (`batches(start_step) -> Iterator[dict[hook_name, Tensor[batch, d_in]]]`)
+            or a re-iterable collection of `[batch, d_in]` tensors. Every dictionary trains on every
+            batch (its `hook_name`'s tensor), one optimiser step each.
+        configs: dictionary configs (`sae.dictionaries.parse_dictionary_config({...})` or an
+            architecture's `Config(...)`); each carries its own lr, seed, sparsity settings, ...
+        total_tokens: tokens (batch rows) to train on; the lr schedule and penalty warm-ups follow it.
+        d_in: expected activation width (or {hook_name: width}) to check the batches against;
+            None takes it from the first batch.
+        device: where the dictionaries train ("cpu", "cuda", ...); batches are moved there.
+        out_dir: where `<name>/sae.safetensors` + `cfg.json` and the checkpoints go (None: nothing
+            is written; the trained dictionaries are only returned).
+        checkpoint_every_tokens: write a checkpoint into `out_dir/checkpoints/` this often; an
+            existing checkpoint there is resumed from.
+        metadata: {dictionary name: {...}} written into each cfg.json (model_name, hook_name,
+            dataset, context_size, ...).
+        wandb: {"mode": "disabled" | "offline" | "online", "project": ..., "log_every": steps,
+            "histogram_every_tokens": ...}; None or mode "disabled" logs nothing.
+        autocast_dtype: e.g. torch.bfloat16 to run the forward/backward under autocast (master
+            weights and Adam stay fp32); None runs in fp32.
+        progress: show a progress bar (tokens/s, ETA, and loss, L0, FVU, dead per dictionary).
+
+    Returns:
+        {name: dictionary}, folded to raw-activation units (input_scale 1) and in eval mode. Names
+        are `cfg.name`, or the architecture plus the keys that differ between configs.
+
+    Raises:
+        TrainingDiverged: a loss became NaN/inf (names the dictionary and step; the last good
+            checkpoint is kept). ConfigError: bad or inconsistent configs, or a checkpoint in
+            `out_dir` made by other configs.
+    """
+    trainer = Trainer(configs, total_tokens=total_tokens, d_in=d_in, device=device, out_dir=out_dir,
+                      checkpoint_every_tokens=checkpoint_every_tokens, metadata=metadata, wandb=wandb,
+                      autocast_dtype=autocast_dtype, progress=progress, **trainer_kwargs)
+    return trainer.fit(source)
