@@ -1,0 +1,130 @@
+"""python -m eval {evaluate,prune,ablate-frequency,features} ..."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _common(p: argparse.ArgumentParser, tokens: bool = True) -> None:
+    from eval.evaluate import DEFAULT_BATCH_CONTEXTS, DEFAULT_EVAL_TOKENS, DEFAULT_MEAN_TOKENS
+
+    if tokens:
+        p.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS,
+                       help=f"held-out tokens to evaluate on (default {DEFAULT_EVAL_TOKENS}; rounded up to whole contexts)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_CONTEXTS,
+                   help=f"contexts per model forward (default {DEFAULT_BATCH_CONTEXTS}); changes no number, only memory")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bfloat16, float16")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="held-out text source instead of the one in cfg.json (shakespeare, a local file, a hub id)")
+    p.add_argument("--mean-tokens", type=int, default=DEFAULT_MEAN_TOKENS,
+                   help="training tokens for the mean-ablation baseline's x̄ when a folder has no "
+                        f"activation_mean.safetensors (default {DEFAULT_MEAN_TOKENS})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser(with_features: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval", description=(
+        "Evaluate sparse dictionaries on held-out tokens (metrics of METRICS.md), prune them by feature "
+        "frequency, and run frequency ablations."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("evaluate", help="evaluate dictionary folders; writes eval.json, frequency.safetensors, "
+                                        "frequency_histogram.png into each",
+                       description="Evaluate dictionary folders (cfg.json + sae.safetensors) on held-out tokens of "
+                                   "the text they were trained on. Dictionaries of the same model and text share "
+                                   "the model's forward passes.")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="dictionary folders")
+    p.add_argument("--summary", default=None, metavar="FOLDER", help="also write summary.md/.json into FOLDER")
+    _common(p)
+
+    p = sub.add_parser("prune", help="kill features outside a frequency band; write and evaluate the smaller dictionary",
+                       description="Kill the features with frequency > --max-frequency and/or <= --min-frequency "
+                                   "(and --kill-ids), write the smaller dictionary to --out (its cfg.json records "
+                                   "the killed original ids, thresholds, mode, frequency source and the new->original "
+                                   "id map), evaluate it and print before/after. Frequencies come from "
+                                   "DIR/frequency.safetensors when present, else are measured on held-out tokens.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--max-frequency", type=float, default=None, help="kill features with frequency > F")
+    p.add_argument("--min-frequency", type=float, default=None, help="kill features with frequency <= F (0: the dead)")
+    p.add_argument("--kill-ids", default=None, help="comma-separated feature ids to kill as well")
+    p.add_argument("--mode", choices=["after", "before"], default="after",
+                   help="TopK-style only: kill after the top-k selection (L0 drops) or before it (L0 stays k)")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder for the pruned dictionary")
+    _common(p)
+
+    p = sub.add_parser("ablate-frequency", help="kill features above each threshold in turn; ablation.json/.md/.png",
+                       description="For each threshold t, kill (at run time) the features with frequency > t and "
+                                   "evaluate; the unpruned dictionary and --compare dictionaries are reference points "
+                                   "on the same tokens. Writes ablation.json, ablation.md, ablation.png.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--thresholds", required=True, help="comma-separated frequencies, e.g. 0.2,0.1,0.05,0.038,0.02,0.01")
+    p.add_argument("--compare", nargs="*", default=[], metavar="OTHER_DIR", help="other dictionaries to plot")
+    p.add_argument("--mode", choices=["after", "before"], default="after", help="TopK-style kill mode")
+    p.add_argument("--out", default=None, metavar="OUT_DIR", help="where to write (default DIR)")
+    _common(p)
+
+    p = sub.add_parser("features", help="inspect features (eval/features.py)", add_help=with_features)
+    features = None
+    if with_features:  # imported only for this command, so the rest never depends on it
+        import importlib
+
+        try:
+            features = importlib.import_module("eval.features")
+        except ModuleNotFoundError as e:
+            if e.name != "eval.features":
+                raise
+    if features is not None:
+        features.add_arguments(p)
+    else:
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(_features=features)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(with_features=bool(argv) and argv[0] == "features")
+    if argv and argv[0] == "features" and not any(a in ("-h", "--help") for a in argv[1:2]):
+        args, _ = parser.parse_known_args(argv)
+        if args._features is None:
+            parser.exit(2, "python -m eval: error: the features command is not available "
+                           "(eval/features.py is missing)\n")
+    args = parser.parse_args(argv)
+
+    from sae.errors import UserError, cli_errors
+
+    with cli_errors("python -m eval"):
+        if args.command == "evaluate":
+            from eval import report
+            from eval.evaluate import evaluate_dirs
+
+            results = evaluate_dirs(args.dirs, n_tokens=args.tokens, batch_size=args.batch_size, device=args.device,
+                                    dtype=args.dtype, data_source=args.data, mean_tokens=args.mean_tokens,
+                                    progress=not args.no_progress)
+            report.print_results(results)
+            if args.summary:
+                md, js = report.write_summary(args.summary, results)
+                print(f"wrote {md} and {js}")
+        elif args.command == "prune":
+            from eval.prune import prune_dir
+
+            prune_dir(args.dir, args.out, max_frequency=args.max_frequency, min_frequency=args.min_frequency,
+                      kill_ids=args.kill_ids, mode=args.mode, n_tokens=args.tokens, batch_size=args.batch_size,
+                      device=args.device, dtype=args.dtype, data_source=args.data, mean_tokens=args.mean_tokens,
+                      progress=not args.no_progress)
+        elif args.command == "ablate-frequency":
+            from eval.ablate import ablate_dir
+
+            ablate_dir(args.dir, args.thresholds, compare=args.compare, mode=args.mode, out_dir=args.out,
+                       n_tokens=args.tokens, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                       data_source=args.data, mean_tokens=args.mean_tokens, progress=not args.no_progress)
+        elif args.command == "features":
+            if args._features is None:
+                raise UserError("the features command is not available (eval/features.py is missing)")
+            args._features.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,243 @@
+"""Feature-frequency ablation: kill the features above each frequency threshold in turn (at run
+time, `set_killed`; no dictionary is written per threshold) and measure L0, MSE, FVU and the
+loss recovered against both baselines, with the unpruned dictionary and other dictionaries as
+reference points. All thresholds and references are evaluated in one `evaluate_dictionaries`
+call, so the clean, zero- and mean-ablated forwards are shared.
+
+A threshold t kills the features with frequency > t (`eval.prune.kill_mask_from_frequency`), so
+the row for t equals `python -m eval prune --max-frequency t` followed by an evaluation.
+Outputs: ablation.json, ablation.md, ablation.png (L0 against percent loss recovered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from torch import Tensor
+
+from eval import evaluate as E
+from eval import report
+from eval.metrics import jsonable
+from eval.prune import kill_mask_from_frequency
+from sae.errors import UserError
+
+ABLATION_JSON, ABLATION_MD, ABLATION_PNG = "ablation.json", "ablation.md", "ablation.png"
+ROW_KEYS = ["l0", "l1", "mse", "fvu", "explained_variance", "cossim", "ce_sae", "loss_recovered",
+            "loss_recovered_mean_ablation", "kl_sae", "kl_recovered", "dead", "dense_1e-2", "dense_1e-1"]
+
+
+def parse_thresholds(text: str | Iterable[float]) -> list[float]:
+    if isinstance(text, str):
+        try:
+            values = [float(t) for t in text.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise UserError(f"--thresholds {text!r}: expected comma-separated numbers like 0.2,0.1,0.05") from None
+    else:
+        values = [float(t) for t in text]
+    if not values:
+        raise UserError("no thresholds given")
+    bad = [v for v in values if not 0 <= v <= 1]
+    if bad:
+        raise UserError(f"thresholds are frequencies in [0, 1]; got {bad}")
+    return sorted(set(values), reverse=True)
+
+
+@dataclass
+class AblationResult:
+    dictionary: str
+    mode: str
+    frequency_source: str
+    tokens_evaluated: int
+    rows: list[dict[str, Any]]  # one per threshold, highest first
+    unpruned: dict[str, Any]
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return jsonable({"dictionary": self.dictionary, "kill_mode": self.mode,
+                         "rule": "threshold t kills the features with frequency > t",
+                         "frequency_source": self.frequency_source, "tokens_evaluated": self.tokens_evaluated,
+                         "unpruned": self.unpruned, "thresholds": self.rows, "references": self.references})
+
+
+def _row(metrics: Mapping[str, Any], **extra) -> dict[str, Any]:
+    m = metrics.metrics if hasattr(metrics, "metrics") else metrics
+    return {**extra, **{k: m.get(k) for k in ROW_KEYS}, "d_sae": m.get("d_sae")}
+
+
+def run_ablation(model, dictionary, frequency: Tensor, thresholds: Iterable[float], tokens: Tensor,
+                 keep_mask: Tensor, train_means: Mapping[str, Tensor], *, name: str = "dictionary",
+                 mode: str = "after", compare: Mapping[str, Any] | None = None,
+                 references: Mapping[str, Any] | None = None, out_dir: str | Path | None = None,
+                 batch_size: int = E.DEFAULT_BATCH_CONTEXTS, frequency_source: str = "given",
+                 info: Mapping[str, Any] | None = None, progress: bool = True) -> AblationResult:
+    """Evaluate `dictionary` with the features above each threshold killed.
+
+    frequency: [d_sae] per-feature frequency deciding what each threshold kills.
+    train_means: as in evaluate_dictionaries (keyed by `name`, the compare names, or hook names).
+    compare: name -> SparseDictionary/EvalTarget evaluated alongside (same tokens, shared forwards).
+    references: name -> already computed EvalResult/metrics on the *same* tokens (no re-evaluation);
+      `references[name]`, when present, is used as the unpruned point instead of evaluating it again.
+    out_dir: where ablation.json/.md/.png go (None: nothing written).
+    """
+    thresholds = parse_thresholds(thresholds)
+    if mode not in ("after", "before"):
+        raise UserError(f"kill mode must be 'after' or 'before', got {mode!r}")
+    frequency = frequency.flatten()
+    if frequency.numel() != dictionary.d_sae:
+        raise UserError(f"{frequency.numel()} frequencies for a dictionary with {dictionary.d_sae} features")
+    references = dict(references or {})
+    hook = dictionary.metadata.get("hook_name")
+    mean = train_means.get(name, train_means.get(hook)) if hook is not None else train_means.get(name)
+    targets: dict[str, E.EvalTarget] = {}
+    masks = {}
+    for t in thresholds:
+        kill = kill_mask_from_frequency(frequency, max_frequency=t)
+        key = f"{name}@>{t:g}"
+        masks[t] = kill
+        targets[key] = E.EvalTarget(dictionary, kill_mask=kill, kill_mode=mode, train_mean=mean)
+    if name not in references:
+        targets[name] = E.EvalTarget(dictionary, train_mean=mean)
+    for other, d in (compare or {}).items():
+        if other not in references:
+            targets[other] = d if isinstance(d, E.EvalTarget) else E.EvalTarget(d)
+    results = E.evaluate_dictionaries(model, targets, tokens, keep_mask, train_means=train_means,
+                                      batch_size=batch_size, info=info, progress=progress)
+    all_refs = {**references, **{k: v for k, v in results.items() if "@>" not in k}}
+    rows = []
+    for t in thresholds:
+        kill = masks[t]
+        killed = int(kill.sum())
+        note = ""
+        if killed == 0:
+            note = "kills nothing (same as unpruned)"
+        elif killed == dictionary.d_sae:
+            note = "kills every feature (x_hat = b_dec)"
+        rows.append(_row(results[f"{name}@>{t:g}"], threshold=t, killed=killed,
+                         alive_features=dictionary.d_sae - killed, note=note))
+    unpruned = _row(all_refs[name], threshold=None, killed=0)
+    refs = {k: _row(v) for k, v in all_refs.items() if k != name}
+    tokens_evaluated = int((results[next(iter(results))].metrics["tokens_evaluated"]))
+    out = AblationResult(dictionary=name, mode=mode, frequency_source=frequency_source,
+                         tokens_evaluated=tokens_evaluated, rows=rows, unpruned=unpruned, references=refs)
+    if out_dir is not None:
+        write_ablation(out_dir, out)
+    return out
+
+
+ABLATION_COLUMNS = [("threshold", "threshold", "g"), ("killed", "killed", "d"), ("L0", "l0", ".1f"),
+                    ("MSE", "mse", ".4g"), ("FVU", "fvu", ".4f"), ("% loss rec. (zero)", "loss_recovered", "pct"),
+                    ("% loss rec. (mean)", "loss_recovered_mean_ablation", "pct"), ("KL", "kl_sae", ".4f"),
+                    ("note", "note", "s")]
+
+
+def ablation_table(result: AblationResult, markdown: bool = False) -> str:
+    def cells(row, label=None):
+        out = []
+        for _, key, spec in ABLATION_COLUMNS:
+            if key == "threshold" and label is not None:
+                out.append(label)
+            elif spec == "g":
+                out.append("n/a" if row.get(key) is None else f"> {row[key]:g}")
+            elif key == "note":
+                out.append(row.get("note") or "")
+            else:
+                out.append(report.fmt(row.get(key), spec))
+        return out
+
+    rows = [cells(result.unpruned, f"{result.dictionary} (unpruned)")]
+    rows += [cells(r) for r in result.rows]
+    rows += [cells({**r, "killed": None}, f"{k} (reference)") for k, r in result.references.items()]
+    for r in rows:
+        if r[1] == "n/a":
+            r[1] = "-"
+    headers = [c[0] for c in ABLATION_COLUMNS]
+    return report.markdown_table(rows, headers) if markdown else report.text_table(rows, headers)
+
+
+def write_ablation(out_dir: str | Path, result: AblationResult) -> None:
+    from sae import io
+
+    out_dir = Path(out_dir)
+    io.write_json(out_dir / ABLATION_JSON, result.to_json())
+    md = (f"# Frequency ablation of {result.dictionary}\n\n"
+          f"Each threshold t kills the features whose frequency (from {result.frequency_source}) is > t, "
+          f"mode `{result.mode}`; every row is evaluated on the same {result.tokens_evaluated} held-out tokens.\n\n"
+          + ablation_table(result, markdown=True) + f"\n![L0 against loss recovered]({ABLATION_PNG})\n")
+    io.write_text(out_dir / ABLATION_MD, md)
+    plot_ablation(result, out_dir / ABLATION_PNG)
+
+
+def plot_ablation(result: AblationResult, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sae import io
+
+    panels = [("loss_recovered", "% loss recovered (zero-ablation baseline)"),
+              ("loss_recovered_mean_ablation", "% loss recovered (mean-ablation baseline)")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
+    markers = ["s", "^", "D", "v", "P", "X", "o"]
+    for ax, (key, label) in zip(axes, panels):
+        pts = [(r["l0"], r[key], r["threshold"], r["killed"]) for r in result.rows
+               if r.get(key) is not None and r.get("l0") is not None]
+        u = result.unpruned
+        if pts:
+            xs, ys = [p[0] for p in pts], [100 * p[1] for p in pts]
+            if u.get(key) is not None:  # the curve starts at the unpruned dictionary
+                ax.plot([u["l0"], xs[0]], [100 * u[key], ys[0]], ":", color="#3b75af", lw=1)
+            ax.plot(xs, ys, "-o", color="#3b75af", ms=4, label=f"{result.dictionary}, killed by frequency")
+            for x, y, t, k in pts:
+                ax.annotate(f">{t:g} (-{k})", (x, 100 * y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if u.get(key) is not None:
+            ax.plot([u["l0"]], [100 * u[key]], "*", color="black", ms=12, label=f"{result.dictionary} (unpruned)")
+        for i, (name, r) in enumerate(result.references.items()):
+            if r.get(key) is not None:
+                ax.plot([r["l0"]], [100 * r[key]], markers[i % len(markers)], ms=8, label=name)
+        ax.set_xlabel("L0 (active features per token)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.set_xlim(left=0)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Killing high-frequency features of {result.dictionary} (mode {result.mode}, "
+                 f"{result.tokens_evaluated} held-out tokens)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def ablate_dir(directory: str | Path, thresholds: str | Iterable[float], *, compare: list[str | Path] | None = None,
+               mode: str = "after", out_dir: str | Path | None = None, n_tokens: int | None = None,
+               batch_size: int | None = None, device: str = "auto", dtype: str | None = None,
+               data_source: str | None = None, mean_tokens: int | None = None, progress: bool = True) -> AblationResult:
+    """`python -m eval ablate-frequency`: everything evaluated on the held-out text of DIR's dictionary."""
+    n_tokens = n_tokens or E.DEFAULT_EVAL_TOKENS
+    batch_size = batch_size or E.DEFAULT_BATCH_CONTEXTS
+    thresholds = parse_thresholds(thresholds)
+    directory = Path(directory)
+    dirs = [directory, *map(Path, compare or [])]
+    groups = E.load_groups(dirs, device=device, dtype=dtype, data_source=data_source)
+    if len(groups) != 1:
+        raise UserError("--compare dictionaries must be of the same model and text as the ablated one "
+                        "(they are evaluated on the same held-out tokens)")
+    (group,) = groups
+    name = group.names[0]
+    d = group.dictionaries[name]
+    group.prepare(n_tokens, batch_size, mean_tokens or E.DEFAULT_MEAN_TOKENS)
+    frequency, source, freq_tokens, first = group.frequency(name, batch_size, progress)
+    source = f"{source} ({freq_tokens} tokens)"
+    references = {name: first} if first is not None else {}
+    compare_dicts = {n: group.dictionaries[n] for n in group.names[1:]}
+    result = run_ablation(group.model, d, frequency, thresholds, group.tokens, group.keep, group.means, name=name,
+                          mode=mode, compare=compare_dicts, references=references, out_dir=out_dir or directory,
+                          batch_size=batch_size, frequency_source=source, info=E.eval_info(group.data_cfg),
+                          progress=progress)
+    print(ablation_table(result))
+    print(f"wrote {Path(out_dir or directory) / ABLATION_MD}, {ABLATION_JSON}, {ABLATION_PNG}", flush=True)
+    return result

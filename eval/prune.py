@@ -1,0 +1,201 @@
+"""Pruning: kill the features whose frequency lies outside a band, and write the smaller dictionary.
+
+Killed features (METRICS.md, "Killing (pruning) features"):
+- `max_frequency F`: features with frequency > F (the dense spike; `dense_1e-2` counts > 1e-2 too);
+- `min_frequency F`: features with frequency <= F (so `0` kills exactly the dead ones);
+- `kill_ids`: these original feature ids, whatever their frequency.
+The kept band is therefore min_frequency < frequency <= max_frequency.
+
+The smaller dictionary comes from `SparseDictionary.pruned(keep_ids, mode)`: it encodes exactly like
+the original with the other features killed (for TopK-style dictionaries, mode "after" kills after
+the top-k selection, so L0 drops; "before" masks them out of the selection, so another feature
+takes the slot). Its cfg.json `pruning` block records: `original_d_sae`, `killed_feature_ids` and
+`kept_feature_ids` (original ids; new feature i is original feature kept_feature_ids[i]; composed
+through earlier prunings so they always refer to the first, unpruned dictionary), `kill_mode`,
+the thresholds, `kill_ids`, and where the frequencies came from (`frequency_source`,
+`frequency_tokens`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from sae.errors import UserError
+
+
+def parse_ids(text: str | Iterable[int] | None) -> list[int]:
+    if text is None:
+        return []
+    if isinstance(text, str):
+        try:
+            return [int(t) for t in text.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise UserError(f"--kill-ids {text!r}: expected comma-separated integers like 3,17,42") from None
+    return [int(t) for t in text]
+
+
+def kill_mask_from_frequency(frequency: Tensor, max_frequency: float | None = None,
+                             min_frequency: float | None = None, kill_ids: Iterable[int] | None = None) -> Tensor:
+    """[d_sae] bool, True = killed: frequency > max_frequency, frequency <= min_frequency, or in kill_ids."""
+    # Compared in float32, the precision frequencies are stored in (so a frequency printed as 0.001
+    # and a threshold of 0.001 compare equal).
+    frequency = frequency.detach().flatten().cpu().float()
+    d_sae = frequency.numel()
+    killed = torch.zeros(d_sae, dtype=torch.bool)
+    if max_frequency is not None:
+        if not 0 <= max_frequency <= 1:
+            raise UserError(f"max_frequency must be in [0, 1], got {max_frequency}")
+        killed |= frequency > torch.tensor(max_frequency, dtype=torch.float32)
+    if min_frequency is not None:
+        if not 0 <= min_frequency <= 1:
+            raise UserError(f"min_frequency must be in [0, 1], got {min_frequency}")
+        killed |= frequency <= torch.tensor(min_frequency, dtype=torch.float32)
+    ids = parse_ids(kill_ids)
+    bad = [i for i in ids if not 0 <= i < d_sae]
+    if bad:
+        raise UserError(f"kill ids {bad[:5]} out of range: the dictionary has features 0..{d_sae - 1}")
+    if ids:
+        killed[torch.tensor(ids, dtype=torch.long)] = True
+    return killed
+
+
+@dataclass
+class PruneResult:
+    dictionary: Any  # the smaller SparseDictionary
+    kill_mask: Tensor  # [original d_sae] bool, relative to the dictionary that was pruned
+    record: dict[str, Any]  # what went into cfg.json's `pruning` block
+
+
+@torch.no_grad()
+def prune_dictionary(dictionary, kill_mask: Tensor, mode: str = "after", *, max_frequency: float | None = None,
+                     min_frequency: float | None = None, kill_ids: Iterable[int] | None = None,
+                     frequency_source: str | None = None, frequency_tokens: int | None = None,
+                     name: str | None = None) -> PruneResult:
+    """The smaller dictionary without the killed features, with its provenance in metadata["pruning"]."""
+    if mode not in ("after", "before"):
+        raise UserError(f"kill mode must be 'after' or 'before', got {mode!r}")
+    kill_mask = kill_mask.detach().to(torch.bool).cpu().flatten()
+    if kill_mask.numel() != dictionary.d_sae:
+        raise ValueError(f"kill_mask has {kill_mask.numel()} entries, the dictionary {dictionary.d_sae} features")
+    keep_ids = (~kill_mask).nonzero().flatten()
+    if keep_ids.numel() == 0:
+        raise UserError(f"these thresholds kill all {dictionary.d_sae} features; nothing would be left to "
+                        f"write (raise --max-frequency or lower --min-frequency)")
+    previous = dict(dictionary.metadata.get("pruning") or {})
+    pruned = dictionary.pruned(keep_ids, mode)
+    record = dict(pruned.metadata.get("pruning") or {})
+    if previous.get("kept_feature_ids") is not None:
+        # Compose with the earlier pruning so ids always refer to the first, unpruned dictionary.
+        prev_kept = torch.tensor(previous["kept_feature_ids"], dtype=torch.long)
+        original_d_sae = int(previous.get("original_d_sae", dictionary.d_sae))
+        kept = prev_kept[keep_ids]
+        killed_all = torch.ones(original_d_sae, dtype=torch.bool)
+        killed_all[kept] = False
+        record["original_d_sae"] = original_d_sae
+        record["kept_feature_ids"] = kept.tolist()
+        record["killed_feature_ids"] = killed_all.nonzero().flatten().tolist()
+        record["previous"] = {k: v for k, v in previous.items() if k not in ("kept_feature_ids", "killed_feature_ids")}
+    else:
+        record.setdefault("original_d_sae", dictionary.d_sae)
+        record["kept_feature_ids"] = keep_ids.tolist()
+        record["killed_feature_ids"] = kill_mask.nonzero().flatten().tolist()
+    record.update({
+        "kill_mode": mode,
+        "max_frequency": max_frequency,
+        "min_frequency": min_frequency,
+        "kill_ids": parse_ids(kill_ids),
+        "killed": int(kill_mask.sum()),
+        "frequency_source": frequency_source,
+        "frequency_tokens": frequency_tokens,
+    })
+    pruned.metadata["pruning"] = record
+    if name is not None and hasattr(pruned.cfg, "name"):
+        pruned.cfg = pruned.cfg.model_copy(update={"name": name})
+    return PruneResult(pruned, kill_mask, record)
+
+
+def original_ids(dictionary) -> Tensor:
+    """new feature id -> original feature id (identity for an unpruned dictionary)."""
+    record = dictionary.metadata.get("pruning") or {}
+    if record.get("kept_feature_ids") is None:
+        return torch.arange(dictionary.d_sae)
+    return torch.tensor(record["kept_feature_ids"], dtype=torch.long)
+
+
+def save_pruned(result: PruneResult, out_dir: str | Path, source_dir: str | Path | None = None) -> Path:
+    """Write the pruned dictionary (sae.safetensors + cfg.json); carry the source folder's
+    activation_mean.safetensors along (same hook, same training tokens)."""
+    from eval.evaluate import MEAN_FILE
+
+    out_dir = Path(out_dir)
+    if source_dir is not None and Path(source_dir).resolve() == out_dir.resolve():
+        raise UserError(f"--out {out_dir} is the dictionary's own folder; write the pruned dictionary elsewhere")
+    result.dictionary.save(out_dir)
+    if source_dir is not None and (Path(source_dir) / MEAN_FILE).is_file():
+        shutil.copyfile(Path(source_dir) / MEAN_FILE, out_dir / MEAN_FILE)
+    return out_dir
+
+
+def describe(record: dict[str, Any], d_sae: int) -> str:
+    parts = []
+    if record.get("max_frequency") is not None:
+        parts.append(f"frequency > {record['max_frequency']:g}")
+    if record.get("min_frequency") is not None:
+        parts.append(f"frequency <= {record['min_frequency']:g}")
+    if record.get("kill_ids"):
+        parts.append(f"{len(record['kill_ids'])} listed ids")
+    rule = " or ".join(parts) or "no rule"
+    killed = record.get("killed", 0)
+    what = "kills no feature" if killed == 0 else f"kills {killed} of {d_sae} features"
+    return (f"{rule}: {what} (mode {record.get('kill_mode')}; frequencies from "
+            f"{record.get('frequency_source')}, {record.get('frequency_tokens')} tokens)")
+
+
+def prune_dir(directory: str | Path, out_dir: str | Path, *, max_frequency: float | None = None,
+              min_frequency: float | None = None, kill_ids: str | Iterable[int] | None = None, mode: str = "after",
+              n_tokens: int | None = None, batch_size: int | None = None, device: str = "auto",
+              dtype: str | None = None, data_source: str | None = None, mean_tokens: int | None = None, progress: bool = True):
+    """`python -m eval prune`: prune a dictionary folder into OUT, evaluate both, print side by side.
+    Returns (before EvalResult, after EvalResult, PruneResult)."""
+    from eval import evaluate as E
+    from eval import report
+
+    if max_frequency is None and min_frequency is None and not parse_ids(kill_ids):
+        raise UserError("nothing to kill: give --max-frequency, --min-frequency and/or --kill-ids")
+    n_tokens = n_tokens or E.DEFAULT_EVAL_TOKENS
+    batch_size = batch_size or E.DEFAULT_BATCH_CONTEXTS
+    directory, out_dir = Path(directory), Path(out_dir)
+    if directory.resolve() == out_dir.resolve():
+        raise UserError(f"--out {out_dir} is the dictionary's own folder; write the pruned dictionary elsewhere")
+    (group,) = E.load_groups([directory], device=device, dtype=dtype, data_source=data_source)
+    group.prepare(n_tokens, batch_size, mean_tokens or E.DEFAULT_MEAN_TOKENS)
+    (name,) = group.names
+    d = group.dictionaries[name]
+    frequency, source, freq_tokens, before = group.frequency(name, batch_size, progress)
+    kill = kill_mask_from_frequency(frequency, max_frequency, min_frequency, kill_ids)
+    result = prune_dictionary(d, kill, mode, max_frequency=max_frequency, min_frequency=min_frequency,
+                              kill_ids=kill_ids, frequency_source=source, frequency_tokens=freq_tokens,
+                              name=out_dir.name)
+    print(describe(result.record, d.d_sae), flush=True)
+    save_pruned(result, out_dir, source_dir=directory)
+    pruned_name = out_dir.name if out_dir.name != name else f"{name}-pruned"
+    targets = {pruned_name: result.dictionary}
+    if before is None:  # evaluate the original alongside (shared forwards)
+        targets[name] = d
+    out = group.evaluate(targets, {pruned_name: out_dir}, batch_size, progress, means_of={pruned_name: name})
+    before = before or out[name]
+    after = out[pruned_name]
+    print(report.side_by_side(before, after, labels=(name, pruned_name)))
+    from sae import io
+
+    io.write_text(out_dir / "prune.md",
+                  f"# {pruned_name}: {name} pruned\n\n{describe(result.record, d.d_sae)}\n\n"
+                  + report.side_by_side(before, after, labels=(name, pruned_name), markdown=True)
+                  + f"\nBoth evaluated on the same {after.metrics['tokens_evaluated']} held-out tokens.\n")
+    return before, after, result

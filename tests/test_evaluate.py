@@ -1,0 +1,281 @@
+"""The evaluator on a tiny random Llama: exact values for identity/zero dictionaries, batch-size
+invariance, hand-computed numbers, clear errors, and the command line's outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eval import metrics as M
+from eval.evaluate import (EvalTarget, compute_activation_means, evaluate_dictionaries, read_frequency,
+                           reconstruction_metrics)
+from eval_helpers import HOOK, IdentityDict, RandomReLU, ZeroDict, make_tokens
+from sae.errors import HookError, UserError
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    m = TransformerBridge.boot_transformers(str(tiny_model_dir), device="cpu")
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def data(model):
+    return make_tokens(model.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def train_mean(model, data):
+    tokens, keep = make_tokens(model.tokenizer, n_ctx=9, seed=1)
+    return compute_activation_means(model, [HOOK], tokens, keep)[HOOK]
+
+
+def _eval(model, data, dicts, mean, batch_size=4, **kw):
+    tokens, keep = data
+    return evaluate_dictionaries(model, dicts, tokens, keep, train_means={HOOK: mean}, batch_size=batch_size,
+                                 progress=False, **kw)
+
+
+def test_every_metrics_key_is_reported(model, data, train_mean):
+    r = _eval(model, data, {"relu": RandomReLU.make(d_sae=64)}, train_mean)["relu"]
+    for key in M.METRIC_KEYS + ("tokens_evaluated", "model", "hook", "dataset"):
+        assert key in r.metrics, key
+    tokens, keep = data
+    assert r["tokens_evaluated"] == int(keep.sum())
+    assert r["predictions_evaluated"] == int(M.prediction_mask(keep).sum())
+    assert r.frequency.shape == (64,)
+    assert r["hook"] == HOOK and r["d_sae"] == 64
+
+
+def test_identity_dictionary_recovers_everything(model, data, train_mean):
+    r = _eval(model, data, {"id": IdentityDict.make()}, train_mean)["id"]
+    assert r["fvu"] == 0 and r["mse"] == 0 and r["sse_per_token"] == 0
+    assert r["explained_variance"] == 1
+    assert r["ce_sae"] == r["ce_clean"] and r["ce_delta"] == 0
+    assert r["loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert r["loss_recovered_mean_ablation"] == pytest.approx(1.0, abs=1e-6)
+    assert r["kl_sae"] == pytest.approx(0.0, abs=1e-6) and r["kl_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert r["cossim"] == pytest.approx(1.0, abs=1e-6) and r["l2_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert r["relative_reconstruction_bias"] == pytest.approx(1.0, abs=1e-6)
+    assert r["ce_zero"] != r["ce_clean"] and r["kl_zero"] > 0  # the baseline changes the model (random: CE may even drop)
+
+
+def test_zero_dictionary_recovers_nothing(model, data, train_mean):
+    r = _eval(model, data, {"zero": ZeroDict.make(d_sae=16)}, train_mean)["zero"]
+    assert r["ce_sae"] == r["ce_zero"] and r["kl_sae"] == r["kl_zero"]
+    assert r["loss_recovered"] == 0.0 and r["kl_recovered"] == 0.0
+    assert r["l0"] == 0 and r["dead"] == 16 and r["frac_alive"] == 0
+    assert r["fvu"] > 1  # x_hat = 0 is worse than predicting the mean
+
+
+def test_mean_dictionary_matches_mean_ablation(model, data, train_mean):
+    d = ZeroDict.make()
+    with torch.no_grad():
+        d.b_dec.copy_(train_mean)  # x_hat = x̄_train at every token
+    r = _eval(model, data, {"mean": d}, train_mean)["mean"]
+    assert r["ce_sae"] == pytest.approx(r["ce_mean"], abs=1e-6)
+    assert r["loss_recovered_mean_ablation"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_batch_size_changes_no_number(model, data, train_mean):
+    dicts = {"relu": RandomReLU.make(d_sae=64), "id": IdentityDict.make()}
+    ref = _eval(model, data, dicts, train_mean, batch_size=64)
+    for bs in (1, 7):
+        out = _eval(model, data, dicts, train_mean, batch_size=bs)
+        for name in dicts:
+            a, b = out[name].metrics, ref[name].metrics
+            assert a["tokens_evaluated"] == b["tokens_evaluated"]
+            assert torch.equal(out[name].frequency, ref[name].frequency)
+            for key in M.METRIC_KEYS:
+                if isinstance(b[key], float) and math.isnan(b[key]):
+                    continue
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, key, bs)
+
+
+def test_several_dictionaries_equal_one_at_a_time(model, data, train_mean):
+    relu, ident = RandomReLU.make(d_sae=64), IdentityDict.make()
+    both = _eval(model, data, {"relu": relu, "id": ident}, train_mean)
+    alone = _eval(model, data, {"relu": relu}, train_mean)
+    for key in M.METRIC_KEYS:
+        assert both["relu"][key] == pytest.approx(alone["relu"][key], rel=1e-6, abs=1e-9)
+
+
+def test_dictionaries_on_several_hooks(model, data):
+    """Dictionaries on different hooks (residual, MLP output, attention output) in one call give
+    the numbers of separate calls; each hook gets its own zero/mean baselines."""
+    tokens, keep = data
+    hooks = [HOOK, "blocks.1.hook_mlp_out", "blocks.1.hook_attn_out"]
+    means = compute_activation_means(model, hooks, tokens, keep)
+    dicts = {h: RandomReLU.make(d_sae=48, seed=i, metadata={"hook_name": h}) for i, h in enumerate(hooks)}
+    together = evaluate_dictionaries(model, dicts, tokens, keep, train_means=means, progress=False)
+    for h, d in dicts.items():
+        alone = evaluate_dictionaries(model, {h: d}, tokens, keep, train_means=means, progress=False)[h]
+        for key in M.METRIC_KEYS:
+            assert together[h][key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), (h, key)
+    assert len({round(together[h]["ce_zero"], 6) for h in hooks}) == 3
+    assert len({together[h]["ce_clean"] for h in hooks}) == 1
+
+
+def test_resid_mid_carries_a_caveat(model, data):
+    tokens, keep = data
+    hook = "blocks.1.hook_resid_mid"
+    d = RandomReLU.make(metadata={"hook_name": hook})
+    with pytest.warns(UserWarning, match="resid_mid"):
+        r = evaluate_dictionaries(model, {"m": d}, tokens, keep, train_means={hook: torch.zeros(32)},
+                                  progress=False)["m"]
+    assert "MLP input" in r["splice_caveat"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(tiny_model_dir, model, data, train_mean):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    gpu_model = TransformerBridge.boot_transformers(str(tiny_model_dir), device="cuda").eval()
+    d = RandomReLU.make(d_sae=64)
+    cpu = _eval(model, data, {"d": d}, train_mean)["d"]
+    gpu = _eval(gpu_model, data, {"d": RandomReLU.make(d_sae=64).cuda()}, train_mean.cuda())["d"]
+    for key in M.METRIC_KEYS:
+        assert gpu[key] == pytest.approx(cpu[key], rel=1e-3, abs=1e-5), key
+
+
+def test_hand_computed_values(model, data, train_mean):
+    """Reconstruction and downstream numbers recomputed with plain torch on the same tokens."""
+    d = RandomReLU.make(d_sae=64)
+    r = _eval(model, data, {"relu": d}, train_mean)["relu"]
+    tokens, keep = data
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(tokens, names_filter=[HOOK])
+        x = cache[HOOK]
+        f = d.encode(x)
+        x_hat = d.decode(f)
+        xk, xhk, fk = x[keep].double(), x_hat[keep].double(), f[keep]
+        assert r["l0"] == pytest.approx((fk != 0).sum(-1).double().mean().item(), rel=1e-6)
+        assert r["mse"] == pytest.approx(F.mse_loss(xhk, xk).item(), rel=1e-5)
+        fvu = (xk - xhk).pow(2).sum() / (xk - xk.mean(0)).pow(2).sum()
+        assert r["fvu"] == pytest.approx(fvu.item(), rel=1e-5)
+
+        def splice(act, hook):
+            return torch.where(keep[..., None], x_hat, act)
+
+        sae_logits = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, splice)])
+        pred = keep[:, :-1] & keep[:, 1:]
+        targets = tokens[:, 1:][pred]
+
+        def ce(logits):
+            return F.cross_entropy(logits[:, :-1][pred].float(), targets).item()
+
+        assert r["ce_clean"] == pytest.approx(ce(clean_logits), rel=1e-5)
+        assert r["ce_sae"] == pytest.approx(ce(sae_logits), rel=1e-5)
+        mean_logits = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda a, hook: torch.where(keep[..., None], train_mean, a))])
+        assert r["ce_mean"] == pytest.approx(ce(mean_logits), rel=1e-5)
+        lp_clean = torch.log_softmax(clean_logits[:, :-1][pred].float(), -1)
+        lp_sae = torch.log_softmax(sae_logits[:, :-1][pred].float(), -1)
+        kl = F.kl_div(lp_sae, lp_clean, log_target=True, reduction="batchmean").item()
+        assert r["kl_sae"] == pytest.approx(kl, rel=1e-4)
+
+
+def test_excluded_positions_keep_their_activation(model, data, train_mean):
+    """BOS (position 0, excluded) sees only itself: its logits are unchanged by any splice, and
+    every excluded token counts in no metric."""
+    tokens, keep = data
+    from eval.evaluate import _splice_hook
+
+    d = ZeroDict.make()
+    acc = M.ReconstructionAccumulator(d.d_in, d.d_sae)
+    captured = {}
+    with torch.no_grad():
+        clean = model(tokens)
+        spliced = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, _splice_hook(d, keep, acc)),
+                                                          ("blocks.1.hook_resid_post",
+                                                           lambda a, hook: captured.setdefault("x", a))])
+    assert torch.equal(spliced[:, 0], clean[:, 0])
+    assert not torch.allclose(spliced[:, 1:], clean[:, 1:])
+    assert acc.n == int(keep.sum())
+
+
+def test_reconstruction_metrics_centred_under_offset():
+    """A constant offset added to the activations and to b_dec changes no reconstruction number."""
+    d = RandomReLU.make(d_sae=64)
+    x = torch.randn(300, d.d_in, generator=torch.Generator().manual_seed(0))
+    base, freq = reconstruction_metrics(d, x, batch_size=64)
+    shift = torch.full((d.d_in,), 25.0)
+    with torch.no_grad():
+        d.b_dec.add_(shift)
+    moved, freq2 = reconstruction_metrics(d, x + shift, batch_size=64)
+    assert torch.equal(freq, freq2)
+    for key in ("fvu", "mse", "l0", "l1"):
+        assert moved[key] == pytest.approx(base[key], rel=1e-4), key
+
+
+def test_hook_and_width_mismatch_are_clear_errors(model, data, train_mean):
+    with pytest.raises(HookError, match="blocks.7.hook_resid_post"):
+        _eval(model, data, {"bad": RandomReLU.make(metadata={"hook_name": "blocks.7.hook_resid_post"})}, train_mean)
+    with pytest.raises(HookError, match="hook_resid_pots"):
+        _eval(model, data, {"bad": RandomReLU.make(metadata={"hook_name": "blocks.0.hook_resid_pots"})}, train_mean)
+    with pytest.raises(HookError, match="d_in=16"):
+        _eval(model, data, {"narrow": RandomReLU.make(d_in=16, d_sae=32)}, torch.zeros(16))
+    with pytest.raises(UserError, match="mean"):
+        tokens, keep = data
+        evaluate_dictionaries(model, {"relu": RandomReLU.make()}, tokens, keep, progress=False)
+    assert issubclass(HookError, UserError)
+
+
+def test_kill_mask_is_restored(model, data, train_mean):
+    d = RandomReLU.make(d_sae=64)
+    kill = torch.zeros(64, dtype=torch.bool)
+    kill[:10] = True
+    r = _eval(model, data, {"k": EvalTarget(d, kill_mask=kill)}, train_mean)["k"]
+    assert d.kill_mask is None
+    assert r["killed"] == 10 and (r.frequency[:10] == 0).all() and r["dead"] >= 10
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+def save_test_dictionary(path, model_dir, text_file, cls=RandomReLU, d_sae=64, ctx=16, seed=0):
+    d = cls.make(d_sae=d_sae, seed=seed, metadata={
+        "model_name": str(model_dir), "hook_name": HOOK, "context_size": ctx,
+        "dataset": {"source": str(text_file), "context_size": ctx, "heldout_fraction": 0.3}})
+    d.save(path)
+    return d
+
+
+def test_cli_evaluate_writes_outputs(tmp_path, tiny_model_dir, tiny_text_file, capsys):
+    from eval.__main__ import main
+
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    save_test_dictionary(a, tiny_model_dir, tiny_text_file, seed=0)
+    save_test_dictionary(b, tiny_model_dir, tiny_text_file, cls=IdentityDict, d_sae=32)
+    main(["evaluate", str(a), str(b), "--tokens", "256", "--batch-size", "5", "--device", "cpu",
+          "--no-progress", "--mean-tokens", "512", "--summary", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "no activation_mean.safetensors" in out and "% loss rec. (zero)" in out
+    for folder in (a, b):
+        ev = json.loads((folder / "eval.json").read_text())
+        for key in M.METRIC_KEYS + ("tokens_evaluated", "model", "hook", "dataset"):
+            assert key in ev, key
+        assert ev["evaluated_split"] == "heldout" and ev["tokens_evaluated"] > 0
+        assert "training-split" in ev["mean_ablation_source"]
+        freq, meta = read_frequency(folder)
+        assert int(meta["tokens_evaluated"]) == ev["tokens_evaluated"]
+        assert (folder / "frequency_histogram.png").stat().st_size > 1000
+    assert json.loads((b / "eval.json").read_text())["loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["name"] for row in summary["dictionaries"]] == ["a", "b"]
+    assert "| a |" in (tmp_path / "summary.md").read_text()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from eval.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(tmp_path / "missing"), "--device", "cpu"])
+    assert e.value.code == 2
+    assert "not found" in capsys.readouterr().err
