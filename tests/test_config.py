@@ -51,7 +51,7 @@ def test_overrides_set_nested_and_list_keys(tmp_path, tiny_model_dir, tiny_text_
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("trian_tokens=5", "trian_tokens: unknown key (did you mean: train_tokens?)"),
+    ("trian_tokens=5", "trian_tokens: unknown key (did you mean: train_tokens"),
     ("train.batch_sise=5", "train.batch_sise: unknown key (did you mean: batch_size?)"),
     ("train_tokens=lots", "train_tokens: Input should be a valid integer"),
     ("dictionaries.0.kk=3", "dictionaries[0].kk: unknown key (did you mean: k"),
@@ -83,7 +83,7 @@ def test_missing_required_key(tmp_path, tiny_model_dir, tiny_text_file):
 
 
 def test_prune_must_name_a_real_dictionary(tmp_path, tiny_model_dir, tiny_text_file):
-    text = BASE + "prune: {dictionaries: [rleu], max_frequency: [0.1]}\n"
+    text = BASE + "prune: {{dictionaries: [rleu], max_frequency: [0.1]}}\n"
     with pytest.raises(ConfigError, match="no dictionary named 'rleu'"):
         load_run_config(write(tmp_path, text, tiny_model_dir, tiny_text_file))
 

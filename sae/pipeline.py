@@ -1,0 +1,182 @@
+"""What `train.py CONFIG.yaml` does, start to finish.
+
+    config.yaml -> model -> text -> activations (cache on disk, or streamed) -> train every
+    dictionary in one pass -> save -> activation means -> evaluate on held-out text -> prune,
+    ablate -> summary table
+
+Every step can be interrupted and re-run with the same command: the cache resumes from its last
+complete shard, training from its last checkpoint, and dictionaries already saved by an earlier
+run of the same config are loaded instead of retrained.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae import io
+from sae.config import RunConfig, dump_run_config
+from sae.dictionaries import DictionaryConfig, SparseDictionary, load_dictionary
+from sae.errors import ConfigError
+from sae.models import check_hooks, hook_d_in, hook_layer, load_model, resolve_device
+from sae.text import keep_mask, load_contexts
+
+MEAN_FILE = "activation_mean.safetensors"  # x̄ over training tokens, for the mean-ablation baseline
+MEAN_TOKENS_STREAMED = 32_768  # training tokens for x̄ when there is no cache to read it from
+
+
+def say(message: str) -> None:
+    print(f"[train.py] {message}", flush=True)
+
+
+def autocast_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
+    choice = run.train.autocast
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if choice == "none" else getattr(torch, choice)
+
+
+def dictionary_metadata(run: RunConfig, cfg: DictionaryConfig) -> dict[str, Any]:
+    """What each cfg.json records about where the dictionary's activations came from."""
+    return {
+        "model_name": run.model,
+        "model_dtype": run.model_dtype,
+        "hook_name": cfg.hook_name,
+        "hook_layer": hook_layer(cfg.hook_name),
+        "context_size": run.data.context_size,
+        "prepend_bos": True,
+        "dataset": run.data.model_dump(mode="json"),
+        "exclude_tokens": list(run.data.exclude_tokens),
+        "run_name": run.run_name,
+    }
+
+
+def finished_dictionaries(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, SparseDictionary] | None:
+    """The run's dictionaries when an earlier run of this config saved all of them, else None.
+
+    A saved dictionary trained with other hyperparameters is an error, not silently reused."""
+    found: dict[str, SparseDictionary] = {}
+    for cfg in configs:
+        folder = run.run_dir / cfg.name
+        if not (folder / "sae.safetensors").is_file() or not (folder / "cfg.json").is_file():
+            return None
+        d = load_dictionary(folder)
+        saved = d.cfg.model_dump(mode="json")
+        wanted = cfg.model_dump(mode="json")
+        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        if changed or d.metadata.get("model_name") != run.model:
+            what = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed) or "model_name"
+            raise ConfigError(f"{folder} was trained with other settings ({what}); pick another run_name "
+                              f"or delete that folder to retrain")
+        found[cfg.name] = d
+    return found
+
+
+def cache_means(cache_dir: Path, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """hook -> mean activation [d_in] over every cached (training) token, accumulated in float64."""
+    from sae.cache import Manifest, load_shard
+
+    manifest = Manifest.load(cache_dir)
+    totals = {h: torch.zeros(manifest.d_in[h], dtype=torch.float64) for h in hooks}
+    count = 0
+    for shard in manifest.shards:
+        tensors = load_shard(manifest, shard.index, hooks)
+        for h in hooks:
+            totals[h] += tensors[h].to(torch.float64).sum(dim=0)
+        count += tensors[hooks[0]].shape[0]
+    return {h: (totals[h] / max(count, 1)).float() for h in hooks}
+
+
+def run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, Any]:
+    """Harvest, train, save, evaluate and prune as `run` says; returns {name: EvalResult} (or
+    {name: dictionary} when evaluation is disabled)."""
+    run_dir = run.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    io.write_text(run_dir / "config.yaml", dump_run_config(run))
+    device = resolve_device(run.device)
+    say(f"run {run.run_name}: {len(configs)} dictionaries on {', '.join(run.hooks)} of {run.model} ({device})")
+
+    model = load_model(run.model, device=device, dtype=run.model_dtype)
+    check_hooks(model, run.hooks)
+    d_in = {h: hook_d_in(model, h) for h in run.hooks}
+    tokenizer = model.tokenizer
+
+    trained = finished_dictionaries(run, configs)
+    if trained is not None:
+        say(f"every dictionary is already trained in {run_dir}; evaluating")
+        means = {name: io.load_tensors(run_dir / name / MEAN_FILE)["mean"] for name in trained
+                 if (run_dir / name / MEAN_FILE).is_file()}
+    else:
+        tokens = load_contexts(run.data, tokenizer, "train", run.train_tokens)
+        keep = keep_mask(tokens, tokenizer, run.data.exclude_tokens)
+        source, hook_means = _batch_source(run, model, tokens, keep)
+        total_tokens = max(int(source.tokens_per_epoch * run.train.epochs), 1)
+        every = run.train.checkpoint_every_tokens or max(total_tokens // 10, run.train.batch_size)
+        from sae.trainer import train_dictionaries
+
+        trained = train_dictionaries(
+            source, configs, total_tokens=total_tokens, d_in=d_in, device=device, out_dir=run_dir,
+            checkpoint_every_tokens=every,
+            metadata={c.name: dictionary_metadata(run, c) for c in configs},
+            wandb={"mode": run.wandb.mode, "project": run.wandb.project, "entity": run.wandb.entity,
+                   "log_every": run.wandb.log_every_steps, "name": run.run_name},
+            autocast_dtype=autocast_dtype(run, device), log_every=run.train.log_every_steps)
+        if hook_means is None:
+            hook_means = _streamed_means(model, run, tokens, keep)
+        means = {}
+        for cfg in configs:
+            means[cfg.name] = hook_means[cfg.hook_name]
+            io.save_tensors(run_dir / cfg.name / MEAN_FILE, {"mean": means[cfg.name].contiguous()})
+        say(f"saved {len(trained)} dictionaries under {run_dir}/")
+
+    if not run.eval.enabled:
+        return trained
+    missing = [c for c in configs if c.name not in means]
+    if missing:
+        train_tokens = load_contexts(run.data, tokenizer, "train", MEAN_TOKENS_STREAMED)
+        hook_means = _streamed_means(model, run, train_tokens, keep_mask(train_tokens, tokenizer,
+                                                                          run.data.exclude_tokens))
+        for cfg in missing:
+            means[cfg.name] = hook_means[cfg.hook_name]
+            io.save_tensors(run_dir / cfg.name / MEAN_FILE, {"mean": means[cfg.name].contiguous()})
+
+    from eval.run import evaluate_run
+
+    heldout = load_contexts(run.data, tokenizer, "heldout", run.eval_tokens)
+    heldout_keep = keep_mask(heldout, tokenizer, run.data.exclude_tokens)
+    say(f"evaluating on {int(heldout_keep.sum()):,} held-out tokens")
+    dictionaries = {name: d.to(device) for name, d in trained.items()}
+    return evaluate_run(model, dictionaries, {name: run_dir / name for name in dictionaries}, run_dir,
+                        heldout, heldout_keep, means, batch_size=run.eval.batch_contexts, prune=run.prune,
+                        info={"dataset": run.data.model_dump(mode="json"), "evaluated_split": "heldout"})
+
+
+def _batch_source(run: RunConfig, model, tokens: torch.Tensor, keep: torch.Tensor):
+    """The trainer's batch source and, when it is cheap (a cache on disk), the training means."""
+    from sae.cache_reader import CacheReader, StreamingSource
+
+    if run.harvest.mode == "stream":
+        say(f"streaming activations of {int(keep.sum()):,} training tokens straight from the model")
+        source = StreamingSource(model, tokens, keep, run.hooks, batch_size=run.train.batch_size,
+                                 seed=run.seed, contexts_per_chunk=run.harvest.contexts_per_shard,
+                                 batch_contexts=run.harvest.batch_contexts)
+        return source, None
+    from sae.cache import harvest
+
+    identity = {"model": run.model, "model_dtype": run.model_dtype, "data": run.data.model_dump(mode="json")}
+    say(f"harvesting {int(keep.sum()):,} training tokens into {run.cache_dir}/")
+    harvest(model, tokens, keep, run.hooks, run.cache_dir, identity=identity, dtype=run.harvest.dtype,
+            contexts_per_shard=run.harvest.contexts_per_shard, batch_contexts=run.harvest.batch_contexts)
+    source = CacheReader(run.cache_dir, batch_size=run.train.batch_size, seed=run.seed)
+    return source, cache_means(run.cache_dir, list(run.hooks))
+
+
+def _streamed_means(model, run: RunConfig, tokens: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    from eval.evaluate import compute_activation_means
+
+    n_ctx = max(1, math.ceil(MEAN_TOKENS_STREAMED / tokens.shape[1]))
+    return compute_activation_means(model, run.hooks, tokens[:n_ctx], keep[:n_ctx],
+                                    batch_size=run.harvest.batch_contexts)
