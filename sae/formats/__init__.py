@@ -1,0 +1,133 @@
+"""Other libraries' dictionary formats: detection, import (and SAELens export).
+
+Each importer turns a folder into an `Imported`: our architecture name, the tensors in our
+layout and names (`W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc`, `b_dec`, plus the
+architecture's extras), the hyperparameters our Config needs (e.g. `k`) and the metadata we
+keep in cfg.json (model_name, hook_name, context_size, ...). `sae.loading.build_dictionary`
+makes the module. Conventions that differ from ours are folded into the weights so that the
+imported dictionary computes the same function as the original:
+
+- input not centred on b_dec before encoding (SAELens `apply_b_dec_to_input: false`,
+  dictionary_learning's JumpReluAutoEncoder / AutoEncoderNew): b_enc += b_dec @ W_enc;
+- a finetuning scale on the features before decoding (old SAELens): folded into W_dec rows;
+- negative JumpReLU thresholds: clamped to 0 (their ReLU makes those activations 0 anyway).
+
+Formats (see each module): `saelens` (cfg.json + sae_weights.safetensors), `dictionary_learning`
+(ae.pt + config.json; loaded with `torch.load(weights_only=True)` only), `sparsify`
+(cfg.json + sae.safetensors with encoder.weight / W_dec).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+OURS = "ours"
+SAELENS = "saelens"
+DICTIONARY_LEARNING = "dictionary_learning"
+SPARSIFY = "sparsify"
+FORMATS = (OURS, SAELENS, DICTIONARY_LEARNING, SPARSIFY)
+
+
+@dataclass
+class Imported:
+    """A dictionary read from another library's files, in our layout."""
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    tensors: dict[str, Tensor]
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None  # the file's dtype name ("float32", ...), the default load dtype
+
+
+def fold_input_centering(tensors: dict[str, Tensor], bias_names: tuple[str, ...] = ("b_enc",),
+                         weight_for: dict[str, Tensor] | None = None) -> None:
+    """Make `(x - b_dec) @ W + b'` equal `x @ W + b` for encoders that do not centre x:
+    b' = b + b_dec @ W (computed in float64). `weight_for` maps a bias name to its weight
+    when it is not W_enc (gated's magnitude path)."""
+    b_dec = tensors["b_dec"].double()
+    for name in bias_names:
+        W = (weight_for or {}).get(name, tensors["W_enc"]).double()
+        tensors[name] = (tensors[name].double() + b_dec @ W).to(tensors[name].dtype)
+
+
+def clamp_threshold(t: Tensor) -> Tensor:
+    """JumpReLU thresholds below 0 act like 0 when a ReLU follows (theirs) but not in ours
+    (f = pre·1[pre > θ]); clamping makes both the same function."""
+    return t.clamp(min=0.0)
+
+
+def dtype_name(value: Any) -> str | None:
+    """'torch.float32' / 'float32' / torch.float32 -> 'float32' (None stays None)."""
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    aliases = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    return aliases.get(name, name)
+
+
+def dtype_of(name: str | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    name = dtype_name(name)
+    dt = getattr(torch, name, None) if name else None
+    return dt if isinstance(dt, torch.dtype) else default
+
+
+_HOOK_PATTERNS = [
+    # (regex on a submodule / hookpoint name, TransformerLens hook name template)
+    (r"^(?:resid_post|resid_out|resid)_layer_?(\d+)$", "blocks.{}.hook_resid_post"),
+    (r"^resid_pre_layer_?(\d+)$", "blocks.{}.hook_resid_pre"),
+    (r"^mlp_out_layer_?(\d+)$", "blocks.{}.hook_mlp_out"),
+    (r"^attn_out_layer_?(\d+)$", "blocks.{}.hook_attn_out"),
+    (r"^(?:model\.|gpt_neox\.|transformer\.)?(?:layers|h)\.(\d+)$", "blocks.{}.hook_resid_post"),
+    (r"^(?:model\.|gpt_neox\.|transformer\.)?(?:layers|h)\.(\d+)\.mlp$", "blocks.{}.hook_mlp_out"),
+    (r"^(?:model\.|gpt_neox\.|transformer\.)?(?:layers|h)\.(\d+)\.(?:self_attn|attention|attn)$",
+     "blocks.{}.hook_attn_out"),
+    (r"^embed(?:_in|_tokens)?$", "hook_embed"),
+]
+
+
+def guess_hook_name(name: str | None) -> str | None:
+    """Another library's hook point name -> the TransformerLens hook name it corresponds to
+    (None when unknown). `resid_out_layer3` / `layers.3` -> `blocks.3.hook_resid_post`, ..."""
+    if not name:
+        return None
+    if re.match(r"^blocks\.\d+\.hook_\w+$", name) or name.startswith("hook_"):
+        return name
+    for pattern, template in _HOOK_PATTERNS:
+        m = re.match(pattern, name)
+        if m:
+            return template.format(*m.groups())
+    return None
+
+
+def detect(directory: str | Path) -> str | None:
+    """Which format a dictionary folder is in (None: not a dictionary folder)."""
+    from sae.formats import dictionary_learning, saelens, sparsify
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    if saelens.detect(directory):
+        return SAELENS
+    if dictionary_learning.detect(directory):
+        return DICTIONARY_LEARNING
+    if sparsify.detect(directory):
+        return SPARSIFY
+    if (directory / "cfg.json").is_file() and (directory / "sae.safetensors").is_file():
+        return OURS
+    return None
+
+
+def read(directory: str | Path, fmt: str) -> Imported:
+    """Import a folder of another library's format (not ours: sae.loading reads that)."""
+    from sae.formats import dictionary_learning, saelens, sparsify
+
+    readers = {SAELENS: saelens.read, DICTIONARY_LEARNING: dictionary_learning.read, SPARSIFY: sparsify.read}
+    return readers[fmt](Path(directory))

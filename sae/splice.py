@@ -1,0 +1,225 @@
+"""Splicing dictionaries into a model (TransformerLens `TransformerBridge` hooks), and feature
+activations for every token of some text in one call.
+
+    import sae
+    from sae.models import load_model
+
+    model = load_model("smollm2-135m")
+    d = sae.load("runs/demo/topk_k32")
+    with sae.splice(model, d) as s:                # x -> x̂ at d's hook point
+        logits = model("To be or not to be", return_type="logits")
+    s.features["topk_k32"]                          # f [batch, pos, d_sae] of that forward
+
+    acts = sae.feature_activations(model, d, "To be or not to be")
+    acts.f          # [1, pos, d_sae]  (acts.features[name] with several dictionaries)
+    acts.str_tokens # ['<|endoftext|>', 'To', ' be', ...]
+
+`splice(model, dictionaries, keep_error=False)`: inside the `with`, each dictionary replaces
+the activation x at its hook point by its reconstruction x̂ = decode(encode(x)). With
+`keep_error=True` the hook returns x̂ + (x − x̂).detach(), computed as x.detach() + (x̂ − x̂.detach())
+so that the value is exactly x (the model's outputs are bit-identical to the clean model's)
+while gradients still flow through the features: the usual set-up for attribution with the
+reconstruction error kept as a constant. `features_require_grad=True` makes each f a leaf
+that requires grad, so `s.features[name].grad` holds d(loss)/d(f) after a backward pass.
+
+Hook points come from each dictionary's metadata["hook_name"] (written by the trainer, or by
+`sae.load` when importing) unless `hook_names` gives them. Several dictionaries may sit at
+different hooks (each downstream one sees the spliced stream unless keep_error is on); two at
+the same hook are applied in the order given. `mask` ([batch, pos] bool) splices only those
+positions (e.g. not BOS) and leaves the others as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from sae.errors import HookError, UserError
+
+
+def _name_of(d, i: int, n: int) -> str:
+    cfg = getattr(d, "cfg", None)
+    name = getattr(cfg, "name", None) if cfg is not None else None
+    if name:
+        return str(name)
+    imported = d.metadata.get("imported_from") if hasattr(d, "metadata") else None
+    if imported:
+        from pathlib import Path
+
+        return Path(imported).name
+    return "dictionary" if n == 1 else f"dictionary_{i}"
+
+
+def as_named(dictionaries) -> dict[str, Any]:
+    """A dictionary, a sequence of them or {name: dictionary} -> {name: dictionary}."""
+    if isinstance(dictionaries, Mapping):
+        return dict(dictionaries)
+    if isinstance(dictionaries, torch.nn.Module):
+        return {_name_of(dictionaries, 0, 1): dictionaries}
+    if isinstance(dictionaries, Sequence):
+        out: dict[str, Any] = {}
+        for i, d in enumerate(dictionaries):
+            name = _name_of(d, i, len(dictionaries))
+            if name in out:
+                name = f"{name}_{i}"
+            out[name] = d
+        return out
+    raise TypeError("dictionaries: a dictionary module, a list of them or {name: dictionary}")
+
+
+def hook_of(d, override: str | None = None) -> str:
+    hook = override or d.metadata.get("hook_name") or getattr(getattr(d, "cfg", None), "hook_name", None)
+    if not hook:
+        raise UserError("the dictionary records no hook_name (metadata); pass hook_names={name: 'blocks.N.hook_...'}")
+    return hook
+
+
+@dataclass
+class Splice:
+    """What `splice` yields: the hooked dictionaries and, after each forward, their features."""
+
+    dictionaries: dict[str, Any]
+    hook_names: dict[str, str]
+    keep_error: bool
+    features: dict[str, Tensor] = field(default_factory=dict)  # name -> f [batch, pos, d_sae], last forward
+    errors: dict[str, Tensor] = field(default_factory=dict)  # name -> x − x̂ (only with record_errors)
+
+    @property
+    def f(self) -> Tensor:
+        """The features of the only dictionary."""
+        if len(self.features) != 1:
+            raise ValueError(f"{len(self.features)} dictionaries; use .features[name]")
+        return next(iter(self.features.values()))
+
+
+def _hook_fn(state: Splice, name: str, d, keep_error: bool, mask: Tensor | None, features_require_grad: bool,
+             record_errors: bool):
+    def fn(x: Tensor, hook) -> Tensor:
+        p = d.W_enc
+        xd = x.to(device=p.device, dtype=p.dtype)
+        f = d.encode(xd)
+        if features_require_grad:
+            f = f.detach().requires_grad_(True)
+        x_hat = d.decode(f)
+        state.features[name] = f
+        if record_errors:
+            state.errors[name] = (xd - x_hat).detach()
+        x_hat = x_hat.to(device=x.device, dtype=x.dtype)
+        if keep_error:
+            out = x.detach() + (x_hat - x_hat.detach())  # value exactly x; gradient through f
+        else:
+            out = x_hat
+        if mask is not None:
+            if mask.shape != x.shape[:2]:
+                raise UserError(f"splice mask has shape {list(mask.shape)} but the activations at {hook.name} "
+                                f"are {list(x.shape[:2])} [batch, pos]")
+            out = torch.where(mask.to(x.device)[..., None], out, x)
+        return out
+
+    return fn
+
+
+@contextlib.contextmanager
+def splice(model, dictionaries, *, keep_error: bool = False, hook_names: Mapping[str, str] | str | None = None,
+           mask: Tensor | None = None, features_require_grad: bool = False,
+           record_errors: bool = False) -> Iterator[Splice]:
+    """Put dictionaries into `model` at their hook points for the duration of the `with`.
+
+    dictionaries: a dictionary, a list of them, or {name: dictionary}.
+    keep_error: add the reconstruction error back (outputs equal the clean model's; features exposed).
+    hook_names: {name: hook} (or one hook for a single dictionary) instead of metadata["hook_name"].
+    mask: [batch, pos] bool; splice only where True.
+    features_require_grad: each f is a leaf requiring grad (for attribution: f.grad after backward).
+    record_errors: also keep x − x̂ per dictionary in `.errors`.
+    Yields a `Splice` whose `.features` holds each dictionary's f of the latest forward.
+    """
+    named = as_named(dictionaries)
+    if isinstance(hook_names, str):
+        if len(named) != 1:
+            raise UserError("hook_names as one string needs exactly one dictionary; give {name: hook}")
+        hook_names = {next(iter(named)): hook_names}
+    hooks = {name: hook_of(d, (hook_names or {}).get(name)) for name, d in named.items()}
+    missing = sorted(set(hooks.values()) - set(getattr(model, "hook_dict", {}) or {}))
+    if missing:
+        from sae.models import check_hooks
+
+        check_hooks(model, missing)  # raises a HookError with suggestions
+        raise HookError(f"model has no hook {missing[0]!r}")
+    state = Splice(named, hooks, keep_error)
+    fwd = [(hooks[name], _hook_fn(state, name, d, keep_error, mask, features_require_grad, record_errors))
+           for name, d in named.items()]
+    with model.hooks(fwd_hooks=fwd):
+        yield state
+
+
+@dataclass
+class FeatureActivations:
+    """Feature activations for every token of some text (`feature_activations`)."""
+
+    features: dict[str, Tensor]  # name -> f [batch, pos, d_sae]
+    tokens: Tensor  # [batch, pos]
+    str_tokens: list[list[str]]  # [batch][pos]
+    hook_names: dict[str, str]
+    logits: Tensor | None = None  # [batch, pos, vocab] when asked for
+
+    @property
+    def f(self) -> Tensor:
+        """The features of the only dictionary."""
+        if len(self.features) != 1:
+            raise ValueError(f"{len(self.features)} dictionaries; use .features[name]")
+        return next(iter(self.features.values()))
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.features[name]
+
+    def top_features(self, position: int, n: int = 10, name: str | None = None, batch: int = 0) -> list[tuple[int, float]]:
+        """[(feature id, activation)] of the n most active features at one token."""
+        f = self.features[name] if name is not None else self.f
+        vals, idx = f[batch, position].float().topk(min(n, f.shape[-1]))
+        return [(int(i), float(v)) for v, i in zip(vals, idx) if v > 0]
+
+
+@torch.no_grad()
+def feature_activations(model, dictionaries, text: str | list[str] | Tensor, *, prepend_bos: bool = True,
+                        keep_error: bool = True, hook_names: Mapping[str, str] | str | None = None,
+                        return_logits: bool = False, device: str | torch.device | None = "cpu") -> FeatureActivations:
+    """Run the model on `text` (a string, a list of strings, or token ids [batch, pos]) with the
+    dictionaries spliced in and return every token's feature activations.
+
+    keep_error=True (default) measures the features of the clean model's activations (later
+    dictionaries see the clean stream); keep_error=False runs the model on the reconstructions.
+    device: where the returned tensors go (None: leave them where they were computed).
+    """
+    if isinstance(text, Tensor):
+        tokens = text if text.dim() == 2 else text[None]
+    else:
+        tokens = model.to_tokens(text, prepend_bos=prepend_bos)
+    model_device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
+    tokens = tokens.to(model_device)
+    with splice(model, dictionaries, keep_error=keep_error, hook_names=hook_names) as s:
+        logits = model(tokens, return_type="logits")
+    str_tokens = [[model.tokenizer.decode([int(t)]) for t in row] for row in tokens.tolist()]
+
+    def move(t: Tensor) -> Tensor:
+        return t.detach().to(device) if device is not None else t.detach()
+
+    return FeatureActivations(features={k: move(v) for k, v in s.features.items()}, tokens=move(tokens),
+                              str_tokens=str_tokens, hook_names=dict(s.hook_names),
+                              logits=move(logits) if return_logits else None)
+
+
+class _CallableModule(type(contextlib)):
+    """`sae.splice` is both this module and the function: `import sae.splice` makes the package
+    attribute the module, so the module itself calls `splice` (`with sae.splice(model, d):`)."""
+
+    def __call__(self, *args, **kwargs):
+        return splice(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule
