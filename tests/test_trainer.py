@@ -1,0 +1,273 @@
+"""The trainer: ground-truth recovery per architecture, sweeps in one pass, exact resume after
+SIGKILL, divergence, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import sae
+from sae import checkpoint as ckpt
+from sae.dictionaries import parse_dictionary_config
+from sae.dictionaries.registry import load_dictionary
+from sae.errors import ConfigError, TrainingDiverged
+from sae.io import load_tensors
+from sae.synthetic import SyntheticFeatures, feature_recovery, fvu
+from sae.trainer import IterableSource, Trainer, dictionary_names, lr_factor, train_dictionaries
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CountingSource:
+    """Wraps a batch source and counts `batches()` calls and batches drawn."""
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.drawn = inner, 0, 0
+
+    def batches(self, start_step=0):
+        self.calls += 1
+        for b in self.inner.batches(start_step):
+            self.drawn += 1
+            yield b
+
+
+# ---- recovery of a known dictionary ------------------------------------------------------------
+# One sweep trains every architecture from one stream (32 dims, 128 true features in
+# superposition, Zipf-like frequencies + 2 features firing on 25% of tokens, ~4 active per token).
+# Bars set from measurement (see the per-architecture numbers in the comments; bars leave a margin).
+RECOVERY_CONFIGS = {
+    "topk": {"architecture": "topk", "k": 4},
+    "batchtopk": {"architecture": "batchtopk", "k": 4},
+    "relu": {"architecture": "relu", "l1_coefficient": 2.0},
+    "relu_april": {"architecture": "relu", "recipe": "april2024", "l1_coefficient": 2.0, "lr": 3e-3},
+    "jumprelu": {"architecture": "jumprelu", "l0_coefficient": 1.0},
+    "gated": {"architecture": "gated", "l1_coefficient": 3.0},
+}
+# name: (min mean max-cosine, max FVU on held-out tokens)
+BARS = {
+    "topk": (0.95, 0.20),
+    "batchtopk": (0.95, 0.20),
+    "relu": (0.93, 0.35),
+    "relu_april": (0.85, 0.40),
+    "jumprelu": (0.93, 0.20),
+    "gated": (0.93, 0.30),
+}
+RECOVERY_TOKENS = 500_000
+
+
+@pytest.fixture(scope="module")
+def recovery_sweep():
+    data = SyntheticFeatures(d_in=32, n_features=128, batch_size=1024, mean_active=4.0, seed=0)
+    source = CountingSource(data)
+    configs = [parse_dictionary_config({"name": n, "d_sae": 256, **c}) for n, c in RECOVERY_CONFIGS.items()]
+    dictionaries = train_dictionaries(source, configs, total_tokens=RECOVERY_TOKENS, progress=False)
+    x, _ = data.sample(8192, torch.Generator().manual_seed(12345))  # tokens training never saw
+    return data, source, dictionaries, x
+
+
+def test_a_sweep_is_one_pass_over_the_data(recovery_sweep):
+    _, source, dictionaries, _ = recovery_sweep
+    assert set(dictionaries) == set(RECOVERY_CONFIGS)
+    assert source.calls == 1
+    assert source.drawn == math.ceil(RECOVERY_TOKENS / 1024)
+
+
+@pytest.mark.parametrize("name", list(RECOVERY_CONFIGS))
+def test_each_architecture_recovers_the_true_features(recovery_sweep, name):
+    data, _, dictionaries, x = recovery_sweep
+    d = dictionaries[name]
+    recovery = feature_recovery(data.features, d.W_dec).mean().item()
+    error = fvu(d, x)
+    min_recovery, max_fvu = BARS[name]
+    assert recovery >= min_recovery, f"{name}: mean max cosine {recovery:.3f} < {min_recovery}"
+    assert error <= max_fvu, f"{name}: FVU {error:.3f} > {max_fvu}"
+
+
+# ---- sweeps from plain iterables; outputs ---------------------------------------------------------
+def test_plain_iterable_sweep_writes_dictionaries_with_metadata(tmp_path):
+    data = SyntheticFeatures(d_in=16, n_features=32, batch_size=256, seed=1)
+    batches = [data.batch(i)[:, :] for i in range(12)]
+    source = IterableSource(batches)
+    configs = [parse_dictionary_config({"architecture": "relu", "d_sae": 32, "l1_coefficient": c})
+               for c in (0.5, 2.0)] + [parse_dictionary_config({"architecture": "topk", "k": 3, "d_sae": 32})]
+    names = dictionary_names(configs)
+    assert names == ["relu-l1_coefficient=0.5", "relu-l1_coefficient=2", "topk"]
+    meta = {n: {"model_name": "synthetic", "dataset": "ground truth", "context_size": 1} for n in names}
+    out = train_dictionaries(source, configs, total_tokens=10 * 256, out_dir=tmp_path, metadata=meta,
+                             progress=False)
+    assert source.iterations == 1
+    x = torch.cat(batches[10:])
+    for name in names:
+        cfg = json.loads((tmp_path / name / "cfg.json").read_text())
+        assert cfg["architecture"] in ("relu", "topk") and cfg["d_in"] == 16 and cfg["d_sae"] == 32
+        assert cfg["model_name"] == "synthetic" and cfg["dataset"] == "ground truth"
+        assert cfg["tokens_trained"] == 2560 and cfg["library_version"] == sae.__version__
+        assert "lr" in cfg["hyperparameters"]
+        d = out[name]
+        assert float(d.input_scale) == 1.0 and not d.training
+        loaded = load_dictionary(tmp_path / name)
+        for k, t in d.weights().items():
+            assert torch.equal(loaded.weights()[k], t)
+        torch.testing.assert_close(loaded(x), d(x))
+    assert not (tmp_path / ckpt.CHECKPOINT_DIR).exists()
+
+
+def test_duplicate_names_are_refused():
+    cfg = parse_dictionary_config({"architecture": "topk", "d_sae": 8, "name": "a"})
+    with pytest.raises(ConfigError, match="unique"):
+        dictionary_names([cfg, cfg])
+
+
+def test_lr_schedule_warms_up_and_decays_to_zero():
+    f = [lr_factor(s, 100, 0.1, 0.2) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0
+    assert f[80] == 1.0 and f[99] == pytest.approx(1 / 20)
+    assert all(a >= b for a, b in zip(f[80:], f[81:]))
+
+
+def test_wandb_logs_metrics_and_frequency_histograms(monkeypatch):
+    logged = []
+
+    class FakeRun:
+        def log(self, row, step=None):
+            logged.append(row)
+
+        def finish(self):
+            pass
+
+    fake = types.SimpleNamespace(init=lambda **kw: FakeRun(), Histogram=lambda values, num_bins: ("hist", len(values)),
+                                 util=types.SimpleNamespace(generate_id=lambda: "abc"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=2)
+    cfg = parse_dictionary_config({"architecture": "topk", "k": 3, "d_sae": 32, "name": "t"})
+    train_dictionaries(data, [cfg], total_tokens=40 * 128, progress=False,
+                       wandb={"mode": "offline", "log_every": 5, "histogram_every_tokens": 10 * 128})
+    assert logged and all("t/loss" in r and "t/l0" in r and "t/dead" in r for r in logged)
+    assert any("t/log10_frequency" in r for r in logged)
+
+
+# ---- divergence ----------------------------------------------------------------------------------
+class PoisonedSource:
+    def __init__(self, data, bad_step):
+        self.data, self.bad_step = data, bad_step
+
+    def batches(self, start_step=0):
+        for i, b in enumerate(self.data.batches(start_step), start=start_step):
+            if i == self.bad_step:
+                b = {k: v.clone().fill_(float("inf")) for k, v in b.items()}
+            yield b
+
+
+def test_nan_stops_with_training_diverged_and_keeps_the_last_checkpoint(tmp_path):
+    data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=3)
+    cfgs = [parse_dictionary_config({"architecture": "relu", "d_sae": 32, "name": "good"}),
+            parse_dictionary_config({"architecture": "topk", "k": 3, "d_sae": 32, "name": "t"})]
+    with pytest.raises(TrainingDiverged, match=r"'good'.*step 30"):
+        train_dictionaries(PoisonedSource(data, 30), cfgs, total_tokens=100 * 128, out_dir=tmp_path,
+                           checkpoint_every_tokens=10 * 128, progress=False, log_every=20)
+    kept = ckpt.latest_path(tmp_path / ckpt.CHECKPOINT_DIR)
+    assert kept is not None and kept.name == "checkpoint-0000000030.pt"
+    state = torch.load(kept, weights_only=True)
+    assert state["step"] == 30
+    for st in state["dictionaries"].values():
+        assert all(torch.isfinite(t).all() for t in st["model"].values() if t.is_floating_point())
+    assert not (tmp_path / "good" / "sae.safetensors").exists()
+
+
+def test_checkpoint_of_other_configs_is_refused(tmp_path):
+    data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=4)
+    cfg = parse_dictionary_config({"architecture": "topk", "k": 3, "d_sae": 32, "name": "t"})
+    train_dictionaries(data, [cfg], total_tokens=20 * 128, out_dir=tmp_path, checkpoint_every_tokens=5 * 128,
+                       progress=False, keep_checkpoint=True)
+    assert ckpt.latest_path(tmp_path / ckpt.CHECKPOINT_DIR) is not None
+    other = parse_dictionary_config({"architecture": "topk", "k": 4, "d_sae": 32, "name": "t"})
+    with pytest.raises(ConfigError, match="different"):
+        train_dictionaries(data, [other], total_tokens=20 * 128, out_dir=tmp_path,
+                           checkpoint_every_tokens=5 * 128, progress=False)
+
+
+# ---- resume after SIGKILL --------------------------------------------------------------------------
+RESUME_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    from sae.dictionaries import parse_dictionary_config
+    from sae.synthetic import SyntheticFeatures
+    from sae.trainer import train_dictionaries
+
+    out_dir, die_at = sys.argv[1], int(sys.argv[2])
+
+    class Source:
+        def __init__(self):
+            self.data = SyntheticFeatures(d_in=16, n_features=48, batch_size=128, seed=5)
+        def batches(self, start_step=0):
+            for i, b in enumerate(self.data.batches(start_step), start=start_step):
+                if i == die_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                yield b
+
+    common = {"d_sae": 64, "dead_after_tokens": 1000, "lr_warmup_fraction": 0.1}
+    configs = [parse_dictionary_config({**common, **c}) for c in [
+        {"architecture": "topk", "k": 3, "aux_k": 8},
+        {"architecture": "batchtopk", "k": 3},
+        {"architecture": "relu", "resample_every_tokens": 2560, "l1_coefficient": 3.0},
+        {"architecture": "relu", "recipe": "april2024", "lr": 1e-3},
+        {"architecture": "jumprelu"},
+        {"architecture": "gated"},
+    ]]
+    train_dictionaries(Source(), configs, total_tokens=90 * 128, out_dir=out_dir,
+                       checkpoint_every_tokens=16 * 128, progress=False,
+                       metadata={"topk": {"model_name": "synthetic"}})
+""")
+
+
+def _run(script: Path, out_dir: Path, die_at: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script), str(out_dir), str(die_at)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    script = tmp_path / "train_script.py"
+    script.write_text(RESUME_SCRIPT)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    r = _run(script, straight, -1)
+    assert r.returncode == 0, r.stderr
+    # Killed at step 41 (after the checkpoint of step 32, before that of step 48); then again at
+    # step 70 of the resumed run, then resumed to the end.
+    r = _run(script, killed, 41)
+    assert r.returncode == -signal.SIGKILL
+    assert ckpt.latest_path(killed / ckpt.CHECKPOINT_DIR).name == "checkpoint-0000000032.pt"
+    r = _run(script, killed, 70)
+    assert r.returncode == -signal.SIGKILL
+    assert ckpt.latest_path(killed / ckpt.CHECKPOINT_DIR).name == "checkpoint-0000000064.pt"
+    r = _run(script, killed, -1)
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in straight.iterdir() if p.is_dir())
+    assert len(names) == 6
+    assert names == sorted(p.name for p in killed.iterdir() if p.is_dir())
+    for name in names:
+        a, b = load_tensors(straight / name / "sae.safetensors"), load_tensors(killed / name / "sae.safetensors")
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}/{k} differs after resume"
+        assert (straight / name / "cfg.json").read_text() == (killed / name / "cfg.json").read_text()
+    assert not (killed / ckpt.CHECKPOINT_DIR).exists()
+
+
+def test_trainer_checks_d_in(tmp_path):
+    data = SyntheticFeatures(d_in=16, n_features=32, batch_size=64, seed=6)
+    cfg = parse_dictionary_config({"architecture": "topk", "k": 3, "d_sae": 32})
+    with pytest.raises(ConfigError, match="d_in is 8"):
+        Trainer([cfg], total_tokens=640, d_in=8, progress=False).fit(data)
