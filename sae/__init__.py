@@ -4,13 +4,13 @@ __version__ = "0.1.0"
 
 # Loading and splicing, imported on first use so that `import sae` stays cheap:
 #   sae.load(path, device=..., dtype=...)          sae/loading.py
-#   sae.splice(model, dictionaries, keep_error=...)  sae/splice.py
+#   sae.splice(model, dictionaries, keep_error=...)  sae/splicing.py
 #   sae.feature_activations(model, dictionaries, text)
 _LAZY = {
     "load": ("sae.loading", "load"),
     "load_run": ("sae.loading", "load_run"),
-    "splice": ("sae.splice", "splice"),
-    "feature_activations": ("sae.splice", "feature_activations"),
+    "splice": ("sae.splicing", "splice"),
+    "feature_activations": ("sae.splicing", "feature_activations"),
 }
 
 

@@ -201,7 +201,12 @@ def feature_activations(model, dictionaries, text: str | list[str] | Tensor, *, 
     model_device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
     tokens = tokens.to(model_device)
     with splice(model, dictionaries, keep_error=keep_error, hook_names=hook_names) as s:
-        logits = model(tokens, return_type="logits")
+        if return_logits:
+            logits = model(tokens, return_type="logits")
+        else:  # stop after the last hooked block: nothing later is needed
+            from sae.models import stop_layer
+
+            logits = model(tokens, return_type=None, stop_at_layer=stop_layer(list(s.hook_names.values())))
     str_tokens = [[model.tokenizer.decode([int(t)]) for t in row] for row in tokens.tolist()]
 
     def move(t: Tensor) -> Tensor:
@@ -210,16 +215,3 @@ def feature_activations(model, dictionaries, text: str | list[str] | Tensor, *, 
     return FeatureActivations(features={k: move(v) for k, v in s.features.items()}, tokens=move(tokens),
                               str_tokens=str_tokens, hook_names=dict(s.hook_names),
                               logits=move(logits) if return_logits else None)
-
-
-class _CallableModule(type(contextlib)):
-    """`sae.splice` is both this module and the function: `import sae.splice` makes the package
-    attribute the module, so the module itself calls `splice` (`with sae.splice(model, d):`)."""
-
-    def __call__(self, *args, **kwargs):
-        return splice(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
