@@ -291,7 +291,7 @@ def render_html(data: dict[str, Any]) -> str:
     return _PAGE.replace("{{TITLE}}", title).replace("{{DATA}}", payload)
 
 
-_PAGE = """<!DOCTYPE html>
+_PAGE = r"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{{TITLE}}</title>
 <style>
 body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 70em; color: #222; }
@@ -323,7 +323,7 @@ function example(ex, scale) {
   div.appendChild(el("span", "val", fmt(ex.max)));
   ex.tokens.forEach((t, i) => {
     const a = ex.activations[i];
-    const s = el("span", "tok" + (i === ex.highlight ? " peak" : ""), t);
+    const s = el("span", "tok" + (i === ex.highlight ? " peak" : ""), t.replace(/\n/g, "\u21b5"));
     if (a > 0) s.style.background = "rgba(255, 120, 0, " + Math.min(1, a / scale).toFixed(3) + ")";
     s.title = "activation " + fmt(a);
     s.dataset.act = a;

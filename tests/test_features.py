@@ -90,15 +90,25 @@ def test_page_renders_in_headless_chromium(page):
         assert all("rgb(255, 120, 0)" not in a for a in others)  # lighter or none
         assert f"Feature {feat['id']}" in section and "Logit lens: promoted" in section
 
+    tricky = page["root"] / "tricky.html"
+    tricky.write_text(render_html(_tricky_page_data()))
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", tricky.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert 'data-rendered="1"' in dom and "alert(1)" in html.unescape(dom)
 
-def test_page_is_self_contained_and_escapes_text():
-    data = {"name": "<b>x</b>", "architecture": "relu", "d_in": 2, "d_sae": 3, "model": "m", "hook": "h",
+
+def _tricky_page_data():
+    """Tokens that break naive pages: a script end tag, newlines, quotes, backslashes."""
+    return {"name": "<b>x</b>", "architecture": "relu", "d_in": 2, "d_sae": 3, "model": "m", "hook": "h",
             "dataset": {"source": "s"}, "selection": "given", "tokens_scanned": 1, "contexts_scanned": 1,
             "features": [{"id": 0, "frequency": 0.5, "max_activation": 1.0, "active_contexts": 1,
                           "top_examples": [{"context": 0, "position": 0, "max": 1.0, "highlight": 0,
-                                            "tokens": ["</script><script>alert(1)</script>"],
-                                            "activations": [1.0]}], "quantile_examples": []}]}
-    page = render_html(data)
+                                            "tokens": ["</script><script>alert(1)</script>", "\\n\n'\"`"],
+                                            "activations": [1.0, 0.5]}], "quantile_examples": []}]}
+
+
+def test_page_is_self_contained_and_escapes_text():
+    page = render_html(_tricky_page_data())
     assert "</script><script>alert" not in page and "<title>features of &lt;b>x&lt;/b></title>" in page
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from the network
 
