@@ -124,6 +124,7 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     complete: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # free-form: timings, versions
+    manifest_file: str = MANIFEST  # a rank's own list during a distributed harvest (not saved)
 
     @property
     def n_shards(self) -> int:
@@ -159,12 +160,12 @@ class Manifest:
         }
 
     def save(self) -> None:
-        write_json(self.cache_dir / MANIFEST, self.to_json())
+        write_json(self.cache_dir / self.manifest_file, self.to_json())
 
     @classmethod
-    def load(cls, cache_dir: str | os.PathLike) -> "Manifest":
+    def load(cls, cache_dir: str | os.PathLike, file: str = MANIFEST) -> "Manifest":
         cache_dir = Path(cache_dir)
-        path = cache_dir / MANIFEST
+        path = cache_dir / file
         if not path.is_file():
             raise CacheError(f"{cache_dir} is not an activation cache (no {MANIFEST}); harvest it first")
         try:
@@ -563,7 +564,8 @@ def harvest(model: Any, tokens: torch.Tensor, keep_mask: torch.Tensor, hook_name
             cache_dir: str | os.PathLike, *, identity: Mapping[str, Any],
             dtype: torch.dtype | str = torch.float32, contexts_per_shard: int | None = None,
             shard_bytes: int = 256 << 20, batch_contexts: int = 32, progress: bool = True,
-            verify: str = "quick", _fail_after_shards: int | None = None) -> Manifest:
+            verify: str = "quick", distributed: bool = False,
+            _fail_after_shards: int | None = None) -> Manifest:
     """Harvest the activations of every hook in `hook_names` over `tokens` into `cache_dir`.
 
     One forward pass per `batch_contexts` contexts serves all hooks and stops after the last one.
@@ -575,7 +577,14 @@ def harvest(model: Any, tokens: torch.Tensor, keep_mask: torch.Tensor, hook_name
     identity: JSON-able description of the model and data (name, dataset spec, model dtype, ...);
     hooks, cache dtype, shapes and sha256 of tokens and keep_mask are added to it.
     contexts_per_shard: default, as many as fit in `shard_bytes` (256 MiB).
+    distributed: every rank of an initialised torch.distributed group calls harvest with the same
+    arguments and a `cache_dir` they share; the shards still missing are split between the ranks
+    (each writes its own shards and lists them in its own `manifest.rank-<r>.json`), and rank 0
+    merges the lists into the one `manifest.json` at the end (and at the start of any later
+    harvest, single-process or not, so an interrupted distributed harvest resumes either way).
     """
+    from sae import distributed as dist
+
     t_start = time.perf_counter()
     if tokens.dim() != 2 or keep_mask.shape != tokens.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)} and keep_mask {tuple(keep_mask.shape)} "
@@ -589,111 +598,210 @@ def harvest(model: Any, tokens: torch.Tensor, keep_mask: torch.Tensor, hook_name
     cdtype = DTYPES[dname]
     ident = full_identity(identity, tokens, keep_mask, hook_names, dname)
     cache_dir = Path(cache_dir)
+    rank, world = (dist.rank(), dist.world_size()) if distributed else (0, 1)
+
+    with ActivationCapture(model, hook_names) as cap:
+        if rank == 0:  # only one process prepares the directory and the manifest
+            error: Exception | None = None
+            try:
+                m = _prepare(cap, tokens, keep_mask, hook_names, cache_dir, ident, cdtype, dname,
+                             contexts_per_shard, shard_bytes, verify)
+            except Exception as e:  # noqa: BLE001 - re-raised after telling the other ranks
+                error = e
+            if world > 1:
+                dist.broadcast_object(None if error is None else str(error))
+            if error is not None:
+                raise error
+        else:
+            failed = dist.broadcast_object(None)
+            if failed is not None:
+                raise CacheError(f"rank 0 could not prepare the cache: {failed}")
+            m = Manifest.load(cache_dir)
+            check_identity(m, ident)
+        if m.complete:
+            return m
+
+        done = {s.index for s in m.shards}
+        todo = [i for i in range(m.n_shards) if i not in done][rank::world]
+        if world > 1:  # this rank lists its shards in its own file; rank 0 merges them below
+            m.shards = []
+            m.manifest_file = rank_manifest_file(rank)
+        done_tokens = sum(_n_contexts(m, i) for i in done) * tokens.shape[1]
+        _harvest_shards(cap, m, tokens, keep_mask, hook_names, cdtype, dname, todo, batch_contexts,
+                        progress and rank == 0, done_tokens, world, _fail_after_shards)
+
+    if world > 1:
+        dist.barrier()
+        if rank == 0:
+            m = Manifest.load(cache_dir)
+            _merge_rank_manifests(m, verify="none")
+            m.save()
+        dist.barrier()
+        m = Manifest.load(cache_dir)
+    if len(m.shards) != m.n_shards or m.n_tokens != m.n_tokens_expected:
+        raise CacheError(f"harvest of {cache_dir} ended with {len(m.shards)} of {m.n_shards} shards; "
+                         f"run it again to finish")
+    if rank == 0:
+        m.complete = True
+        m.info["harvest_seconds_last_run"] = round(time.perf_counter() - t_start, 3)
+        if world > 1:
+            m.info["harvest_ranks_last_run"] = world
+        m.save()
+    if world > 1:
+        dist.barrier()
+        m = Manifest.load(cache_dir)
+    return m
+
+
+RANK_MANIFEST = re.compile(r"^manifest\.rank-(\d+)\.json$")
+
+
+def rank_manifest_file(rank: int) -> str:
+    return f"manifest.rank-{rank:05d}.json"
+
+
+def _n_contexts(m: Manifest, index: int) -> int:
+    c0, c1 = m.shard_range(index)
+    return c1 - c0
+
+
+def _merge_rank_manifests(m: Manifest, verify: str = "quick") -> bool:
+    """Move the shards listed by the ranks of a distributed harvest into `m` (then delete their
+    lists). A shard failing verification is left out (it will be re-harvested). True if any."""
+    found = sorted(p for p in m.cache_dir.iterdir() if RANK_MANIFEST.match(p.name))
+    if not found:
+        return False
+    have = {s.index for s in m.shards}
+    for path in found:
+        try:
+            part = Manifest.load(m.cache_dir, path.name)
+        except CacheError as e:
+            log.warning("%s; its shards will be re-harvested", e)
+            continue
+        if part.identity != m.identity or part.contexts_per_shard != m.contexts_per_shard:
+            raise CacheError(f"{path} belongs to another harvest than {m.cache_dir / MANIFEST}; "
+                             f"delete {m.cache_dir} to re-harvest")
+        for s in part.shards:
+            if s.index in have:
+                continue
+            if verify != "none":
+                try:
+                    verify_shard(m, s, full=(verify == "full"))
+                except CacheError as e:
+                    log.warning("%s; re-harvesting it", e)
+                    continue
+            m.shards.append(s)
+            have.add(s.index)
+    m.shards.sort(key=lambda s: s.index)
+    m.save()
+    for path in found:
+        path.unlink(missing_ok=True)
+    return True
+
+
+def _prepare(cap: ActivationCapture, tokens: torch.Tensor, keep_mask: torch.Tensor,
+             hook_names: list[str], cache_dir: Path, ident: dict[str, Any], cdtype: torch.dtype,
+             dname: str, contexts_per_shard: int | None, shard_bytes: int, verify: str) -> Manifest:
+    """Open (verify, resume) or create the cache's manifest; it is saved before returning."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     has_manifest = (cache_dir / MANIFEST).exists()
     _clean_dir(cache_dir, has_manifest)
     n_ctx, T = tokens.shape
-
-    with ActivationCapture(model, hook_names) as cap:
-        if has_manifest:
-            m = Manifest.load(cache_dir)
-            check_identity(m, ident)
-            good = []
-            for s in m.shards:
-                try:
-                    verify_shard(m, s, full=(verify == "full"))
-                    good.append(s)
-                except CacheError as e:
-                    log.warning("%s; re-harvesting it", e)
-            if len(good) != len(m.shards) or (m.complete and len(good) != m.n_shards):
-                m.shards, m.complete = good, False
-                m.save()
-            if m.complete:
-                return m
-            probe = cap.run(tokens[:1])
-            d_in = {h: int(a.shape[-1]) for h, a in probe.items()}
-            if d_in != m.d_in:
-                raise CacheError(f"activation cache {cache_dir} holds d_in {m.d_in} but the model gives "
-                                 f"{d_in}: it was made with another model; use another cache "
-                                 f"directory, or delete {cache_dir} to re-harvest")
-        else:
-            probe = cap.run(tokens[:1])
-            d_in = {h: int(a.shape[-1]) for h, a in probe.items()}
-            per_ctx = T * sum(d_in.values()) * cdtype.itemsize
-            m = Manifest(cache_dir=cache_dir, identity=ident, hooks=sorted(hook_names), d_in=d_in,
-                         dtype=dname, context_size=T, n_contexts=n_ctx,
-                         contexts_per_shard=contexts_per_shard or _default_contexts_per_shard(per_ctx, shard_bytes),
-                         n_tokens_expected=int(keep_mask.sum()))
-            need = m.n_tokens_expected * m.bytes_per_token() + tokens.numel() * 5
-            free = shutil.disk_usage(cache_dir).free
-            if need > free:
-                raise CacheError(f"the activation cache needs about {need / 1e9:.1f} GB and only "
-                                 f"{free / 1e9:.1f} GB are free at {cache_dir}; free some space, "
-                                 f"use a smaller dtype (bfloat16) or fewer tokens")
+    if has_manifest:
+        m = Manifest.load(cache_dir)
+        check_identity(m, ident)
+        _merge_rank_manifests(m, verify)  # shards of an interrupted distributed harvest
+        good = []
+        for s in m.shards:
+            try:
+                verify_shard(m, s, full=(verify == "full"))
+                good.append(s)
+            except CacheError as e:
+                log.warning("%s; re-harvesting it", e)
+        if len(good) != len(m.shards) or (m.complete and len(good) != m.n_shards):
+            m.shards, m.complete = good, False
             m.save()
-        if contexts_per_shard and contexts_per_shard != m.contexts_per_shard:
-            log.info("resuming %s with its own contexts_per_shard=%d", cache_dir, m.contexts_per_shard)
-
-        done = {s.index for s in m.shards}
-        todo = [i for i in range(m.n_shards) if i not in done]
-        done_tokens = sum(min(n_ctx, (i + 1) * m.contexts_per_shard) - i * m.contexts_per_shard
-                          for i in done) * T
-        bar_desc = f"harvest {len(hook_names)} hook{'s' * (len(hook_names) > 1)}"
-        writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        pending: tuple[int, int, int, int, cf.Future] | None = None
-
-        def finish(p) -> None:
-            i, c0, c1, n_tok, fut = p
-            nbytes, digest = fut.result()
-            m.shards.append(ShardInfo(index=i, file=shard_file(i), bytes=nbytes, sha256=digest,
-                                      context_start=c0, n_contexts=c1 - c0, n_tokens=n_tok))
-            m.shards.sort(key=lambda s: s.index)
-            m.save()
-
-        try:
-            with token_bar(n_ctx * T, bar_desc, initial=done_tokens, enabled=progress) as bar:
-                for n_written, i in enumerate(todo):
-                    if _fail_after_shards is not None and n_written >= _fail_after_shards:
-                        raise RuntimeError(f"injected failure after {n_written} shards")
-                    c0, c1 = m.shard_range(i)
-                    km = keep_mask[c0:c1]
-                    counts = km.sum(1).tolist()
-                    n_tok = int(sum(counts))
-                    bufs = {h: torch.empty((n_tok, m.d_in[h]), dtype=cdtype) for h in hook_names}
-                    row = 0
-                    for b0 in range(c0, c1, batch_contexts):
-                        b1 = min(c1, b0 + batch_contexts)
-                        rows = cap.kept_rows(tokens[b0:b1], keep_mask[b0:b1], cdtype)
-                        k = int(sum(counts[b0 - c0:b1 - c0]))
-                        for h, r in rows.items():
-                            bufs[h][row:row + k].copy_(r)
-                        row += k
-                        bar.update((b1 - b0) * T)
-                    tensors = {"tokens": tokens[c0:c1].to(torch.int32), "keep_mask": km,
-                               **{ACT_PREFIX + h: bufs[h] for h in hook_names}}
-                    meta = {"format": FORMAT, "shard": str(i), "context_start": str(c0),
-                            "n_contexts": str(c1 - c0), "dtype": dname}
-                    if pending is not None:
-                        finish(pending)  # at most one shard in flight: bounded memory
-                        pending = None
-                    fut = writer.submit(_write_shard, m.shard_path(i), tensors, meta)
-                    pending = (i, c0, c1, n_tok, fut)
-                if pending is not None:
-                    finish(pending)
-                    pending = None
-        finally:
-            if pending is not None:  # an exception above: keep the shard being written if it lands
-                try:
-                    finish(pending)
-                except Exception:
-                    pass
-            writer.shutdown(wait=True)
-
-    if len(m.shards) != m.n_shards or m.n_tokens != m.n_tokens_expected:
-        raise CacheError(f"harvest of {cache_dir} ended with {len(m.shards)} of {m.n_shards} shards; "
-                         f"run it again to finish")
-    m.complete = True
-    m.info["harvest_seconds_last_run"] = round(time.perf_counter() - t_start, 3)
+        if m.complete:
+            return m
+        probe = cap.run(tokens[:1])
+        d_in = {h: int(a.shape[-1]) for h, a in probe.items()}
+        if d_in != m.d_in:
+            raise CacheError(f"activation cache {cache_dir} holds d_in {m.d_in} but the model gives "
+                             f"{d_in}: it was made with another model; use another cache "
+                             f"directory, or delete {cache_dir} to re-harvest")
+    else:
+        probe = cap.run(tokens[:1])
+        d_in = {h: int(a.shape[-1]) for h, a in probe.items()}
+        per_ctx = T * sum(d_in.values()) * cdtype.itemsize
+        m = Manifest(cache_dir=cache_dir, identity=ident, hooks=sorted(hook_names), d_in=d_in,
+                     dtype=dname, context_size=T, n_contexts=n_ctx,
+                     contexts_per_shard=contexts_per_shard or _default_contexts_per_shard(per_ctx, shard_bytes),
+                     n_tokens_expected=int(keep_mask.sum()))
+        need = m.n_tokens_expected * m.bytes_per_token() + tokens.numel() * 5
+        free = shutil.disk_usage(cache_dir).free
+        if need > free:
+            raise CacheError(f"the activation cache needs about {need / 1e9:.1f} GB and only "
+                             f"{free / 1e9:.1f} GB are free at {cache_dir}; free some space, "
+                             f"use a smaller dtype (bfloat16) or fewer tokens")
     m.save()
+    if contexts_per_shard and contexts_per_shard != m.contexts_per_shard:
+        log.info("resuming %s with its own contexts_per_shard=%d", cache_dir, m.contexts_per_shard)
     return m
 
+
+def _harvest_shards(cap: ActivationCapture, m: Manifest, tokens: torch.Tensor, keep_mask: torch.Tensor,
+                    hook_names: list[str], cdtype: torch.dtype, dname: str, todo: list[int],
+                    batch_contexts: int, progress: bool, done_tokens: int, bar_scale: int,
+                    _fail_after_shards: int | None) -> None:
+    """Write the shards `todo`, listing each in `m` (saved) once it is on disk."""
+    n_ctx, T = tokens.shape
+    bar_desc = f"harvest {len(hook_names)} hook{'s' * (len(hook_names) > 1)}"
+    writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    pending: tuple[int, int, int, int, cf.Future] | None = None
+
+    def finish(p) -> None:
+        i, c0, c1, n_tok, fut = p
+        nbytes, digest = fut.result()
+        m.shards.append(ShardInfo(index=i, file=shard_file(i), bytes=nbytes, sha256=digest,
+                                  context_start=c0, n_contexts=c1 - c0, n_tokens=n_tok))
+        m.shards.sort(key=lambda s: s.index)
+        m.save()
+
+    try:
+        with token_bar(n_ctx * T, bar_desc, initial=done_tokens, enabled=progress) as bar:
+            for n_written, i in enumerate(todo):
+                if _fail_after_shards is not None and n_written >= _fail_after_shards:
+                    raise RuntimeError(f"injected failure after {n_written} shards")
+                c0, c1 = m.shard_range(i)
+                km = keep_mask[c0:c1]
+                counts = km.sum(1).tolist()
+                n_tok = int(sum(counts))
+                bufs = {h: torch.empty((n_tok, m.d_in[h]), dtype=cdtype) for h in hook_names}
+                row = 0
+                for b0 in range(c0, c1, batch_contexts):
+                    b1 = min(c1, b0 + batch_contexts)
+                    rows = cap.kept_rows(tokens[b0:b1], keep_mask[b0:b1], cdtype)
+                    k = int(sum(counts[b0 - c0:b1 - c0]))
+                    for h, r in rows.items():
+                        bufs[h][row:row + k].copy_(r)
+                    row += k
+                    bar.update((b1 - b0) * T * bar_scale)  # distributed: every rank about alike
+                tensors = {"tokens": tokens[c0:c1].to(torch.int32), "keep_mask": km,
+                           **{ACT_PREFIX + h: bufs[h] for h in hook_names}}
+                meta = {"format": FORMAT, "shard": str(i), "context_start": str(c0),
+                        "n_contexts": str(c1 - c0), "dtype": dname}
+                if pending is not None:
+                    finish(pending)  # at most one shard in flight: bounded memory
+                    pending = None
+                fut = writer.submit(_write_shard, m.shard_path(i), tensors, meta)
+                pending = (i, c0, c1, n_tok, fut)
+            if pending is not None:
+                finish(pending)
+                pending = None
+    finally:
+        if pending is not None:  # an exception above: keep the shard being written if it lands
+            try:
+                finish(pending)
+            except Exception:
+                pass
+        writer.shutdown(wait=True)

@@ -71,6 +71,16 @@ class WandbConfig(_Strict):
     log_every_steps: int = 50
 
 
+class DistributedConfig(_Strict):
+    """Read only under torchrun (several processes, see sae.distributed); one process ignores it."""
+
+    placement: Literal["data_parallel", "dictionary_per_rank"] = Field(
+        "data_parallel", description="data_parallel: every rank trains every dictionary on its slice of "
+        "each batch; dictionary_per_rank: each rank trains its share of the dictionaries on whole batches")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl with CUDA, else gloo")
+    timeout_minutes: float = Field(120.0, gt=0, description="how long a rank waits for the others")
+
+
 class RunConfig(_Strict):
     """Everything a run does; see configs/*.yaml for annotated examples."""
 
@@ -91,6 +101,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     prune: PruneConfig | None = None
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("run_name")
     @classmethod

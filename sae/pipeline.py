@@ -7,6 +7,11 @@
 Every step can be interrupted and re-run with the same command: the cache resumes from its last
 complete shard, training from its last checkpoint, and dictionaries already saved by an earlier
 run of the same config are loaded instead of retrained.
+
+Under torchrun (`torchrun --nproc-per-node N train.py CONFIG.yaml`) the same steps run on every
+rank: the harvest splits the shards between the ranks, training follows `distributed.placement`
+(see sae.distributed), and rank 0 alone writes the config, the means, and evaluates and prunes
+once every dictionary is saved.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import torch
 
+from sae import distributed as dist
 from sae import io
 from sae.config import RunConfig, dump_run_config
 from sae.dictionaries import DictionaryConfig, SparseDictionary, load_dictionary
@@ -29,7 +35,8 @@ MEAN_TOKENS_STREAMED = 32_768  # training tokens for x̄ when there is no cache 
 
 
 def say(message: str) -> None:
-    print(f"[train.py] {message}", flush=True)
+    if dist.is_main():
+        print(f"[train.py] {message}", flush=True)
 
 
 def autocast_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
@@ -92,12 +99,25 @@ def cache_means(cache_dir: Path, hooks: list[str]) -> dict[str, torch.Tensor]:
 
 def run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, Any]:
     """Harvest, train, save, evaluate and prune as `run` says; returns {name: EvalResult} (or
-    {name: dictionary} when evaluation is disabled)."""
+    {name: dictionary} when evaluation is disabled). Under torchrun, ranks other than 0 return
+    the dictionaries they trained once training is over."""
+    started = dist.init_from_env(run.distributed.backend, run.distributed.timeout_minutes)
+    try:
+        return _run_experiment(run, configs)
+    finally:
+        if started:
+            dist.shutdown()
+
+
+def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, Any]:
     run_dir = run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    io.write_text(run_dir / "config.yaml", dump_run_config(run))
-    device = resolve_device(run.device)
-    say(f"run {run.run_name}: {len(configs)} dictionaries on {', '.join(run.hooks)} of {run.model} ({device})")
+    if dist.is_main():
+        io.write_text(run_dir / "config.yaml", dump_run_config(run))
+    device = dist.device_for_rank(resolve_device(run.device))
+    ranks = f", {dist.world_size()} ranks ({run.distributed.placement})" if dist.is_distributed() else ""
+    say(f"run {run.run_name}: {len(configs)} dictionaries on {', '.join(run.hooks)} of {run.model} "
+        f"({device}{ranks})")
 
     model = load_model(run.model, device=device, dtype=run.model_dtype)
     check_hooks(model, run.hooks)
@@ -105,6 +125,8 @@ def run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str,
     tokenizer = model.tokenizer
 
     trained = finished_dictionaries(run, configs)
+    if trained is not None and not dist.is_main():
+        return trained
     if trained is not None:
         say(f"every dictionary is already trained in {run_dir}; evaluating")
         means = {name: io.load_tensors(run_dir / name / MEAN_FILE)["mean"] for name in trained
@@ -112,7 +134,7 @@ def run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str,
     else:
         tokens = load_contexts(run.data, tokenizer, "train", run.train_tokens)
         keep = keep_mask(tokens, tokenizer, run.data.exclude_tokens)
-        source, hook_means = _batch_source(run, model, tokens, keep)
+        source, hook_means = _batch_source(run, model, tokens, keep, _hooks_needed(run, configs, d_in))
         total_tokens = max(int(source.tokens_per_epoch * run.train.epochs), 1)
         every = run.train.checkpoint_every_tokens or max(total_tokens // 10, run.train.batch_size)
         from sae.trainer import train_dictionaries
@@ -123,7 +145,14 @@ def run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str,
             metadata={c.name: dictionary_metadata(run, c) for c in configs},
             wandb={"mode": run.wandb.mode, "project": run.wandb.project, "entity": run.wandb.entity,
                    "log_every": run.wandb.log_every_steps, "name": run.run_name},
-            autocast_dtype=autocast_dtype(run, device), log_every=run.train.log_every_steps)
+            autocast_dtype=autocast_dtype(run, device), log_every=run.train.log_every_steps,
+            placement=run.distributed.placement if dist.is_distributed() else None)
+        if not dist.is_main():  # rank 0 alone writes the means, evaluates and prunes
+            return trained
+        if len(trained) < len(configs):  # dictionary_per_rank: the others' are on disk by now
+            trained = finished_dictionaries(run, configs)
+            if trained is None:
+                raise ConfigError(f"some dictionaries of {run_dir} were not saved by their ranks")
         if hook_means is None:
             hook_means = _streamed_means(model, run, tokens, keep)
         means = {}
@@ -154,13 +183,24 @@ def run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str,
                         info={"dataset": run.data.model_dump(mode="json"), "evaluated_split": "heldout"})
 
 
-def _batch_source(run: RunConfig, model, tokens: torch.Tensor, keep: torch.Tensor):
-    """The trainer's batch source and, when it is cheap (a cache on disk), the training means."""
+def _hooks_needed(run: RunConfig, configs: list[DictionaryConfig], d_in: dict[str, int]) -> list[str]:
+    """The hook points this process reads: all of them, except for dictionary_per_rank under
+    torchrun, where only those of the dictionaries this rank trains."""
+    if not dist.is_distributed() or run.distributed.placement != "dictionary_per_rank":
+        return list(run.hooks)
+    owners = dist.assign_dictionaries(configs, dist.world_size(), d_in)
+    mine = {c.hook_name for c, owner in zip(configs, owners) if owner == dist.rank()}
+    return [h for h in run.hooks if h in mine] or list(run.hooks)
+
+
+def _batch_source(run: RunConfig, model, tokens: torch.Tensor, keep: torch.Tensor, hooks: list[str]):
+    """The trainer's batch source and, when it is cheap (a cache on disk), the training means
+    (rank 0 only under torchrun)."""
     from sae.cache_reader import CacheReader, StreamingSource
 
     if run.harvest.mode == "stream":
         say(f"streaming activations of {int(keep.sum()):,} training tokens straight from the model")
-        source = StreamingSource(model, tokens, keep, run.hooks, batch_size=run.train.batch_size,
+        source = StreamingSource(model, tokens, keep, hooks, batch_size=run.train.batch_size,
                                  seed=run.seed, contexts_per_chunk=run.harvest.contexts_per_shard,
                                  batch_contexts=run.harvest.batch_contexts)
         return source, None
@@ -169,9 +209,10 @@ def _batch_source(run: RunConfig, model, tokens: torch.Tensor, keep: torch.Tenso
     identity = {"model": run.model, "model_dtype": run.model_dtype, "data": run.data.model_dump(mode="json")}
     say(f"harvesting {int(keep.sum()):,} training tokens into {run.cache_dir}/")
     harvest(model, tokens, keep, run.hooks, run.cache_dir, identity=identity, dtype=run.harvest.dtype,
-            contexts_per_shard=run.harvest.contexts_per_shard, batch_contexts=run.harvest.batch_contexts)
-    source = CacheReader(run.cache_dir, batch_size=run.train.batch_size, seed=run.seed)
-    return source, cache_means(run.cache_dir, list(run.hooks))
+            contexts_per_shard=run.harvest.contexts_per_shard, batch_contexts=run.harvest.batch_contexts,
+            distributed=dist.is_distributed())
+    source = CacheReader(run.cache_dir, batch_size=run.train.batch_size, seed=run.seed, hooks=hooks)
+    return source, cache_means(run.cache_dir, list(run.hooks)) if dist.is_main() else None
 
 
 def _streamed_means(model, run: RunConfig, tokens: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:

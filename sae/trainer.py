@@ -35,10 +35,22 @@ bit-identical to an uninterrupted run. A checkpoint made by different configs is
 At the end each dictionary is folded to raw-activation units and saved to
 `out_dir/<name>/sae.safetensors` + `cfg.json` (architecture, d_in, d_sae, dtype, the metadata
 you pass, hyperparameters, tokens_trained, library_version), and the checkpoints are removed.
+
+Under torchrun (an initialised torch.distributed group of several ranks; see sae.distributed),
+every rank calls `train_dictionaries` with the same arguments and a batch source yielding the same
+global batches, and `placement` chooses how they share the work:
+
+* "data_parallel" (default): each rank steps on its contiguous slice of every batch, gradients
+  are averaged, whole-batch statistics are reduced, and rank 0 alone writes the checkpoints
+  (`out_dir/checkpoints/`) and the dictionaries; every rank resumes from rank 0's checkpoint.
+* "dictionary_per_rank": each rank trains the dictionaries `sae.distributed.assign_dictionaries`
+  gives it, on whole batches, checkpoints them in `out_dir/checkpoints/rank-<r>/` and saves them
+  itself; it returns only its own dictionaries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -53,6 +65,7 @@ from torch import Tensor
 
 import sae
 from sae import checkpoint as ckpt
+from sae import distributed as dist
 from sae.dictionaries.base import DictionaryConfig, SparseDictionary, geometric_median, unit_norm_scale
 from sae.dictionaries.registry import get_architecture
 from sae.errors import ConfigError, TrainingDiverged, UserError
@@ -223,7 +236,10 @@ class _Slot:
         self.stats = {k: torch.zeros((), dtype=torch.float64, device=device) for k in _STAT_KEYS}
         self.stat_steps = 0
 
-    def step(self, x: Tensor, step: int, total_steps: int, autocast_dtype: torch.dtype | None) -> None:
+    def step(self, x: Tensor, step: int, total_steps: int, autocast_dtype: torch.dtype | None,
+             data_parallel: bool = False) -> None:
+        """One optimiser step on x. data_parallel: x is this rank's slice of the batch; gradients
+        and feature counts are reduced over the ranks (see sae.distributed)."""
         d, cfg = self.dictionary, self.cfg
         lr = d.lr * lr_factor(step, total_steps, cfg.lr_warmup_fraction, cfg.lr_decay_fraction)
         for group in self.optimizer.param_groups:
@@ -234,13 +250,19 @@ class _Slot:
             out = d.training_loss(x, step / total_steps, dead)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if data_parallel:
+            dist.average_gradients(list(d.parameters()))
         d.before_optimizer_step()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip)
         self.optimizer.step()
         d.after_optimizer_step()
         counts = out.counts()
-        self.tracker.update(counts, x.shape[0])
+        n_rows = x.shape[0]
+        if data_parallel:
+            counts = dist.all_reduce(counts)
+            n_rows *= dist.world_size()
+        self.tracker.update(counts, n_rows)
         with torch.no_grad():
             loss = out.loss.detach().double()
             self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss),
@@ -249,7 +271,7 @@ class _Slot:
             self.stats["loss"] += loss
             self.stats["sse"] += (out.x_hat.detach().double() - xs).pow(2).sum()
             self.stats["var"] += (xs - xs.mean(dim=0)).pow(2).sum()
-            self.stats["l0"] += counts.double().sum() / x.shape[0]
+            self.stats["l0"] += counts.double().sum() / n_rows
         self.stat_steps += 1
 
 
@@ -263,7 +285,8 @@ class Trainer:
                  metadata: Mapping[str, Mapping[str, Any]] | None = None,
                  wandb: Mapping[str, Any] | None = None, autocast_dtype: torch.dtype | None = None,
                  progress: bool = True, log_every: int | None = None,
-                 histogram_every_tokens: int | None = None, keep_checkpoint: bool = False):
+                 histogram_every_tokens: int | None = None, keep_checkpoint: bool = False,
+                 placement: str | None = None):
         if not configs:
             raise ConfigError("no dictionaries to train")
         if total_tokens <= 0:
@@ -272,20 +295,31 @@ class Trainer:
             raise ConfigError("checkpoint_every_tokens needs an out_dir to write checkpoints into")
         self.configs = list(configs)
         self.names = dictionary_names(self.configs)
+        all_names = list(self.names)
+        # Several processes (torchrun): see sae.distributed. None on one process.
+        if placement is not None and placement not in dist.PLACEMENTS:
+            raise ConfigError(f"placement must be one of {', '.join(dist.PLACEMENTS)}, not {placement!r}")
+        self.world, self.rank = dist.world_size(), dist.rank()
+        self.placement = (placement or "data_parallel") if self.world > 1 else None
+        if self.placement == "dictionary_per_rank":
+            owners = dist.assign_dictionaries(self.configs, self.world, d_in)
+            mine = [i for i, owner in enumerate(owners) if owner == self.rank]
+            self.configs = [self.configs[i] for i in mine]
+            self.names = [self.names[i] for i in mine]
         self.total_tokens = int(total_tokens)
         self.d_in = d_in
         self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_every_tokens = checkpoint_every_tokens
         self.metadata = {k: dict(v) for k, v in (metadata or {}).items()}
-        unknown = set(self.metadata) - set(self.names)
+        unknown = set(self.metadata) - set(all_names)
         if unknown:
             raise ConfigError(f"metadata given for unknown dictionaries {sorted(unknown)}; names are {self.names}")
         self.wandb_cfg = dict(wandb or {})
         self.log_every = int(log_every or self.wandb_cfg.get("log_every", 20))
         self.histogram_every_tokens = histogram_every_tokens or self.wandb_cfg.get("histogram_every_tokens")
         self.autocast_dtype = autocast_dtype
-        self.progress = progress
+        self.progress = progress and dist.is_main()
         self.keep_checkpoint = keep_checkpoint
         self.slots: list[_Slot] = []
         self.step = 0
@@ -303,7 +337,20 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> Path | None:
-        return ckpt.checkpoint_dir(self.out_dir) if self.out_dir is not None else None
+        if self.out_dir is None:
+            return None
+        if self.placement == "dictionary_per_rank":  # each rank checkpoints its own dictionaries
+            return ckpt.checkpoint_dir(self.out_dir) / f"rank-{self.rank:03d}"
+        return ckpt.checkpoint_dir(self.out_dir)
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.placement == "data_parallel"
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes checkpoints and dictionaries (data parallel: rank 0 only)."""
+        return not self.data_parallel or self.rank == 0
 
     # -- building --------------------------------------------------------------------------------
     def _hook_for(self, cfg: DictionaryConfig, batch: Mapping[str, Tensor]) -> str:
@@ -391,7 +438,11 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         self._check_finite()
-        self._last_checkpoint = ckpt.save_checkpoint(self.checkpoint_dir, self.step, self._state())
+        if self.writes:
+            self._last_checkpoint = ckpt.save_checkpoint(self.checkpoint_dir, self.step, self._state())
+        else:
+            self._last_checkpoint = self.checkpoint_dir / f"checkpoint-{self.step:010d}.pt"
+
 
     def _find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
         if self.checkpoint_dir is None:
@@ -408,7 +459,7 @@ class Trainer:
     # -- divergence -----------------------------------------------------------------------------------
     def _check_finite(self) -> None:
         for s in self.slots:
-            bad = int(s.bad_step)
+            bad = int(dist.all_reduce(s.bad_step, "max")) if self.data_parallel else int(s.bad_step)
             if bad >= 0:
                 kept = (f"the last good checkpoint {self._last_checkpoint} is kept"
                         if self._last_checkpoint is not None else "no checkpoint had been written")
@@ -442,7 +493,7 @@ class Trainer:
 
     def _start_wandb(self) -> None:
         mode = self.wandb_cfg.get("mode", "disabled")
-        if mode == "disabled":
+        if mode == "disabled" or not dist.is_main():
             return
         import wandb
 
@@ -481,6 +532,9 @@ class Trainer:
 
         if self.slots:
             raise RuntimeError("a Trainer trains once; make a new one")
+        if not self.configs:  # dictionary_per_rank with more ranks than dictionaries
+            dist.barrier()
+            return {}
         source = as_batch_source(source)
         found = self._find_checkpoint()
         if found is not None:
@@ -488,16 +542,23 @@ class Trainer:
             start_step = int(state["step"])
         else:
             state, start_step = None, 0
+        if self.data_parallel:
+            steps = dist.all_gather(torch.tensor([start_step])).tolist()
+            if len(set(steps)) > 1:
+                raise UserError(f"the ranks found different checkpoints to resume from (steps {steps}): "
+                                f"every rank must see the same out_dir {self.out_dir}")
         batches = source.batches(start_step)
         batch = next(batches, None)
         if batch is None:
             raise UserError("the batch source yielded no batches")
         self._build(batch)
+        if self.data_parallel:
+            self._check_same_batches(batch)
         if state is not None:
             self._load_state(state)
             del state
         else:
-            self._init_from_data(batch)
+            self._init_from_data(batch)  # data parallel: the whole batch, on every rank alike
             self.batch_size = int(batch[self.slots[0].hook].shape[0])
             self.total_steps = math.ceil(self.total_tokens / self.batch_size)
         hist_every = self.histogram_every_tokens or max(self.total_tokens // 20, 1)
@@ -529,7 +590,12 @@ class Trainer:
                 if self._checkpoint_due():
                     self._save_checkpoint()
             self._check_finite()
-            return self._finish()
+            result = self._finish()
+            dist.barrier()
+            if self.placement == "dictionary_per_rank" and self.rank == 0 and not self.keep_checkpoint \
+                    and self.out_dir is not None:
+                ckpt.remove_checkpoints(ckpt.checkpoint_dir(self.out_dir))
+            return result
         finally:
             if bar is not None:
                 bar.close()
@@ -544,20 +610,36 @@ class Trainer:
         B = self.batch_size or 1
         return self.tokens_seen // every > (self.tokens_seen - B) // every
 
+    def _check_same_batches(self, batch: Mapping[str, Tensor]) -> None:
+        """Data parallel: every rank must draw the same global batches (same source and seed)."""
+        sums = dist.all_gather(torch.stack([batch[s.hook].double().sum() for s in self.slots]).cpu()
+                               .reshape(1, -1))
+        if not torch.equal(sums.min(dim=0).values, sums.max(dim=0).values):
+            raise UserError("data-parallel ranks drew different batches: give every rank the same batch "
+                            "source with the same seed (each rank trains on its slice of every batch)")
+
     def _train_step(self, batch: Mapping[str, Tensor]) -> None:
         xs: dict[str, Tensor] = {}
-        for s in self.slots:
-            if s.hook not in xs:
-                xs[s.hook] = batch[s.hook].to(self.device, torch.float32, non_blocking=True)
-            s.step(xs[s.hook], self.step, self.total_steps, self.autocast_dtype)
-        B = next(iter(xs.values())).shape[0]
+        B = int(batch[self.slots[0].hook].shape[0])
+        lo, hi = 0, B
+        if self.data_parallel:  # this rank's contiguous slice of the global batch
+            if B % self.world:
+                raise ConfigError(f"data-parallel training needs a batch size divisible by the number "
+                                  f"of ranks ({self.world}); a batch has {B} rows")
+            lo, hi = self.rank * B // self.world, (self.rank + 1) * B // self.world
+        with dist.data_parallel_step() if self.data_parallel else contextlib.nullcontext():
+            for s in self.slots:
+                if s.hook not in xs:
+                    xs[s.hook] = batch[s.hook][lo:hi].to(self.device, torch.float32, non_blocking=True)
+                s.step(xs[s.hook], self.step, self.total_steps, self.autocast_dtype, self.data_parallel)
         self.tokens_seen += B
         self.step += 1
         for s in self.slots:
             every = s.dictionary.resample_every_tokens()
             if every and self.tokens_seen < self.total_tokens and \
                     self.tokens_seen // every > (self.tokens_seen - B) // every:
-                self._resample(s, xs[s.hook])
+                x = xs[s.hook] if not self.data_parallel else batch[s.hook].to(self.device, torch.float32)
+                self._resample(s, x)  # data parallel: the whole batch, identically on every rank
 
     def _resample(self, s: _Slot, x: Tensor) -> None:
         window = s.dictionary.resample_dead_tokens() if hasattr(s.dictionary, "resample_dead_tokens") else None
@@ -577,10 +659,10 @@ class Trainer:
             d.metadata.setdefault("hook_name", s.hook if s.hook != DEFAULT_HOOK else None)
             d.metadata["tokens_trained"] = self.tokens_seen
             d.metadata["library_version"] = sae.__version__
-            if self.out_dir is not None:
+            if self.out_dir is not None and self.writes:
                 d.save(self.out_dir / s.name)
             result[s.name] = d
-        if self.out_dir is not None and not self.keep_checkpoint:
+        if self.out_dir is not None and not self.keep_checkpoint and self.writes:
             ckpt.remove_checkpoints(self.checkpoint_dir)
         return result
 
@@ -614,6 +696,8 @@ def train_dictionaries(source: Any, configs: Sequence[DictionaryConfig], *, tota
         autocast_dtype: e.g. torch.bfloat16 to run the forward/backward under autocast (master
             weights and Adam stay fp32); None runs in fp32.
         progress: show a progress bar (tokens/s, ETA, and loss, L0, FVU, dead per dictionary).
+        placement: under torchrun, "data_parallel" (default) or "dictionary_per_rank" (see the
+            module docstring); ignored by a single process.
 
     Returns:
         {name: dictionary}, folded to raw-activation units (input_scale 1) and in eval mode. Names

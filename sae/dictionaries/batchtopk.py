@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sae import distributed
 from sae.dictionaries.base import KillMode, SparseDictionary, TrainStep
 from sae.dictionaries.registry import register
 from sae.dictionaries.topk import TopKConfig, TopKDictionary
@@ -93,11 +94,16 @@ class BatchTopKDictionary(TopKDictionary):
         B = xs.shape[0]
         with torch.no_grad():
             pre = sparse_ops.dense_pre_acts_no_grad(xs, self.W_enc, self.b_enc, self.b_dec).float()
-            flat = batch_topk_flat(pre, self.cfg.k * B)
+            shards = distributed.batch_shards()
+            if shards == 1:
+                flat = batch_topk_flat(pre, self.cfg.k * B)
+            else:  # data parallel: the top k·B of the whole batch, B = every rank's rows
+                cut = distributed.batch_topk_threshold(pre, self.cfg.k * B * shards)
+                flat = (pre.flatten() >= cut).nonzero().flatten()
             rows, cols = flat // self.d_sae, flat % self.d_sae
             sel = pre[rows, cols]
             valid = sel > 0
-            smallest = torch.where(valid, sel, torch.inf).min()
+            smallest = distributed.batch_min(torch.where(valid, sel, torch.inf).min())
             # EMA with the warm-up of a running mean: beta_eff = min(beta, n / (n + 1)).
             n = self.threshold_updates.to(torch.float32)
             beta = torch.clamp(n / (n + 1), max=self.cfg.threshold_beta)

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sae import sparse_ops
+from sae import distributed, sparse_ops
 from sae.dictionaries.base import DictionaryConfig, KillMode, SparseDictionary, TrainStep
 from sae.dictionaries.registry import register
 
@@ -187,7 +187,8 @@ class TopKDictionary(SparseDictionary):
         B = xs.shape[0]
         err = xs.float() - x_hat.float()
         sse = err.pow(2).sum()
-        variance = (xs.float() - xs.float().mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        # Σ‖x - x̄‖² of the whole batch (over every rank's slice in data-parallel training)
+        variance = distributed.batch_variance(xs.float()).clamp_min(1e-12)
         fvu = sse / variance
         loss = fvu
         metrics = {"fvu": fvu.detach(), "sse": (sse / B).detach(), "l0": l0}
@@ -196,6 +197,9 @@ class TopKDictionary(SparseDictionary):
             if aux is not None:
                 loss = loss + self.cfg.aux_coefficient * aux
                 metrics["aux_loss"] = aux.detach()
+        # data parallel: gradients are averaged over the ranks, each holding a share of the sums
+        if distributed.batch_shards() > 1:
+            loss = loss * distributed.batch_shards()
         return TrainStep(loss=loss, x_hat=x_hat, f=None, metrics=metrics, feature_counts=counts)
 
     def _aux_loss(self, xs, e, pre, dead_mask, variance) -> Tensor | None:

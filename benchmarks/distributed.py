@@ -1,0 +1,140 @@
+"""Training throughput with 1 vs N processes (torch.distributed; gloo on CPU, NCCL on GPUs).
+
+For each (processes, placement) it launches `torch.distributed.run --nproc-per-node N` on this
+script in worker mode; every rank trains the same sweep of dictionaries on synthetic activation
+batches (random, generated once up front: the reader is not what is measured) and the wall time
+of the steps after a warm-up is turned into
+
+    tokens/s           rows of the batch stream consumed per second (each dictionary sees each row)
+    dictionary-tokens/s   tokens/s x dictionaries: the work done, comparable across placements
+
+On CPU each rank gets cores // N threads, so 1 vs N processes compares the same hardware.
+
+    python benchmarks/distributed.py                      # 1 and 2 processes, both placements
+    python benchmarks/distributed.py --nproc 1,2,4 --d-in 576 --d-sae 8192 --dictionaries 4
+    python benchmarks/distributed.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from sae import distributed
+    from sae.dictionaries import parse_dictionary_config
+    from sae.trainer import train_dictionaries
+
+    distributed.init_from_env()
+    nproc = distributed.world_size()
+    cores = args.cores or os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // nproc))
+    device = distributed.device_for_rank(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    g = torch.Generator().manual_seed(0)
+    pool = [torch.randn(args.batch, args.d_in, generator=g) for _ in range(4)]
+    marks: dict[str, float] = {}
+
+    class Source:
+        def batches(self, start_step=0):
+            for i in range(start_step, args.warmup + args.steps + 1):
+                if i == args.warmup:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    marks["start"] = time.perf_counter()
+                yield {"acts": pool[i % len(pool)]}
+
+    configs = [parse_dictionary_config({"name": f"topk{i}", "architecture": "topk", "k": args.k,
+                                        "d_sae": args.d_sae, "seed": i, "hook_name": "acts"})
+               for i in range(args.dictionaries)]
+    train_dictionaries(Source(), configs, total_tokens=(args.warmup + args.steps) * args.batch,
+                       device=device, progress=False, placement=args.placement)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    distributed.barrier()  # the slowest rank's time
+    elapsed = time.perf_counter() - marks["start"]
+    if distributed.is_main():
+        tokens = args.steps * args.batch
+        Path(args.result).write_text(json.dumps({
+            "processes": nproc, "placement": args.placement, "device": str(device.type),
+            "threads_per_rank": torch.get_num_threads(), "seconds": round(elapsed, 3),
+            "tokens_per_s": round(tokens / elapsed), "dictionary_tokens_per_s": round(tokens * len(configs) / elapsed)}))
+    distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nproc", default="1,2", help="comma-separated process counts")
+    ap.add_argument("--placement", default="data_parallel,dictionary_per_rank")
+    ap.add_argument("--dictionaries", type=int, default=2)
+    ap.add_argument("--d-in", type=int, default=256)
+    ap.add_argument("--d-sae", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--cores", type=int, default=None, help="CPU cores to share between the ranks")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    rows = []
+    passthrough = ["--dictionaries", args.dictionaries, "--d-in", args.d_in, "--d-sae", args.d_sae, "--k", args.k,
+                   "--batch", args.batch, "--steps", args.steps, "--warmup", args.warmup]
+    if args.cores:
+        passthrough += ["--cores", args.cores]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in [int(x) for x in args.nproc.split(",")]:
+            for placement in args.placement.split(","):
+                if n == 1 and placement != args.placement.split(",")[0]:
+                    continue  # one process: the placements are the same thing
+                result = Path(tmp) / f"{n}-{placement}.json"
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                       "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                       __file__, "--worker", "--placement", placement, "--result", str(result),
+                       *map(str, passthrough)]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"{n} processes, {placement}: failed\n{proc.stderr[-3000:]}")
+                row = json.loads(result.read_text())
+                if n == 1:
+                    row["placement"] = "one process"
+                rows.append(row)
+                print(f"{n} process{'es' * (n > 1)} {row['placement']:>20}: {row['tokens_per_s']:>10,} tokens/s "
+                      f"{row['dictionary_tokens_per_s']:>11,} dictionary-tokens/s ({row['device']}, "
+                      f"{row['threads_per_rank']} threads/rank)", flush=True)
+    base = rows[0]["dictionary_tokens_per_s"]
+    for row in rows:
+        row["speedup_vs_one_process"] = round(row["dictionary_tokens_per_s"] / base, 2)
+    print("speed-up over one process: " + ", ".join(
+        f"{r['processes']}x {r['placement']}: {r['speedup_vs_one_process']}" for r in rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": {k: v for k, v in vars(args).items()
+                                                          if k not in ("worker", "result", "json")},
+                                               "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""What each rank runs in tests/test_distributed.py (launched by torch.distributed.run, gloo, CPU).
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/dist_worker.py TASK OUT_DIR [ARGS]
+
+(ARGS count from 1 after OUT_DIR.)
+
+TASK harvest MODEL_DIR [FAIL_RANK]: harvests the tiny model (tokens from `harvest_tokens`) into
+OUT_DIR/cache with `distributed=True`; rank FAIL_RANK fails after writing its first shard.
+
+TASK train PLACEMENT [DIE_AT_STEP DIE_RANK]: trains CONFIGS on synthetic batches; PLACEMENT is none,
+data_parallel, dictionary_per_rank, or several comma-separated (each into OUT_DIR/<placement>).
+Rank DIE_RANK SIGKILLs itself when it draws step DIE_AT_STEP. Each rank records the step its
+batches started from in start-<rank>.txt (to show a relaunch resumed) and the names of the
+dictionaries it trained in trained-<rank>.txt.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+
+from sae import distributed
+from sae.dictionaries import parse_dictionary_config
+from sae.synthetic import SyntheticFeatures
+from sae.trainer import train_dictionaries
+
+BATCH = 128
+TOTAL_TOKENS = 24 * BATCH
+COMMON = {"d_sae": 48, "dead_after_tokens": 4 * BATCH, "lr_warmup_fraction": 0.1}
+CONFIGS = [
+    {"name": "topk", "architecture": "topk", "k": 3, "aux_k": 8, "hook_name": "hook.a"},
+    {"name": "batchtopk", "architecture": "batchtopk", "k": 3, "hook_name": "hook.b"},
+    {"name": "relu", "architecture": "relu", "l1_coefficient": 3.0, "resample_every_tokens": 8 * BATCH,
+     "hook_name": "hook.a"},
+    {"name": "jumprelu", "architecture": "jumprelu", "hook_name": "hook.b"},
+    {"name": "gated", "architecture": "gated", "hook_name": "hook.a"},
+]
+
+
+def configs():
+    return [parse_dictionary_config({**COMMON, **c}) for c in CONFIGS]
+
+
+class Source:
+    """Two hook points of synthetic activations; kills this rank at step `die_at` if asked."""
+
+    def __init__(self, out_dir: str, die_at: int = -1, die_rank: int = -1):
+        self.a = SyntheticFeatures(d_in=16, n_features=40, batch_size=BATCH, seed=3)
+        self.b = SyntheticFeatures(d_in=16, n_features=40, batch_size=BATCH, seed=4)
+        self.out_dir, self.die_at, self.die_rank = out_dir, die_at, die_rank
+
+    def batches(self, start_step: int = 0):
+        with open(os.path.join(self.out_dir, f"start-{distributed.rank()}.txt"), "w") as f:
+            f.write(str(start_step))
+        i = start_step
+        while True:
+            if i == self.die_at and distributed.rank() == self.die_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield {"hook.a": self.a.batch(i), "hook.b": self.b.batch(i)}
+            i += 1
+
+
+HARVEST_HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+HARVEST_IDENTITY = {"model": "tiny", "dataset": "random"}
+
+
+def harvest_tokens(n_ctx: int = 40, T: int = 16):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, 40, (n_ctx, T), generator=g)
+    tokens[:, 0] = 1
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, 0] = False
+    keep &= torch.rand(n_ctx, T, generator=g) > 0.1
+    return tokens, keep
+
+
+def run_harvest(model_dir: str, cache_dir: str, fail_rank: int = -1):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from sae.cache import harvest
+
+    model = TransformerBridge.boot_transformers(model_dir, device="cpu")
+    tokens, keep = harvest_tokens()
+    fail = 1 if distributed.rank() == fail_rank else None
+    return harvest(model, tokens, keep, HARVEST_HOOKS, cache_dir, identity=HARVEST_IDENTITY,
+                   contexts_per_shard=4, batch_contexts=4, progress=False,
+                   distributed=distributed.is_distributed(), _fail_after_shards=fail)
+
+
+def main(argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    task, out_dir = argv[0], argv[1]
+    os.makedirs(out_dir, exist_ok=True)
+    distributed.init_from_env()
+    if task == "train":
+        die_at = int(argv[3]) if len(argv) > 3 else -1
+        die_rank = int(argv[4]) if len(argv) > 4 else -1
+        placements = argv[2].split(",")
+        for placement in placements:  # several: one after the other, into OUT_DIR/<placement>
+            out = out_dir if len(placements) == 1 else os.path.join(out_dir, placement)
+            os.makedirs(out, exist_ok=True)
+            result = train_dictionaries(Source(out, die_at, die_rank), configs(), total_tokens=TOTAL_TOKENS,
+                                        out_dir=out, checkpoint_every_tokens=8 * BATCH, progress=False,
+                                        placement=None if placement == "none" else placement)
+            with open(os.path.join(out, f"trained-{distributed.rank()}.txt"), "w") as f:
+                f.write("\n".join(sorted(result)))
+    elif task == "harvest":
+        run_harvest(argv[2], os.path.join(out_dir, "cache"), int(argv[3]) if len(argv) > 3 else -1)
+    else:
+        raise SystemExit(f"unknown task {task}")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
