@@ -8,7 +8,9 @@ of the steps after a warm-up is turned into
     tokens/s           rows of the batch stream consumed per second (each dictionary sees each row)
     dictionary-tokens/s   tokens/s x dictionaries: the work done, comparable across placements
 
-On CPU each rank gets cores // N threads, so 1 vs N processes compares the same hardware.
+On CPU each rank gets cores // N threads, so 1 vs N processes compares the same hardware
+(`--threads 1`: one thread per process, the fairer comparison on a machine other jobs share,
+where a multi-threaded process loses most of its time waiting for busy cores).
 
     python benchmarks/distributed.py                      # 1 and 2 processes, both placements
     python benchmarks/distributed.py --nproc 1,2,4 --d-in 576 --d-sae 8192 --dictionaries 4
@@ -41,7 +43,7 @@ def worker(args: argparse.Namespace) -> None:
     distributed.init_from_env()
     nproc = distributed.world_size()
     cores = args.cores or os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // nproc))
+    torch.set_num_threads(args.threads or max(1, cores // nproc))
     device = distributed.device_for_rank(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     g = torch.Generator().manual_seed(0)
     pool = [torch.randn(args.batch, args.d_in, generator=g) for _ in range(4)]
@@ -92,6 +94,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cores", type=int, default=None, help="CPU cores to share between the ranks")
+    ap.add_argument("--threads", type=int, default=None, help="threads per rank (default cores // processes)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -104,6 +107,8 @@ def main() -> None:
                    "--batch", args.batch, "--steps", args.steps, "--warmup", args.warmup]
     if args.cores:
         passthrough += ["--cores", args.cores]
+    if args.threads:
+        passthrough += ["--threads", args.threads]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(x) for x in args.nproc.split(",")]:
