@@ -8,8 +8,9 @@ TASK harvest MODEL_DIR [FAIL_RANK]: harvests the tiny model (tokens from `harves
 OUT_DIR/cache with `distributed=True`; rank FAIL_RANK fails after writing its first shard.
 
 TASK train PLACEMENT [DIE_AT_STEP DIE_RANK]: trains CONFIGS on synthetic batches; PLACEMENT is none,
-data_parallel, dictionary_per_rank, or several comma-separated (each into OUT_DIR/<placement>).
-Rank DIE_RANK SIGKILLs itself when it draws step DIE_AT_STEP. Each rank records the step its
+data_parallel, dictionary_per_rank, or several comma-separated runs, one after the other, each
+`NAME=PLACEMENT` into OUT_DIR/NAME. Rank DIE_RANK SIGKILLs itself when it draws step DIE_AT_STEP
+(of the last run). Each rank records the step its
 batches started from in start-<rank>.txt (to show a relaunch resumed) and the names of the
 dictionaries it trained in trained-<rank>.txt.
 """
@@ -98,11 +99,14 @@ def main(argv: list[str]) -> None:
     if task == "train":
         die_at = int(argv[3]) if len(argv) > 3 else -1
         die_rank = int(argv[4]) if len(argv) > 4 else -1
-        placements = argv[2].split(",")
-        for placement in placements:  # several: one after the other, into OUT_DIR/<placement>
-            out = out_dir if len(placements) == 1 else os.path.join(out_dir, placement)
+        runs = argv[2].split(",")
+        for i, run in enumerate(runs):  # several: one after the other, into OUT_DIR/<name>
+            name, _, placement = run.rpartition("=")
+            out = out_dir if len(runs) == 1 else os.path.join(out_dir, name or placement)
             os.makedirs(out, exist_ok=True)
-            result = train_dictionaries(Source(out, die_at, die_rank), configs(), total_tokens=TOTAL_TOKENS,
+            last = i == len(runs) - 1  # the kill applies to the last run only
+            source = Source(out, die_at if last else -1, die_rank if last else -1)
+            result = train_dictionaries(source, configs(), total_tokens=TOTAL_TOKENS,
                                         out_dir=out, checkpoint_every_tokens=8 * BATCH, progress=False,
                                         placement=None if placement == "none" else placement)
             with open(os.path.join(out, f"trained-{distributed.rank()}.txt"), "w") as f:

@@ -64,10 +64,14 @@ def one_process(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
-    """One launch training both placements, one after the other (saves a launch)."""
+    """One launch (launches are the slow part) training, one after the other: data parallel,
+    dictionary per rank, and data parallel again with rank 1 SIGKILLing itself when it draws
+    step 13 (checkpoints at steps 8 and 16), which ends the launch."""
     out = tmp_path_factory.mktemp("two")
-    r = launch("train", out, "data_parallel,dictionary_per_rank")
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch("train", out, "data_parallel=data_parallel,dictionary_per_rank=dictionary_per_rank,"
+               "killed=data_parallel", 13, 1)
+    assert r.returncode != 0  # the kill
+    assert "SIGKILL" in r.stderr or "-9" in r.stderr, r.stderr[-3000:]
     return out
 
 
@@ -106,11 +110,9 @@ def test_dictionary_per_rank_trains_each_once_and_saves_all(one_process, two_ran
     assert not (tmp_path / ckpt.CHECKPOINT_DIR).exists()
 
 
-def test_killed_rank_resumes_from_last_checkpoint(data_parallel, tmp_path):
-    # rank 1 SIGKILLs itself drawing step 13 (checkpoints at steps 8 and 16): the launch fails ...
-    r = launch("train", tmp_path, "data_parallel", 13, 1)
-    assert r.returncode != 0
-    assert "SIGKILL" in r.stderr or "-9" in r.stderr, r.stderr[-3000:]
+def test_killed_rank_resumes_from_last_checkpoint(two_ranks, data_parallel):
+    # rank 1 SIGKILLed itself drawing step 13 (checkpoints at steps 8 and 16): the launch failed ...
+    tmp_path = two_ranks / "killed"
     assert ckpt.latest_path(tmp_path / ckpt.CHECKPOINT_DIR).name == "checkpoint-0000000008.pt"
     assert not (tmp_path / "topk").exists()
     # ... and the same command again resumes both ranks at step 8, ending where an
@@ -204,3 +206,22 @@ def test_torchrun_train_py_then_evaluate_without_it(tiny_model_dir, tiny_text_fi
     for name in ("topk", "relu", "topk2"):
         metrics = json.loads((run_dir / name / "eval.json").read_text())
         assert metrics["tokens_evaluated"] > 0 and 0 <= metrics["fvu"] < 1.5
+
+
+def test_assignment_balances_and_one_process_helpers_are_no_ops():
+    from sae import distributed
+    from sae.dictionaries import parse_dictionary_config
+
+    cfgs = [parse_dictionary_config({"architecture": "topk", "d_sae": d, "hook_name": h})
+            for d, h in [(4096, "a"), (1024, "a"), (1024, "b"), (2048, "b"), (512, "a")]]
+    owners = distributed.assign_dictionaries(cfgs, 2, {"a": 64, "b": 64})
+    assert owners == distributed.assign_dictionaries(cfgs, 2, {"a": 64, "b": 64})  # deterministic
+    load = [sum(c.d_sae for c, o in zip(cfgs, owners) if o == r) for r in (0, 1)]
+    assert sorted(load) == [4096, 4608]  # largest first onto the least-loaded rank (8704 in all)
+    assert distributed.assign_dictionaries(cfgs, 1) == [0] * 5
+    # without a launcher: rank 0 of 1, and the batch statistics are the plain ones
+    assert (distributed.rank(), distributed.world_size(), distributed.batch_shards()) == (0, 1, 1)
+    x = torch.randn(16, 4)
+    with distributed.data_parallel_step():
+        assert torch.equal(distributed.batch_variance(x), (x - x.mean(dim=0)).pow(2).sum())
+        assert distributed.batch_topk_threshold(x, 5) == x.flatten().topk(5).values.min()
