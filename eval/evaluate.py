@@ -184,15 +184,12 @@ def evaluate_dictionaries(model, dictionaries: Mapping[str, Any], tokens: Tensor
              for name, t in targets.items()}
     sums = M.SumAccumulator()
     n_ctx = tokens.shape[0]
-    batches = range(0, n_ctx, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    from sae.progress import token_bar
 
-        batches = tqdm(batches, desc="evaluating", unit="batch", leave=False,
-                       total=math.ceil(n_ctx / batch_size))
+    bar = token_bar(tokens.numel(), desc=f"evaluating {len(targets)}", enabled=progress, leave=False)
     saved_kill = {name: (t.dictionary.kill_mask, t.dictionary.kill_mode) for name, t in targets.items()}
     try:
-        for start in batches:
+        for start in range(0, n_ctx, batch_size):
             toks = tokens[start:start + batch_size].to(device)
             keep = keep_mask[start:start + batch_size].to(device)
             pred = M.prediction_mask(keep)
@@ -215,7 +212,9 @@ def evaluate_dictionaries(model, dictionaries: Mapping[str, Any], tokens: Tensor
                 d.set_killed(t.kill_mask, t.kill_mode)
                 run("sae:" + name, t.resolved_hook(), _splice_hook(d, keep, recon[name]))
                 d.set_killed(*saved_kill[name])
+            bar.update(toks.numel())
     finally:
+        bar.close()
         for name, t in targets.items():
             t.dictionary.set_killed(*saved_kill[name])
 

@@ -566,7 +566,9 @@ class Trainer:
         bar = None
         try:
             self._start_wandb()
-            bar = token_bar(self.total_tokens, desc="train", initial=self.tokens_seen, enabled=self.progress)
+            # whole batches: the last one may run past total_tokens
+            bar = token_bar(self.total_steps * self.batch_size, desc="train", initial=self.tokens_seen,
+                            enabled=self.progress)
             while self.tokens_seen < self.total_tokens:
                 if batch is None:
                     batch = next(batches, None)
