@@ -29,7 +29,6 @@ eval.json, frequency.safetensors and frequency_histogram.png.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

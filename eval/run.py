@@ -64,8 +64,11 @@ def evaluate_run(model, dictionaries: Mapping[str, Any], out_dirs: Mapping[str, 
                 kill = kill_mask_from_frequency(freq, max_frequency=t, min_frequency=prune.min_frequency)
                 new = pruned_name(name, t, prune.min_frequency)
                 if bool(kill.all()):
-                    print(f"prune {name}: {describe({'max_frequency': t, 'min_frequency': prune.min_frequency, 'killed': int(kill.sum()), 'kill_mode': prune.mode}, d.d_sae)}; "
-                          f"skipped (nothing would be left)", flush=True)
+                    record = {"max_frequency": t, "min_frequency": prune.min_frequency, "killed": int(kill.sum()),
+                              "kill_mode": prune.mode, "frequency_tokens": tokens_evaluated,
+                              "frequency_source": f"evaluation of {name} on held-out tokens"}
+                    print(f"prune {name}: {describe(record, d.d_sae)}; skipped (nothing would be left; "
+                          f"its lowest feature frequency is {float(freq.min()):.3g})", flush=True)
                     continue
                 res = prune_dictionary(d, kill, prune.mode, max_frequency=t, min_frequency=prune.min_frequency,
                                        frequency_source=f"evaluation of {name} on held-out tokens",
