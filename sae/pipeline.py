@@ -58,7 +58,15 @@ def dictionary_metadata(run: RunConfig, cfg: DictionaryConfig) -> dict[str, Any]
         "dataset": run.data.model_dump(mode="json"),
         "exclude_tokens": list(run.data.exclude_tokens),
         "run_name": run.run_name,
+        "training": run_training_settings(run),
     }
+
+
+def run_training_settings(run: RunConfig) -> dict[str, Any]:
+    """The run-level settings that shape every dictionary (beyond its own hyperparameters)."""
+    return {"model": run.model, "model_dtype": run.model_dtype, "dataset": run.data.model_dump(mode="json"),
+            "train_tokens": run.train_tokens, "batch_size": run.train.batch_size, "epochs": run.train.epochs,
+            "harvest_dtype": run.harvest.dtype, "seed": run.seed}
 
 
 def finished_dictionaries(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, SparseDictionary] | None:
@@ -71,11 +79,11 @@ def finished_dictionaries(run: RunConfig, configs: list[DictionaryConfig]) -> di
         if not (folder / "sae.safetensors").is_file() or not (folder / "cfg.json").is_file():
             return None
         d = load_dictionary(folder)
-        saved = d.cfg.model_dump(mode="json")
-        wanted = cfg.model_dump(mode="json")
+        saved = {**d.cfg.model_dump(mode="json"), **(d.metadata.get("training") or {})}
+        wanted = {**cfg.model_dump(mode="json"), **run_training_settings(run)}
         changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        if changed or d.metadata.get("model_name") != run.model:
-            what = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed) or "model_name"
+        if changed:
+            what = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
             raise ConfigError(f"{folder} was trained with other settings ({what}); pick another run_name "
                               f"or delete that folder to retrain")
         found[cfg.name] = d

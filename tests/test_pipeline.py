@@ -83,6 +83,11 @@ def test_rerun_reuses_finished_dictionaries(tmp_path, tiny_model_dir, tiny_text_
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "trained with other settings (k: 4 -> 5)" in proc.stderr.strip().splitlines()[-1]
+    # so is a change to the run-level training settings every dictionary shares
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(path), "train.batch_size=128"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "trained with other settings (batch_size: 256 -> 128)" in proc.stderr.strip().splitlines()[-1]
     assert (run.run_dir / "topk" / "sae.safetensors").read_bytes() == weights
 
 
