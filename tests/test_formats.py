@@ -312,3 +312,21 @@ def test_convert_a_run_folder(tmp_path):
     written = convert(tmp_path / "run", tmp_path / "out", "saelens")
     assert [p.name for p in written] == ["a", "b"]
     assert {p.name: detect_format(p) for p in written} == {"a": "saelens", "b": "saelens"}
+
+
+def test_the_evaluators_loader_reads_other_formats(tmp_path):
+    """`python -m eval` and train.py load through registry.load_dictionary: it takes every format."""
+    from pydantic import BaseModel
+
+    from sae.dictionaries.registry import load_dictionary
+    from sae.formats import saelens
+
+    d = random_dictionary("topk", k=8)
+    x = random_inputs(d)
+    saelens.export(d, tmp_path / "sl")
+    back = load_dictionary(tmp_path / "sl")
+    assert isinstance(back.cfg, BaseModel) and back.cfg == d.cfg  # the plain Config, not the view
+    assert back.metadata["hook_name"] == HOOK
+    assert torch.equal(back.encode(x), d.encode(x)) and torch.equal(back(x), d(x))
+    with pytest.raises(UserError, match="not a dictionary folder"):
+        load_dictionary(tmp_path)

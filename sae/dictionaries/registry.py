@@ -34,32 +34,26 @@ def parse_dictionary_config(raw: dict[str, Any]):
 
 
 def load_dictionary(directory, device="cpu", dtype=None):
-    """Load our own format (cfg.json + sae.safetensors) from a directory.
+    """Load a dictionary folder as the trainer and evaluator use it: a SparseDictionary whose
+    `cfg` is its plain pydantic Config.
 
-    `sae.load` (sae/loading.py) is the user-facing loader that also handles runs and other
-    formats; this is the minimal one the trainer and evaluator share.
+    Our format (any format_version this library reads) and every format `sae.load` imports
+    (SAELens, dictionary_learning, sparsify) are accepted, so `python -m eval` works on all of
+    them; `sae.load` (sae/loading.py) is the user-facing loader, with the SAEBench-style `cfg` view.
     """
     from pathlib import Path
 
-    from sae import io
-    from sae.dictionaries.base import CFG_FILE, WEIGHTS_FILE
     from sae.errors import UserError
+    from sae.loading import detect_format, load
 
     directory = Path(directory)
-    cfg_path, weights_path = directory / CFG_FILE, directory / WEIGHTS_FILE
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise UserError(f"{p}: not found; a dictionary directory holds {CFG_FILE} and {WEIGHTS_FILE}")
-    cfg = io.read_json(cfg_path)
-    cls = get_architecture(cfg["architecture"])
-    hyper = dict(cfg.get("hyperparameters", {}))
-    hyper["architecture"] = cfg["architecture"]
-    hyper["d_sae"], hyper["expansion_factor"] = cfg["d_sae"], None
-    metadata = {k: v for k, v in cfg.items()
-                if k not in ("format_version", "architecture", "d_in", "d_sae", "dtype", "hyperparameters")}
-    dictionary = cls(cls.Config.model_validate(hyper), cfg["d_in"], metadata=metadata)
-    tensors = io.load_tensors(weights_path)
-    dictionary.prepare_for_weights(tensors)
-    dictionary.load_weights(tensors)
-    dictionary.to(device=device, dtype=dtype) if dtype is not None else dictionary.to(device)
-    return dictionary.eval()
+    if not directory.is_dir():
+        raise UserError(f"{directory}: not found; give a dictionary folder (cfg.json + sae.safetensors)")
+    if detect_format(directory) is None:
+        raise UserError(f"{directory}: not a dictionary folder (no cfg.json + sae.safetensors, SAELens "
+                        f"cfg.json + sae_weights.safetensors, or dictionary_learning ae.pt)")
+    dictionary = load(directory, device=device, dtype=dtype)
+    dictionary.cfg = dictionary.cfg.hyperparameters
+    for p in dictionary.parameters():
+        p.requires_grad_(True)  # as the trainer made it; sae.load freezes them for analysis
+    return dictionary
