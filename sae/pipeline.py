@@ -107,7 +107,8 @@ def cache_means(cache_dir: Path, hooks: list[str]) -> dict[str, torch.Tensor]:
 
 def run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, Any]:
     """Harvest, train, save, evaluate and prune as `run` says; returns {name: EvalResult} (or
-    {name: dictionary} when evaluation is disabled). Under torchrun, ranks other than 0 return
+    {name: dictionary} when evaluation is disabled, or {name: eval.json dict} when the same config
+    already ran to the end and nothing is redone). Under torchrun, ranks other than 0 return
     the dictionaries they trained once training is over."""
     started = dist.init_from_env(run.distributed.backend, run.distributed.timeout_minutes)
     try:
@@ -117,8 +118,30 @@ def run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str,
             dist.shutdown()
 
 
+def completed_run(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, Any] | None:
+    """{name: eval.json} when this exact config already ran to the end (same config.yaml, every
+    dictionary saved and evaluated, summary written), else None."""
+    run_dir = run.run_dir
+    config_file, summary = run_dir / "config.yaml", run_dir / "summary.md"
+    if dist.is_distributed() or not run.eval.enabled or not (config_file.is_file() and summary.is_file()):
+        return None
+    if config_file.read_text() != dump_run_config(run):
+        return None
+    folders = [run_dir / c.name for c in configs]
+    if not all((f / "eval.json").is_file() and (f / "sae.safetensors").is_file() for f in folders):
+        return None
+    finished_dictionaries(run, configs)  # refuses dictionaries trained with other settings
+    return {f.name: io.read_json(f / "eval.json") for f in folders}
+
+
 def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, Any]:
     run_dir = run.run_dir
+    done = completed_run(run, configs)
+    if done is not None:
+        say(f"run {run.run_name} is complete with this config (delete {run_dir}/summary.md to "
+            f"evaluate again); its summary:")
+        print((run_dir / "summary.md").read_text(), flush=True)
+        return done
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         io.write_text(run_dir / "config.yaml", dump_run_config(run))

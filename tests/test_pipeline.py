@@ -74,10 +74,19 @@ def test_rerun_reuses_finished_dictionaries(tmp_path, tiny_model_dir, tiny_text_
     run, dicts = load_run_config(path)
     run_experiment(run, dicts)
     weights = (run.run_dir / "topk" / "sae.safetensors").read_bytes()
+    summary = (run.run_dir / "summary.md").read_text()
+    # the same config again: nothing is redone, the summary is printed
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "is complete with this config" in proc.stdout and summary in proc.stdout
+    assert "evaluating" not in proc.stdout
+    # another evaluation setting: the dictionaries are reused, only the evaluation runs again
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(path), "eval.batch_contexts=3"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "already trained" in proc.stdout
     assert (run.run_dir / "topk" / "sae.safetensors").read_bytes() == weights
+    assert (run.run_dir / "summary.md").read_text() == summary  # batch size changes no number
     # the same folder with another hyperparameter is refused, not overwritten
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(path), "dictionaries.0.k=5"],
                           capture_output=True, text=True)
