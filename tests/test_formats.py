@@ -328,5 +328,14 @@ def test_the_evaluators_loader_reads_other_formats(tmp_path):
     assert isinstance(back.cfg, BaseModel) and back.cfg == d.cfg  # the plain Config, not the view
     assert back.metadata["hook_name"] == HOOK
     assert torch.equal(back.encode(x), d.encode(x)) and torch.equal(back(x), d(x))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a dictionary folder"):
-        load_dictionary(tmp_path)
+        load_dictionary(tmp_path / "empty")
+
+
+def test_a_run_folder_given_to_the_evaluators_loader_names_its_dictionaries(tmp_path):
+    from sae.dictionaries.registry import load_dictionary
+
+    random_dictionary("relu").save(tmp_path / "run" / "relu")
+    with pytest.raises(UserError, match=r"holds several dictionaries \(relu\); give their folders"):
+        load_dictionary(tmp_path / "run")

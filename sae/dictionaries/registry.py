@@ -50,6 +50,10 @@ def load_dictionary(directory, device="cpu", dtype=None):
     if not directory.is_dir():
         raise UserError(f"{directory}: not found; give a dictionary folder (cfg.json + sae.safetensors)")
     if detect_format(directory) is None:
+        inside = sorted(p.name for p in directory.iterdir() if p.is_dir() and detect_format(p) is not None)
+        if inside:
+            raise UserError(f"{directory} holds several dictionaries ({', '.join(inside)}); give their folders, "
+                            f"e.g. {directory / inside[0]}")
         raise UserError(f"{directory}: not a dictionary folder (no cfg.json + sae.safetensors, SAELens "
                         f"cfg.json + sae_weights.safetensors, or dictionary_learning ae.pt)")
     dictionary = load(directory, device=device, dtype=dtype)
