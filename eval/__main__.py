@@ -35,7 +35,7 @@ def build_parser(with_features: bool = False) -> argparse.ArgumentParser:
                        description="Evaluate dictionary folders (cfg.json + sae.safetensors) on held-out tokens of "
                                    "the text they were trained on. Dictionaries of the same model and text share "
                                    "the model's forward passes.")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="dictionary folders")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="dictionary folders, or run folders (every dictionary in them)")
     p.add_argument("--summary", default=None, metavar="FOLDER", help="also write summary.md/.json into FOLDER")
     _common(p)
 

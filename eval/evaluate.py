@@ -531,11 +531,25 @@ def train_means_for(group: LoadedGroup, batch_size: int, mean_tokens: int = DEFA
     return means, sources
 
 
+def expand_run_dirs(dirs: list[str | Path]) -> list[Path]:
+    """Each folder that is not itself a dictionary but holds some (a run) -> those, sorted."""
+    from sae.loading import detect_format
+
+    out: list[Path] = []
+    for d in map(Path, dirs):
+        inside = [] if not d.is_dir() or detect_format(d) is not None else \
+            sorted(p for p in d.iterdir() if p.is_dir() and detect_format(p) is not None)
+        out.extend(inside or [d])
+    return out
+
+
 def evaluate_dirs(dirs: list[str | Path], n_tokens: int = DEFAULT_EVAL_TOKENS,
                   batch_size: int = DEFAULT_BATCH_CONTEXTS, device: str = "auto", dtype: str | None = None,
                   data_source: str | None = None, mean_tokens: int = DEFAULT_MEAN_TOKENS,
                   write: bool = True, progress: bool = True) -> dict[str, EvalResult]:
-    """`python -m eval evaluate`: evaluate dictionary folders, writing eval.json etc. into each."""
+    """`python -m eval evaluate`: evaluate dictionary folders (a run folder stands for every
+    dictionary in it), writing eval.json etc. into each."""
+    dirs = expand_run_dirs(dirs)
     results: dict[str, EvalResult] = {}
     for group in load_groups(dirs, device=device, dtype=dtype, data_source=data_source):
         group.prepare(n_tokens, batch_size, mean_tokens)

@@ -253,7 +253,7 @@ def test_cli_evaluate_writes_outputs(tmp_path, tiny_model_dir, tiny_text_file, c
     b = tmp_path / "b"
     save_test_dictionary(a, tiny_model_dir, tiny_text_file, seed=0)
     save_test_dictionary(b, tiny_model_dir, tiny_text_file, cls=IdentityDict, d_sae=32)
-    main(["evaluate", str(a), str(b), "--tokens", "256", "--batch-size", "5", "--device", "cpu",
+    main(["evaluate", str(tmp_path), "--tokens", "256",  # a run folder: every dictionary in it "--batch-size", "5", "--device", "cpu",
           "--no-progress", "--mean-tokens", "512", "--summary", str(tmp_path)])
     out = capsys.readouterr().out
     assert "no activation_mean.safetensors" in out and "% loss rec. (zero)" in out
