@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae.cache import ActivationCapture, harvest, stop_layer  # noqa: E402
+from sae.cache import ActivationCapture, harvest  # noqa: E402
+from sae.models import stop_layer  # noqa: E402
 from sae.cache_reader import CacheReader, StreamingSource  # noqa: E402
 
 
@@ -83,7 +84,7 @@ def main() -> None:
     keep = torch.ones_like(tokens, dtype=torch.bool)
     keep[:, 0] = False
     n_tok = tokens.numel()
-    stop = stop_layer(model, hooks)
+    stop = stop_layer(hooks, len(model.blocks))
     bc = a.batch_contexts
     print(f"hooks {hooks}; {n_ctx} contexts x {T} = {n_tok} tokens; batches of {bc} contexts; "
           f"stop_at_layer={stop}")

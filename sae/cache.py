@@ -55,7 +55,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from sae.errors import CacheError, HookError, did_you_mean
+from sae.errors import CacheError, HookError
+from sae.models import check_hooks, stop_layer
 from sae.io import atomic_path, read_json, sha256_file, write_json
 from sae.progress import token_bar
 
@@ -403,40 +404,6 @@ def token_positions(keep_mask: torch.Tensor, context_start: int = 0) -> torch.Te
 # Capturing activations from a TransformerBridge
 
 
-def _block_index(name: str) -> int | None:
-    m = re.match(r"blocks\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
-_EMBED_STAGE = re.compile(r"^(hook_embed|hook_pos_embed|embed\.|pos_embed\.|rotary_emb\.)")
-
-
-def stop_layer(model: Any, hook_names: Sequence[str]) -> int | None:
-    """`stop_at_layer` for these hooks: one past the deepest hooked block, 0 when only
-    embedding-stage hooks are asked for, None (no stop) for anything after the blocks or when the
-    deepest block is the last one. (Harvesting also stops as soon as every hook has fired.)"""
-    n_layers = len(model.blocks) if hasattr(model, "blocks") else None
-    deepest = -1
-    for h in hook_names:
-        i = _block_index(h)
-        if i is None and not _EMBED_STAGE.match(h):
-            return None  # ln_final, unembed, ...: must run the whole stack
-        deepest = max(deepest, -1 if i is None else i)
-    stop = deepest + 1
-    return stop if n_layers is not None and stop < n_layers else None
-
-
-def check_hook_names(model: Any, hook_names: Sequence[str]) -> None:
-    if not hook_names:
-        raise HookError("no hook points given: name at least one (e.g. blocks.3.hook_resid_post)")
-    if len(set(hook_names)) != len(hook_names):
-        raise HookError(f"hook points listed twice: {sorted(h for h in set(hook_names) if hook_names.count(h) > 1)}")
-    valid = model.hook_dict
-    for h in hook_names:
-        if h not in valid:
-            raise HookError(f"the model has no hook point {h!r}{did_you_mean(h, valid)}")
-
-
 class _StopForward(Exception):
     pass
 
@@ -454,10 +421,10 @@ class ActivationCapture:
     stores, and stops the forward as soon as the last of them has fired."""
 
     def __init__(self, model: Any, hook_names: Sequence[str]):
-        check_hook_names(model, hook_names)
+        check_hooks(model, list(hook_names))
         self.model = model
         self.hook_names = list(hook_names)
-        self.stop_at_layer = stop_layer(model, hook_names)
+        self.stop_at_layer = stop_layer(hook_names, len(model.blocks) if hasattr(model, "blocks") else None)
         self.device = _model_device(model)
         self._got: dict[str, torch.Tensor] = {}
         self._ctx = None

@@ -144,15 +144,29 @@ def hook_layer(hook_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def stop_layer(hook_names: list[str]) -> int | None:
-    """The layer at which a forward that only needs these hooks can stop (None: run to the end)."""
-    layers = [hook_layer(h) for h in hook_names]
-    if any(layer is None for layer in layers):
-        return None  # embed/ln_final/unembed hooks: no early stop
-    return max(layers) + 1
+_EMBED_STAGE = re.compile(r"^(hook_embed|hook_pos_embed|embed\.|pos_embed\.|rotary_emb\.)")
 
 
-def check_hooks(model, hook_names: list[str]) -> None:
+def stop_layer(hook_names, n_layers: int | None = None) -> int | None:
+    """`stop_at_layer` for a forward that only needs these hooks: one past the deepest hooked
+    block, 0 when only embedding-stage hooks are asked for, None (run to the end) for anything
+    after the blocks (ln_final, unembed, ...) or when the deepest block is the last of `n_layers`."""
+    deepest = -1
+    for h in hook_names:
+        layer = hook_layer(h)
+        if layer is None and not _EMBED_STAGE.match(h):
+            return None
+        deepest = max(deepest, -1 if layer is None else layer)
+    stop = deepest + 1
+    return None if n_layers is not None and stop >= n_layers else stop
+
+
+def check_hooks(model, hook_names) -> None:
+    """HookError (one line, with close valid names) unless every hook point exists, once."""
+    if not hook_names:
+        raise HookError("no hook points given: name at least one (e.g. blocks.3.hook_resid_post)")
+    if len(set(hook_names)) != len(hook_names):
+        raise HookError(f"hook points listed twice: {sorted(h for h in set(hook_names) if hook_names.count(h) > 1)}")
     valid = list(model.hook_dict.keys())
     for name in hook_names:
         if name not in model.hook_dict:

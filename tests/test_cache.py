@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.cache import (Manifest, harvest, load_shard, open_cache, stop_layer, verify_cache,
-                       verify_shard)
+from sae.cache import Manifest, harvest, load_shard, open_cache, verify_cache, verify_shard
 from sae.cache_reader import TOKEN_INDEX, CacheReader, StreamingSource
+from sae.models import stop_layer
 from sae.errors import CacheError, HookError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,10 +107,10 @@ def test_harvest_non_block_hooks_and_bf16(model, data, tmp_path, capsys):
 
 def test_harvest_stops_after_last_hooked_layer(model, data, tmp_path):
     tokens, keep = data
-    assert stop_layer(model, ["blocks.0.hook_resid_post"]) == 1
-    assert stop_layer(model, ["blocks.1.hook_resid_post"]) is None  # last block: nothing to cut
-    assert stop_layer(model, ["hook_embed"]) == 0
-    assert stop_layer(model, ["ln_final.hook_normalized", "blocks.0.hook_mlp_out"]) is None
+    assert stop_layer(["blocks.0.hook_resid_post"], len(model.blocks)) == 1
+    assert stop_layer(["blocks.1.hook_resid_post"], len(model.blocks)) is None  # last block: nothing to cut
+    assert stop_layer(["hook_embed"], len(model.blocks)) == 0
+    assert stop_layer(["ln_final.hook_normalized", "blocks.0.hook_mlp_out"], len(model.blocks)) is None
     fired = Counter()
 
     def count(t, *, hook):
