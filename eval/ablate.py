@@ -175,7 +175,7 @@ def plot_ablation(result: AblationResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sae import io
+    from eval.histogram import save_figure
 
     panels = [("loss_recovered", "% loss recovered (zero-ablation baseline)"),
               ("loss_recovered_mean_ablation", "% loss recovered (mean-ablation baseline)")]
@@ -204,12 +204,7 @@ def plot_ablation(result: AblationResult, path: str | Path) -> Path:
     axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Killing high-frequency features of {result.dictionary} (mode {result.mode}, "
                  f"{result.tokens_evaluated} held-out tokens)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def ablate_dir(directory: str | Path, thresholds: str | Iterable[float], *, compare: list[str | Path] | None = None,

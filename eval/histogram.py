@@ -25,14 +25,26 @@ def histogram_counts(frequency: Tensor) -> tuple[int, Tensor, Tensor]:
     return dead, edges, counts.long()
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG atomically, and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    from sae import io
+
+    fig.tight_layout()
+    path = Path(path)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
 def plot_frequency_histogram(frequency: Tensor, path: str | Path, title: str = "",
                              tokens_evaluated: int | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from sae import io
 
     dead, edges, counts = histogram_counts(frequency)
     d_sae = frequency.numel()
@@ -64,9 +76,4 @@ def plot_frequency_histogram(frequency: Tensor, path: str | Path, title: str = "
     window = f", {tokens_evaluated} tokens" if tokens_evaluated else ""
     ax.set_title(f"{title} (d_sae={d_sae}{window})" if title else f"d_sae={d_sae}{window}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
