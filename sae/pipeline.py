@@ -47,7 +47,8 @@ def autocast_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
 
 
 def dictionary_metadata(run: RunConfig, cfg: DictionaryConfig) -> dict[str, Any]:
-    """What each cfg.json records about where the dictionary's activations came from."""
+    """What each cfg.json records about where the dictionary's activations came from and the
+    run-level settings it was trained with."""
     return {
         "model_name": run.model,
         "model_dtype": run.model_dtype,
@@ -55,32 +56,31 @@ def dictionary_metadata(run: RunConfig, cfg: DictionaryConfig) -> dict[str, Any]
         "hook_layer": hook_layer(cfg.hook_name),
         "context_size": run.data.context_size,
         "prepend_bos": True,
-        "dataset": run.data.model_dump(mode="json"),
-        "exclude_tokens": list(run.data.exclude_tokens),
+        "dataset": run.data.model_dump(mode="json"),  # includes exclude_tokens
         "run_name": run.run_name,
-        "training": run_training_settings(run),
+        "training": {"train_tokens": run.train_tokens, "batch_size": run.train.batch_size,
+                     "epochs": run.train.epochs, "harvest_dtype": run.harvest.dtype, "seed": run.seed},
     }
 
 
-def run_training_settings(run: RunConfig) -> dict[str, Any]:
-    """The run-level settings that shape every dictionary (beyond its own hyperparameters)."""
-    return {"model": run.model, "model_dtype": run.model_dtype, "dataset": run.data.model_dump(mode="json"),
-            "train_tokens": run.train_tokens, "batch_size": run.train.batch_size, "epochs": run.train.epochs,
-            "harvest_dtype": run.harvest.dtype, "seed": run.seed}
+def _trained_with(hyperparameters: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    """Everything that shapes a trained dictionary: its own hyperparameters and the run's settings."""
+    return {**hyperparameters, **(metadata.get("training") or {}),
+            **{k: metadata.get(k) for k in ("model_name", "model_dtype", "dataset")}}
 
 
 def finished_dictionaries(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, SparseDictionary] | None:
     """The run's dictionaries when an earlier run of this config saved all of them, else None.
 
-    A saved dictionary trained with other hyperparameters is an error, not silently reused."""
+    A saved dictionary trained with other settings is an error, not silently reused."""
     found: dict[str, SparseDictionary] = {}
     for cfg in configs:
         folder = run.run_dir / cfg.name
         if not (folder / "sae.safetensors").is_file() or not (folder / "cfg.json").is_file():
             return None
         d = load_dictionary(folder)
-        saved = {**d.cfg.model_dump(mode="json"), **(d.metadata.get("training") or {})}
-        wanted = {**cfg.model_dump(mode="json"), **run_training_settings(run)}
+        saved = _trained_with(d.cfg.model_dump(mode="json"), d.metadata)
+        wanted = _trained_with(cfg.model_dump(mode="json"), dictionary_metadata(run, cfg))
         changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         if changed:
             what = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
