@@ -163,6 +163,10 @@ class ShuffledBatches:
         if device.type == "cpu" and not self.pin_memory and _use_count(g[self.hooks[0]]) is not None:
             self._pool = [p for p in self._pool if not all(_unreferenced(p[h]) for h in self.hooks)][-3:]
             self._pool.append(g)
+            # Hand out views, never the pool's own tensors: a group held only as the returned dict
+            # (prefetched, or a batch straddling groups, before any batch view exists) must count
+            # as referenced, or the loader thread would overwrite it while it is being served.
+            return {h: g[h][:n] for h in self.hooks}
         return g
 
     def _iterate(self, seq: Iterator[tuple[int, int, list[int]]], skip: int

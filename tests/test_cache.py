@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sae.cache import Manifest, harvest, load_shard, open_cache, verify_cache, verify_shard
-from sae.cache_reader import TOKEN_INDEX, CacheReader, StreamingSource
+from sae.cache_reader import TOKEN_INDEX, CacheReader, ShuffledBatches, StreamingSource
 from sae.models import stop_layer
 from sae.errors import CacheError, HookError
 
@@ -405,3 +405,19 @@ def test_reader_never_overwrites_a_batch_still_held(cache):
     for b, c in zip(held, copies[::2]):
         assert all(torch.equal(b[k], c[k]) for k in b)
     assert torch.equal(view, vcopy)
+
+
+def test_reader_never_reuses_a_group_that_is_still_held():
+    """Regression: a freshly allocated group was the pool's own tensor, so a group held only as the
+    prepared dict (prefetched, or mid-way through a straddling batch) looked free and the loader
+    thread could overwrite it while it was served."""
+    rows = [100, 100, 100]
+    src = ShuffledBatches(rows, lambda ch: {"h": torch.randn(sum(rows[c] for c in ch), 8)}, ["h"],
+                          {"h": 8}, batch_size=10, seed=0, group_chunks=1, prefetch=False)
+    ptr = lambda g: g["h"].untyped_storage().data_ptr()  # noqa: E731
+    held = src._prepare((0, 0, [0]))
+    snapshot = held["h"].clone()
+    other = src._prepare((0, 1, [1]))
+    assert ptr(other) != ptr(held) and torch.equal(held["h"], snapshot)
+    del held, other
+    assert ptr(src._prepare((0, 2, [2]))) in {p["h"].untyped_storage().data_ptr() for p in src._pool}
