@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sae.dictionaries import DictionaryConfig, parse_dictionary_config
+from sae.dictionaries.base import name_part
 from sae.errors import ConfigError, UserError, did_you_mean
 from sae.text import DataConfig
 
@@ -127,12 +128,6 @@ class RunConfig(_Strict):
 
 # ---- sweep expansion -----------------------------------------------------------------------
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value).replace("/", "_")
-
-
 def expand_dictionaries(run: RunConfig) -> list[DictionaryConfig]:
     """Each `dictionaries` entry × its own `sweep:` grid × the run's `sweep:` grid × (hook points
     when the entry names none) -> validated configs with unique names."""
@@ -153,7 +148,7 @@ def expand_dictionaries(run: RunConfig) -> list[DictionaryConfig]:
                 raise ConfigError(f"dictionaries[{index}].hook_name: {raw['hook_name']!r} is not in hooks "
                                   f"{run.hooks}{did_you_mean(raw['hook_name'], run.hooks)}")
             base = raw.get("name") or raw.get("architecture", f"dict{index}")
-            suffix = [f"{k}={_fmt(v)}" for k, v in zip(keys, combo) if k != "hook_name" or len(run.hooks) > 1]
+            suffix = [f"{k}={name_part(v)}" for k, v in zip(keys, combo) if k != "hook_name" or len(run.hooks) > 1]
             raw["name"] = "-".join([base, *suffix]).replace("hook_name=", "")
             raw.setdefault("seed", run.seed)
             try:

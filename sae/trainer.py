@@ -66,7 +66,8 @@ from torch import Tensor
 import sae
 from sae import checkpoint as ckpt
 from sae import distributed as dist
-from sae.dictionaries.base import DictionaryConfig, SparseDictionary, geometric_median, unit_norm_scale
+from sae.dictionaries.base import (DictionaryConfig, SparseDictionary, geometric_median, name_part,
+                                   unit_norm_scale)
 from sae.dictionaries.registry import get_architecture
 from sae.errors import ConfigError, TrainingDiverged, UserError
 
@@ -128,14 +129,6 @@ def lr_factor(step: int, total_steps: int, warmup_fraction: float, decay_fractio
     return factor
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return ",".join(_fmt(v) for v in value)
-    return str(value)
-
-
 def dictionary_names(configs: Sequence[DictionaryConfig]) -> list[str]:
     """cfg.name, or the architecture plus the keys in which it differs from the other configs of
     the same architecture (e.g. `relu-l1_coefficient=0.001`); unique, filesystem-safe."""
@@ -147,8 +140,7 @@ def dictionary_names(configs: Sequence[DictionaryConfig]) -> list[str]:
             continue
         same = [d for d in dumps if d["architecture"] == dump["architecture"]]
         keys = [k for k in dump if k != "architecture" and any(d.get(k) != dump[k] for d in same)]
-        name = "-".join([cfg.architecture] + [f"{k}={_fmt(dump[k])}" for k in keys])
-        names.append("".join(ch if ch.isalnum() or ch in "._-=," else "_" for ch in name))
+        names.append("-".join([cfg.architecture] + [f"{k}={name_part(dump[k])}" for k in keys]))
     seen: dict[str, int] = {}
     for n in names:
         seen[n] = seen.get(n, 0) + 1

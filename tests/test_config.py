@@ -58,6 +58,7 @@ def test_overrides_set_nested_and_list_keys(tmp_path, tiny_model_dir, tiny_text_
     ("dictionaries.0.architecture=reul", "unknown architecture 'reul' (did you mean: relu?)"),
     ("data.source=/no/such/file.txt", "data.source: Value error, no files match '/no/such/file.txt'"),
     ("harvest.dtype=float64", "harvest.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ("dictionaries.0.name=../elsewhere", "dictionaries[0].name: Value error, a dictionary name must be a plain folder name"),
 ])
 def test_bad_input_names_the_key(tmp_path, tiny_model_dir, tiny_text_file, override, expected):
     path = write(tmp_path, BASE, tiny_model_dir, tiny_text_file)
@@ -95,3 +96,20 @@ def test_train_py_exits_2_with_one_line(tmp_path, tiny_model_dir, tiny_text_file
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "did you mean: train_tokens" in lines[0], proc.stderr
+
+
+def test_sweep_names_match_the_trainers_names(tmp_path, tiny_model_dir, tiny_text_file):
+    """A YAML sweep and an unnamed Python config list name a dictionary the same way, list values
+    included, and every name is one plain folder."""
+    from sae.dictionaries import parse_dictionary_config
+    from sae.trainer import dictionary_names
+    text = BASE.replace("sweep: {{l1_coefficient: [0.001, 0.01]}}",
+                        "sweep: {{adam_betas: [[0.9, 0.999], [0.8, 0.99]]}}")
+    text = text.replace("hooks: [blocks.0.hook_resid_post, blocks.1.hook_resid_post]",
+                        "hooks: [blocks.0.hook_resid_post]")
+    run, dicts = load_run_config(write(tmp_path, text, tiny_model_dir, tiny_text_file))
+    relu = [d.name for d in dicts if d.architecture == "relu"]
+    assert relu == ["relu-adam_betas=0.9,0.999", "relu-adam_betas=0.8,0.99"]
+    unnamed = [parse_dictionary_config(dict(architecture="relu", expansion_factor=2, adam_betas=b))
+               for b in [(0.9, 0.999), (0.8, 0.99)]]
+    assert dictionary_names(unnamed) == relu

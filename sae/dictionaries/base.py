@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import Tensor, nn
 
 from sae import io
@@ -28,6 +28,18 @@ WEIGHTS_FILE = "sae.safetensors"
 CFG_FILE = "cfg.json"
 
 KillMode = Literal["after", "before"]
+
+
+def name_part(value: Any) -> str:
+    """A hyperparameter value as it appears in a dictionary's folder name: floats in %g, lists
+    comma-joined, and anything outside [A-Za-z0-9._-=,] replaced by '_' (so a name is one folder)."""
+    if isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, (list, tuple)):
+        text = ",".join(name_part(v) for v in value)
+    else:
+        text = str(value)
+    return "".join(ch if ch.isalnum() or ch in "._-=," else "_" for ch in text)
 
 
 class DictionaryConfig(BaseModel):
@@ -54,6 +66,14 @@ class DictionaryConfig(BaseModel):
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     normalize_activations: bool = True  # scale inputs so E‖x‖² = d_in; folded back at save
     dead_after_tokens: int = 1_000_000  # a feature silent this long counts as dead
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str | None) -> str | None:
+        # the name is the dictionary's folder inside the run: it must stay inside it
+        if name is not None and (not name or "/" in name or "\\" in name or name.startswith(".")):
+            raise ValueError("a dictionary name must be a plain folder name (no '/' or '\\', not starting with '.')")
+        return name
 
     @model_validator(mode="after")
     def _check_width(self) -> "DictionaryConfig":
