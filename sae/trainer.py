@@ -161,12 +161,19 @@ class FeatureTracker:
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.window_counts = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.window_tokens = 0
+        # since the last resampling (the logging window above is independent of it)
+        self.period_counts = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.period_tokens = 0
+        self.resampled = 0  # features re-initialised so far (all resamplings together)
 
     def update(self, counts: Tensor, n_tokens: int) -> None:
         fired = counts > 0
         self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + n_tokens)
-        self.window_counts += counts.to(torch.long)
+        counts = counts.to(torch.long)
+        self.window_counts += counts
         self.window_tokens += n_tokens
+        self.period_counts += counts
+        self.period_tokens += n_tokens
 
     def dead_mask(self, after_tokens: int) -> Tensor:
         return self.tokens_since_fired >= after_tokens
@@ -182,14 +189,26 @@ class FeatureTracker:
         self.window_counts.zero_()
         self.window_tokens = 0
 
+    def period_frequencies(self) -> Tensor:
+        return self.period_counts.double() / max(self.period_tokens, 1)
+
+    def new_period(self) -> None:
+        self.period_counts.zero_()
+        self.period_tokens = 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"tokens_since_fired": self.tokens_since_fired, "window_counts": self.window_counts,
-                "window_tokens": self.window_tokens}
+                "window_tokens": self.window_tokens, "period_counts": self.period_counts,
+                "period_tokens": self.period_tokens, "resampled": self.resampled}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.tokens_since_fired = state["tokens_since_fired"].to(self.tokens_since_fired.device)
         self.window_counts = state["window_counts"].to(self.window_counts.device)
         self.window_tokens = int(state["window_tokens"])
+        if "period_counts" in state:  # checkpoints written before low-frequency resampling lack it
+            self.period_counts = state["period_counts"].to(self.period_counts.device)
+            self.period_tokens = int(state["period_tokens"])
+            self.resampled = int(state["resampled"])
 
 
 def reset_optimizer_rows(optimizer: torch.optim.Optimizer, dictionary: SparseDictionary, ids: Tensor) -> None:
@@ -471,6 +490,8 @@ class Trainer:
             dead = int(s.tracker.dead_mask(s.cfg.dead_after_tokens).sum())
             out[s.name] = {"loss": st["loss"] / n, "fvu": st["sse"] / max(st["var"], 1e-30),
                            "l0": st["l0"] / n, "dead": dead, "lr": s.optimizer.param_groups[0]["lr"]}
+            if s.dictionary.resample_every_tokens():
+                out[s.name]["resampled"] = s.tracker.resampled
             s.zero_stats(self.device)
         return out
 
@@ -638,10 +659,15 @@ class Trainer:
     def _resample(self, s: _Slot, x: Tensor) -> None:
         window = s.dictionary.resample_dead_tokens() if hasattr(s.dictionary, "resample_dead_tokens") else None
         dead = s.tracker.dead_mask(window or s.cfg.dead_after_tokens)
+        floor = s.dictionary.resample_min_frequency()
+        if floor is not None and s.tracker.period_tokens:
+            dead |= s.tracker.period_frequencies() < floor
+        s.tracker.new_period()
         ids = s.dictionary.resample(x, dead, s.generator)
         if ids.numel():
             reset_optimizer_rows(s.optimizer, s.dictionary, ids)
             s.tracker.reset(ids)
+            s.tracker.resampled += int(ids.numel())
 
     def _finish(self) -> dict[str, SparseDictionary]:
         result = {}
@@ -652,6 +678,8 @@ class Trainer:
             d.metadata.update(self.metadata.get(s.name, {}))
             d.metadata.setdefault("hook_name", s.hook if s.hook != DEFAULT_HOOK else None)
             d.metadata["tokens_trained"] = self.tokens_seen
+            if d.resample_every_tokens():
+                d.metadata["features_resampled"] = s.tracker.resampled
             d.metadata["library_version"] = sae.__version__
             if self.out_dir is not None and self.writes:
                 d.save(self.out_dir / s.name)

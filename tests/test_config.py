@@ -58,6 +58,7 @@ def test_overrides_set_nested_and_list_keys(tmp_path, tiny_model_dir, tiny_text_
     ("dictionaries.0.architecture=reul", "unknown architecture 'reul' (did you mean: relu?)"),
     ("data.source=/no/such/file.txt", "data.source: Value error, no files match '/no/such/file.txt'"),
     ("harvest.dtype=float64", "harvest.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ("dictionaries.1.resample_min_frequency=0.01", "resample_min_frequency needs resample_every_tokens"),
     ("dictionaries.0.name=../elsewhere", "dictionaries[0].name: Value error, a dictionary name must be a plain folder name"),
 ])
 def test_bad_input_names_the_key(tmp_path, tiny_model_dir, tiny_text_file, override, expected):

@@ -271,3 +271,43 @@ def test_trainer_checks_d_in(tmp_path):
     cfg = parse_dictionary_config({"architecture": "topk", "k": 3, "d_sae": 32})
     with pytest.raises(ConfigError, match="d_in is 8"):
         Trainer([cfg], total_tokens=640, d_in=8, progress=False).fit(data)
+
+
+@pytest.mark.parametrize("min_frequency", [None, 0.3])
+def test_resampling_low_frequency_features_reinitialises_exactly_those(monkeypatch, min_frequency):
+    """resample_min_frequency (the dual of pruning high-frequency features): at a resampling, the
+    features that fired on fewer than that fraction of the period's tokens are re-initialised, and
+    no others but the dead ones (silent for resample_dead_tokens = half the period by default)."""
+    from sae.dictionaries.base import SparseDictionary
+    d_in, d_sae, B, P = 8, 48, 64, 4  # P batches per resampling period
+    g = torch.Generator().manual_seed(0)
+    offset = 2.0 * torch.randn(d_in, generator=g)  # spreads the features' firing rates over (0, 1)
+    batches = [offset + torch.randn(B, d_in, generator=g) for _ in range(P + 2)]
+    cfg = {"architecture": "relu", "d_sae": d_sae, "lr": 1e-12, "grad_clip": None, "seed": 3,
+           "normalize_activations": False, "b_dec_init": "zeros", "resample_every_tokens": P * B}
+    if min_frequency is not None:
+        cfg["resample_min_frequency"] = min_frequency
+    seen = {}
+    original = SparseDictionary.resample
+
+    def spy(self, x, dead_mask, generator=None):
+        with torch.no_grad():  # the period's frequencies, measured independently of the tracker
+            fired = torch.stack([(self.encode(b) > 0).double().mean(0) for b in batches[:P]])
+        seen["freq"], seen["dead"] = fired.mean(0), fired[P // 2:].sum(0) == 0
+        seen["W_dec"] = self.W_dec.detach().clone()
+        seen["mask"] = dead_mask.clone()
+        return original(self, x, dead_mask, generator)
+
+    monkeypatch.setattr(SparseDictionary, "resample", spy)
+    out = train_dictionaries(IterableSource(batches), [parse_dictionary_config(cfg)],
+                             total_tokens=(P + 2) * B, progress=False)
+    d = next(iter(out.values()))
+    freq = seen["freq"]
+    expected = seen["dead"] if min_frequency is None else seen["dead"] | (freq < min_frequency)
+    assert 0 < int(expected.sum()) < d_sae
+    if min_frequency is not None:
+        assert int((freq < min_frequency).sum()) > int(seen["dead"].sum())  # more than the dead ones
+    assert torch.equal(seen["mask"], expected)
+    changed = (d.W_dec.detach() - seen["W_dec"]).abs().amax(dim=1) > 1e-6
+    assert torch.equal(changed, expected)
+    assert d.metadata["features_resampled"] == int(expected.sum())

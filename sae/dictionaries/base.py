@@ -210,6 +210,11 @@ class SparseDictionary(nn.Module):
         """Tokens between dead-feature resamplings (None: never); see `resample`."""
         return None
 
+    def resample_min_frequency(self) -> float | None:
+        """Also resample live features that fired on fewer than this fraction of the tokens since
+        the last resampling (None: dead features only)."""
+        return None
+
     def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None) -> TrainStep:
         """One step's loss on raw x [batch, d_in], computed in normalised units (x·input_scale).
 

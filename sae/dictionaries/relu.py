@@ -33,9 +33,12 @@ class ReLUConfig(DictionaryConfig):
     sparsity_warmup_fraction: float | None = None  # None: 0 (classic) or 0.05 (april2024)
     normalize_decoder: bool | None = None  # None: True for classic, False for april2024
     # Dead-feature resampling (classic recipe); None = off. A feature is resampled when it has
-    # not fired for `resample_dead_tokens` (None: half the resampling period).
+    # not fired for `resample_dead_tokens` (None: half the resampling period), or, with
+    # `resample_min_frequency`, when it fired on fewer than that fraction of the tokens since the
+    # last resampling: the dual of pruning high-frequency features (`prune.max_frequency`).
     resample_every_tokens: int | None = None
     resample_dead_tokens: int | None = None
+    resample_min_frequency: float | None = None
 
     @model_validator(mode="after")
     def _check_recipe(self) -> "ReLUConfig":
@@ -43,6 +46,11 @@ class ReLUConfig(DictionaryConfig):
             raise ValueError("the april2024 recipe does not resample; remove resample_every_tokens")
         if self.resample_every_tokens is not None and self.resample_every_tokens <= 0:
             raise ValueError("resample_every_tokens must be positive")
+        if self.resample_min_frequency is not None:
+            if not 0.0 < self.resample_min_frequency <= 1.0:
+                raise ValueError("resample_min_frequency must be in (0, 1]")
+            if self.resample_every_tokens is None:
+                raise ValueError("resample_min_frequency needs resample_every_tokens (how often to resample)")
         return self
 
 
@@ -85,6 +93,9 @@ class ReLUDictionary(SparseDictionary):
 
     def resample_every_tokens(self) -> int | None:
         return self.cfg.resample_every_tokens
+
+    def resample_min_frequency(self) -> float | None:
+        return self.cfg.resample_min_frequency
 
     def resample_dead_tokens(self) -> int | None:
         if self.cfg.resample_every_tokens is None:
