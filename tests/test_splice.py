@@ -11,7 +11,7 @@ from eval import metrics as M
 from eval.evaluate import evaluate_dictionaries
 from eval_helpers import make_tokens
 from loading_helpers import HOOK, random_dictionary
-from sae.errors import HookError
+from sae.errors import HookError, UserError
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,45 @@ def test_splice_gives_the_evaluators_ce_sae(tmp_path, model, data, arch, hyper):
     assert s.f.shape == (*tokens.shape, 96)
     with torch.no_grad():  # outside the `with` the model is clean again
         assert _ce(model(tokens, return_type="logits"), tokens, keep) == pytest.approx(r["ce_clean"], rel=1e-6)
+
+
+def test_default_splice_keeps_the_dictionarys_excluded_tokens_like_the_evaluator(tmp_path, model,
+                                                                                  tiny_text_file):
+    """Without a mask, splice leaves the tokens the dictionary's data config excluded (here BOS, pad
+    and the literal token 'the', recorded in its cfg.json) at their original activation, so a
+    spliced forward's CE is the evaluator's ce_sae; mask="all" (or None) splices BOS too."""
+    from eval.evaluate import heldout_tokens
+    from sae.text import DataConfig
+
+    data_cfg = DataConfig(source=str(tiny_text_file), context_size=16, exclude_tokens=["bos", "pad", "the"])
+    tokens, keep = heldout_tokens(model, data_cfg, n_tokens=6 * 16)
+    assert not keep[:, 0].any() and not keep[:, 1:].all()  # BOS and some 'the' are excluded
+    random_dictionary("topk", k=6, metadata={"hook_name": HOOK, "model_name": "tiny", "context_size": 16,
+                                             "dataset": data_cfg.model_dump(mode="json")}).save(tmp_path / "d")
+    d = sae.load(tmp_path / "d")
+    r = evaluate_dictionaries(model, {"d": d}, tokens, keep, train_means={HOOK: torch.zeros(32)},
+                              batch_size=len(tokens), progress=False)["d"]
+    later = "blocks.1.hook_resid_post"
+    with torch.no_grad():
+        _, clean = model.run_with_cache(tokens, names_filter=[later])
+        with sae.splice(model, d) as s:
+            logits = model(tokens, return_type="logits")
+            _, default = model.run_with_cache(tokens, names_filter=[later])
+        assert _ce(logits, tokens, keep) == pytest.approx(r["ce_sae"], rel=1e-6)
+        assert list(s.excluded_tokens.values()) == [["bos", "pad", "the"]]
+        with sae.splice(model, d, mask="all"):
+            every = model(tokens, return_type="logits")
+            _, spliced_bos = model.run_with_cache(tokens, names_filter=[later])
+        with sae.splice(model, d, mask=None):  # None: every position, as before
+            assert torch.equal(model(tokens, return_type="logits"), every)
+    assert _ce(every, tokens, keep) != pytest.approx(r["ce_sae"], rel=1e-5)  # differs by 6.5e-5 relative
+    # position 0 (BOS) sees only itself: unspliced by default, it is exactly the clean model's downstream
+    assert torch.equal(default[later][:, 0], clean[later][:, 0])
+    assert not torch.allclose(spliced_bos[later][:, 0], clean[later][:, 0], atol=1e-3)
+    assert not torch.allclose(default[later][:, 1:], clean[later][:, 1:], atol=1e-3)
+    with pytest.raises(UserError, match="mask='everything'"):
+        with sae.splice(model, d, mask="everything"):
+            pass
 
 
 def test_keep_error_leaves_outputs_exact_and_exposes_features(model, data):

