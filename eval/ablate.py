@@ -20,7 +20,7 @@ from torch import Tensor
 from eval import evaluate as E
 from eval import report
 from eval.metrics import jsonable
-from eval.prune import kill_mask_from_frequency
+from eval.prune import check_distinct_labels, kill_mask_from_frequency, threshold_label
 from sae.errors import UserError
 
 ABLATION_JSON, ABLATION_MD, ABLATION_PNG = "ablation.json", "ablation.md", "ablation.png"
@@ -41,7 +41,9 @@ def parse_thresholds(text: str | Iterable[float]) -> list[float]:
     bad = [v for v in values if not 0 <= v <= 1]
     if bad:
         raise UserError(f"thresholds are frequencies in [0, 1]; got {bad}")
-    return sorted(set(values), reverse=True)
+    values = sorted(set(values), reverse=True)
+    check_distinct_labels(values)  # each row is keyed and printed by its label
+    return values
 
 
 @dataclass
@@ -94,7 +96,7 @@ def run_ablation(model, dictionary, frequency: Tensor, thresholds: Iterable[floa
     masks = {}
     for t in thresholds:
         kill = kill_mask_from_frequency(frequency, max_frequency=t)
-        key = f"{name}@>{t:g}"
+        key = f"{name}@>{threshold_label(t)}"
         masks[t] = kill
         targets[key] = E.EvalTarget(dictionary, kill_mask=kill, kill_mode=mode, train_mean=mean)
     if name not in references:
@@ -114,7 +116,7 @@ def run_ablation(model, dictionary, frequency: Tensor, thresholds: Iterable[floa
             note = "kills nothing (same as unpruned)"
         elif killed == dictionary.d_sae:
             note = "kills every feature (x_hat = b_dec)"
-        rows.append(_row(results[f"{name}@>{t:g}"], threshold=t, killed=killed,
+        rows.append(_row(results[f"{name}@>{threshold_label(t)}"], threshold=t, killed=killed,
                          alive_features=dictionary.d_sae - killed, note=note))
     unpruned = _row(all_refs[name], threshold=None, killed=0)
     refs = {k: _row(v) for k, v in all_refs.items() if k != name}
@@ -156,6 +158,17 @@ def ablation_table(result: AblationResult, markdown: bool = False) -> str:
     return report.markdown_table(rows, headers) if markdown else report.text_table(rows, headers)
 
 
+def read_ablation(path: str | Path) -> AblationResult:
+    """An AblationResult back from its ablation.json (e.g. to draw the plot again:
+    `plot_ablation(read_ablation(".../ablation.json"), "ablation.png")`)."""
+    from sae import io
+
+    j = io.read_json(Path(path))
+    return AblationResult(dictionary=j["dictionary"], mode=j["kill_mode"], frequency_source=j["frequency_source"],
+                          tokens_evaluated=j["tokens_evaluated"], rows=j["thresholds"], unpruned=j["unpruned"],
+                          references=j.get("references") or {})
+
+
 def write_ablation(out_dir: str | Path, result: AblationResult) -> None:
     from sae import io
 
@@ -167,6 +180,36 @@ def write_ablation(out_dir: str | Path, result: AblationResult) -> None:
           + ablation_table(result, markdown=True) + f"\n![L0 against loss recovered]({ABLATION_PNG})\n")
     io.write_text(out_dir / ABLATION_MD, md)
     plot_ablation(result, out_dir / ABLATION_PNG)
+
+
+def point_labels(points: Iterable[tuple[float, float, float, int]], x_tol: float = 0.0,
+                 y_tol: float = 0.0) -> list[tuple[float, float, str]]:
+    """(l0, y, threshold, killed) per threshold -> (l0, y, label) per drawn point: thresholds that
+    land on the same point (the same features killed, or the same numbers), or within x_tol / y_tol
+    of it, share one label instead of printing on top of each other, e.g. ">0.05, >0.038, >0.02
+    (-96)"; thresholds killing different numbers of features are separated by "; "."""
+    import math
+
+    def close(a, b, tol):
+        return abs(a - b) <= tol or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+    groups: list[list[tuple[float, float, float, int]]] = []
+    for p in points:
+        for g in groups:
+            x, y, _, k = g[0]
+            if k == p[3] or (close(x, p[0], x_tol) and close(y, p[1], y_tol)):
+                g.append(p)
+                break
+        else:
+            groups.append([p])
+    out = []
+    for g in groups:
+        by_killed: dict[int, list[float]] = {}
+        for _, _, t, k in g:
+            by_killed.setdefault(k, []).append(t)
+        text = "; ".join(", ".join(f">{threshold_label(t)}" for t in ts) + f" (-{k})" for k, ts in by_killed.items())
+        out.append((g[0][0], g[0][1], text))
+    return out
 
 
 def plot_ablation(result: AblationResult, path: str | Path) -> Path:
@@ -190,8 +233,16 @@ def plot_ablation(result: AblationResult, path: str | Path) -> Path:
             if u.get(key) is not None:  # the curve starts at the unpruned dictionary
                 ax.plot([u["l0"], xs[0]], [100 * u[key], ys[0]], ":", color="#3b75af", lw=1)
             ax.plot(xs, ys, "-o", color="#3b75af", ms=4, label=f"{result.dictionary}, killed by frequency")
-            for x, y, t, k in pts:
-                ax.annotate(f">{t:g} (-{k})", (x, 100 * y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            # Labels of points this close (a label is wide and low) would overlap: one label for them.
+            every = [(p[0], 100 * p[1]) for p in pts] + [
+                (r["l0"], 100 * r[key]) for r in (u, *result.references.values())
+                if r.get(key) is not None and r.get("l0") is not None]
+            x_span = max(x for x, _ in every) - min(0.0, min(x for x, _ in every))
+            y_span = max(y for _, y in every) - min(y for _, y in every)
+            for x, y, text in point_labels([(x, 100 * y, t, k) for x, y, t, k in pts], 0.06 * x_span, 0.03 * y_span):
+                right = x > 0.6 * max(x for x, _ in every)  # labels on the right half extend leftwards
+                ax.annotate(text, (x, y), fontsize=7, xytext=(-6 if right else 4, 3), textcoords="offset points",
+                            ha="right" if right else "left")
         if u.get(key) is not None:
             ax.plot([u["l0"]], [100 * u[key]], "*", color="black", ms=12, label=f"{result.dictionary} (unpruned)")
         for i, (name, r) in enumerate(result.references.items()):
@@ -201,7 +252,7 @@ def plot_ablation(result: AblationResult, path: str | Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.set_xlim(left=0)
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="best")  # "best" also avoids the labels
     fig.suptitle(f"Killing high-frequency features of {result.dictionary} (mode {result.mode}, "
                  f"{result.tokens_evaluated} held-out tokens)", fontsize=10)
     return save_figure(fig, path)
@@ -212,8 +263,10 @@ def ablate_dir(directory: str | Path, thresholds: str | Iterable[float], *, comp
                batch_size: int | None = None, device: str = "auto", dtype: str | None = None,
                data_source: str | None = None, mean_tokens: int | None = None, progress: bool = True) -> AblationResult:
     """`python -m eval ablate-frequency`: everything evaluated on the held-out text of DIR's dictionary."""
-    n_tokens = n_tokens or E.DEFAULT_EVAL_TOKENS
-    batch_size = batch_size or E.DEFAULT_BATCH_CONTEXTS
+    n_tokens = E.DEFAULT_EVAL_TOKENS if n_tokens is None else n_tokens
+    batch_size = E.DEFAULT_BATCH_CONTEXTS if batch_size is None else batch_size
+    mean_tokens = E.DEFAULT_MEAN_TOKENS if mean_tokens is None else mean_tokens
+    E.check_counts(n_tokens, batch_size, mean_tokens)
     thresholds = parse_thresholds(thresholds)
     directory = Path(directory)
     dirs = [directory, *map(Path, compare or [])]
@@ -224,9 +277,9 @@ def ablate_dir(directory: str | Path, thresholds: str | Iterable[float], *, comp
     (group,) = groups
     name = group.names[0]
     d = group.dictionaries[name]
-    group.prepare(n_tokens, batch_size, mean_tokens or E.DEFAULT_MEAN_TOKENS)
+    group.prepare(n_tokens, batch_size, mean_tokens)
     frequency, source, freq_tokens, first = group.frequency(name, batch_size, progress)
-    source = f"{source} ({freq_tokens} tokens)"
+    source = E.with_tokens(source, freq_tokens)
     references = {name: first} if first is not None else {}
     compare_dicts = {n: group.dictionaries[n] for n in group.names[1:]}
     result = run_ablation(group.model, d, frequency, thresholds, group.tokens, group.keep, group.means, name=name,

@@ -29,6 +29,7 @@ eval.json, frequency.safetensors and frequency_histogram.png.
 from __future__ import annotations
 
 import json
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,15 @@ def _dict_param(d) -> Tensor:
     return d.W_enc if hasattr(d, "W_enc") else next(d.parameters())
 
 
+def check_counts(n_tokens: int | None = None, batch_size: int | None = None,
+                 mean_tokens: int | None = None) -> None:
+    """The command line's counts (--tokens, --batch-size, --mean-tokens) must be positive integers
+    (UserError); None: not given, nothing to check."""
+    for flag, value in (("--tokens", n_tokens), ("--batch-size", batch_size), ("--mean-tokens", mean_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise UserError(f"{flag} must be a positive integer, got {value!r}")
+
+
 # ---- the core ------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -140,6 +150,7 @@ def evaluate_dictionaries(model, dictionaries: Mapping[str, Any], tokens: Tensor
     out_dirs: name -> folder; where given, eval.json, frequency.safetensors and (histograms=True)
       frequency_histogram.png are written there.
     batch_size: contexts per forward. info: extra keys for every eval.json (e.g. dataset).
+    Every dictionary is evaluated in inference mode (`.eval()`); its training flag is restored after.
     Returns name -> EvalResult (metrics = the eval.json dict, frequency = [d_sae] tensor).
     """
     targets = _as_targets(dictionaries)
@@ -187,7 +198,12 @@ def evaluate_dictionaries(model, dictionaries: Mapping[str, Any], tokens: Tensor
 
     bar = token_bar(tokens.numel(), desc=f"evaluating {len(targets)}", enabled=progress, leave=False)
     saved_kill = {name: (t.dictionary.kill_mask, t.dictionary.kill_mode) for name, t in targets.items()}
+    # Inference mode for the evaluation (a BatchTopK dictionary in training mode selects per batch,
+    # so its numbers would depend on the batch); each dictionary's own flag is restored afterwards.
+    saved_training = {name: t.dictionary.training for name, t in targets.items()}
     try:
+        for t in targets.values():
+            t.dictionary.eval()
         for start in range(0, n_ctx, batch_size):
             toks = tokens[start:start + batch_size].to(device)
             keep = keep_mask[start:start + batch_size].to(device)
@@ -216,6 +232,7 @@ def evaluate_dictionaries(model, dictionaries: Mapping[str, Any], tokens: Tensor
         bar.close()
         for name, t in targets.items():
             t.dictionary.set_killed(*saved_kill[name])
+            t.dictionary.train(saved_training[name])
 
     results: dict[str, EvalResult] = {}
     for name, t in targets.items():
@@ -283,10 +300,15 @@ def reconstruction_metrics(dictionary, activations: Tensor, batch_size: int = 40
     (metrics, frequency)."""
     p = _dict_param(dictionary)
     acc = M.ReconstructionAccumulator(dictionary.d_in, dictionary.d_sae, p.device)
-    for start in range(0, activations.shape[0], batch_size):
-        x = activations[start:start + batch_size].to(device=p.device, dtype=p.dtype)
-        f = dictionary.encode(x)
-        acc.update(x, dictionary.decode(f), f)
+    was_training = dictionary.training
+    try:
+        dictionary.eval()  # inference mode, as in evaluate_dictionaries
+        for start in range(0, activations.shape[0], batch_size):
+            x = activations[start:start + batch_size].to(device=p.device, dtype=p.dtype)
+            f = dictionary.encode(x)
+            acc.update(x, dictionary.decode(f), f)
+    finally:
+        dictionary.train(was_training)
     return acc.result(), acc.frequency()
 
 
@@ -357,6 +379,28 @@ def read_frequency(directory: str | Path, d_sae: int | None = None) -> tuple[Ten
     return freq, meta
 
 
+def frequency_tokens(meta: Mapping[str, str]) -> int | None:
+    """The tokens a stored frequency was measured on (its `tokens_evaluated`), None when unrecorded."""
+    value = str(meta.get("tokens_evaluated", "")).strip()
+    return int(value) if value.isdigit() else None
+
+
+def frequency_source(path: str | Path, meta: Mapping[str, str]) -> str:
+    """Where a stored frequency came from, for messages and the `frequency_source` records: the path,
+    and, when it records no token count (e.g. written by `python -m sae.convert` from SAELens's
+    training-time sparsity), its own `source` metadata and a warning that it is no held-out measurement."""
+    if frequency_tokens(meta) is not None:
+        return str(path)
+    origin = meta.get("source") or "origin not recorded"
+    return (f"{path} ({origin}; no token count recorded, so not known to be measured on held-out tokens: "
+            f"delete the file to measure them)")
+
+
+def with_tokens(source: str, tokens: int | None) -> str:
+    """'SOURCE (N tokens)', or SOURCE alone when the token count is unknown."""
+    return source if tokens is None else f"{source} ({tokens} tokens)"
+
+
 # ---- the command line's loading ------------------------------------------------------------
 
 @dataclass
@@ -402,9 +446,9 @@ class LoadedGroup:
         found = read_frequency(directory, d.d_sae)
         if found is not None:
             frequency, meta = found
-            tokens = int(meta["tokens_evaluated"]) if meta.get("tokens_evaluated", "").isdigit() else None
-            source = str(directory / FREQUENCY_FILE)
-            print(f"frequencies from {source} ({tokens} tokens)", flush=True)
+            tokens = frequency_tokens(meta)
+            source = frequency_source(directory / FREQUENCY_FILE, meta)
+            print(f"frequencies from {with_tokens(source, tokens)}", flush=True)
             return frequency, source, tokens, None
         print(f"no {FREQUENCY_FILE} in {directory}: measuring frequencies on {int(self.keep.sum())} held-out "
               f"tokens", flush=True)
@@ -549,6 +593,7 @@ def evaluate_dirs(dirs: list[str | Path], n_tokens: int = DEFAULT_EVAL_TOKENS,
                   write: bool = True, progress: bool = True) -> dict[str, EvalResult]:
     """`python -m eval evaluate`: evaluate dictionary folders (a run folder stands for every
     dictionary in it), writing eval.json etc. into each."""
+    check_counts(n_tokens, batch_size, mean_tokens)
     dirs = expand_run_dirs(dirs)
     results: dict[str, EvalResult] = {}
     for group in load_groups(dirs, device=device, dtype=dtype, data_source=data_source):

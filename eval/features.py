@@ -255,11 +255,12 @@ def feature_pages(directory: str | Path, *, features: list[int] | None = None, n
                   out_dir: str | Path | None = None, seed: int = 0, batch_size: int = 8, device: str = "auto",
                   dtype: str | None = None, data_source: str | None = None) -> tuple[Path, Path]:
     """`python -m eval features`: write features.html and features.json; returns their paths."""
-    from eval.evaluate import heldout_tokens, load_groups
+    from eval.evaluate import check_counts, heldout_tokens, load_groups
     from sae import io
 
     if top < 1:
         raise UserError("--top must be at least 1")
+    check_counts(n_tokens, batch_size)
     (group,) = load_groups([directory], device=device, dtype=dtype, data_source=data_source)
     (name,) = group.names
     d = group.dictionaries[name]

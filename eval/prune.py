@@ -153,8 +153,27 @@ def describe(record: dict[str, Any], d_sae: int) -> str:
     rule = " or ".join(parts) or "no rule"
     killed = record.get("killed", 0)
     what = "kills no feature" if killed == 0 else f"kills {killed} of {d_sae} features"
-    return (f"{rule}: {what} (mode {record.get('kill_mode')}; frequencies from "
-            f"{record.get('frequency_source')}, {record.get('frequency_tokens')} tokens)")
+    source = str(record.get("frequency_source"))
+    if record.get("frequency_tokens") is not None:
+        source += f", {record['frequency_tokens']} tokens"
+    return f"{rule}: {what} (mode {record.get('kill_mode')}; frequencies from {source})"
+
+
+def threshold_label(t: float) -> str:
+    """How a frequency threshold is printed and named (folder names, ablation keys): `%g`."""
+    return f"{t:g}"
+
+
+def check_distinct_labels(thresholds: Iterable[float], what: str = "thresholds") -> None:
+    """UserError when two different thresholds print the same (`threshold_label`): their folders
+    or ablation rows would share a name and one would silently replace the other."""
+    seen: dict[str, float] = {}
+    for t in thresholds:
+        label = threshold_label(t)
+        if label in seen and seen[label] != t:
+            raise UserError(f"{what} {seen[label]!r} and {t!r} both print as {label}, so their results would "
+                            f"share a name; make them differ within 6 significant digits or drop one")
+        seen.setdefault(label, t)
 
 
 def prune_dir(directory: str | Path, out_dir: str | Path, *, max_frequency: float | None = None,
@@ -168,13 +187,15 @@ def prune_dir(directory: str | Path, out_dir: str | Path, *, max_frequency: floa
 
     if max_frequency is None and min_frequency is None and not parse_ids(kill_ids):
         raise UserError("nothing to kill: give --max-frequency, --min-frequency and/or --kill-ids")
-    n_tokens = n_tokens or E.DEFAULT_EVAL_TOKENS
-    batch_size = batch_size or E.DEFAULT_BATCH_CONTEXTS
+    n_tokens = E.DEFAULT_EVAL_TOKENS if n_tokens is None else n_tokens
+    batch_size = E.DEFAULT_BATCH_CONTEXTS if batch_size is None else batch_size
+    mean_tokens = E.DEFAULT_MEAN_TOKENS if mean_tokens is None else mean_tokens
+    E.check_counts(n_tokens, batch_size, mean_tokens)
     directory, out_dir = Path(directory), Path(out_dir)
     if directory.resolve() == out_dir.resolve():
         raise UserError(f"--out {out_dir} is the dictionary's own folder; write the pruned dictionary elsewhere")
     (group,) = E.load_groups([directory], device=device, dtype=dtype, data_source=data_source)
-    group.prepare(n_tokens, batch_size, mean_tokens or E.DEFAULT_MEAN_TOKENS)
+    group.prepare(n_tokens, batch_size, mean_tokens)
     (name,) = group.names
     d = group.dictionaries[name]
     frequency, source, freq_tokens, before = group.frequency(name, batch_size, progress)

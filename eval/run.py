@@ -22,16 +22,28 @@ from torch import Tensor
 
 from eval import evaluate as E
 from eval import report
-from eval.prune import describe, kill_mask_from_frequency, prune_dictionary, save_pruned
+from eval.prune import (check_distinct_labels, describe, kill_mask_from_frequency, prune_dictionary, save_pruned,
+                        threshold_label)
 
 
 def pruned_name(name: str, max_frequency: float | None, min_frequency: float | None = None) -> str:
     parts = [name, "pruned"]
     if max_frequency is not None:
-        parts.append(f"{max_frequency:g}")
+        parts.append(threshold_label(max_frequency))
     if min_frequency is not None:
-        parts.append(f"min{min_frequency:g}")
+        parts.append(f"min{threshold_label(min_frequency)}")
     return "-".join(parts)
+
+
+def check_prune_config(prune: Any) -> None:
+    """Refuse (UserError) a `prune:` block whose thresholds would share a folder or ablation row name
+    (e.g. 0.1 and 0.1000001, both printed 0.1); called before anything is evaluated."""
+    if prune is None:
+        return
+    check_distinct_labels(prune.max_frequency or [], "prune.max_frequency")
+    ablation = getattr(prune, "ablation", None)
+    if ablation is not None:
+        check_distinct_labels(ablation.thresholds, "prune.ablation.thresholds")
 
 
 def evaluate_run(model, dictionaries: Mapping[str, Any], out_dirs: Mapping[str, str | Path], run_dir: str | Path,
@@ -48,6 +60,7 @@ def evaluate_run(model, dictionaries: Mapping[str, Any], out_dirs: Mapping[str, 
       ablation{dictionary, thresholds, compare, mode}).
     Returns name -> EvalResult for every evaluated dictionary, pruned ones included.
     """
+    check_prune_config(prune)
     run_dir = Path(run_dir)
     out_dirs = {k: Path(v) for k, v in out_dirs.items()}
     results = E.evaluate_dictionaries(model, dictionaries, tokens, keep_mask, train_means=train_means,
@@ -60,7 +73,7 @@ def evaluate_run(model, dictionaries: Mapping[str, Any], out_dirs: Mapping[str, 
             d = dictionaries[name]
             freq = results[name].frequency
             tokens_evaluated = results[name].metrics["tokens_evaluated"]
-            for t in (prune.max_frequency or [None]):
+            for t in dict.fromkeys(prune.max_frequency or [None]):  # an exact repeat is pruned once
                 kill = kill_mask_from_frequency(freq, max_frequency=t, min_frequency=prune.min_frequency)
                 new = pruned_name(name, t, prune.min_frequency)
                 if bool(kill.all()):

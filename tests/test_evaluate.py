@@ -179,6 +179,12 @@ def test_hand_computed_values(model, data, train_mean):
         lp_sae = torch.log_softmax(sae_logits[:, :-1][pred].float(), -1)
         kl = F.kl_div(lp_sae, lp_clean, log_target=True, reduction="batchmean").item()
         assert r["kl_sae"] == pytest.approx(kl, rel=1e-4)
+        zero_logits = model.run_with_hooks(
+            tokens, fwd_hooks=[(HOOK, lambda a, hook: torch.where(keep[..., None], torch.zeros_like(a), a))])
+        assert r["ce_zero"] == pytest.approx(ce(zero_logits), rel=1e-5)
+        lp_zero = torch.log_softmax(zero_logits[:, :-1][pred].float(), -1)
+        kl_zero = F.kl_div(lp_zero, lp_clean, log_target=True, reduction="batchmean").item()
+        assert r["kl_zero"] == pytest.approx(kl_zero, rel=1e-4)
 
 
 def test_excluded_positions_keep_their_activation(model, data, train_mean):
@@ -236,6 +242,56 @@ def test_kill_mask_is_restored(model, data, train_mean):
     assert r["killed"] == 10 and (r.frequency[:10] == 0).all() and r["dead"] >= 10
 
 
+def _batchtopk(d_sae=64, k=4):
+    import sae.dictionaries  # noqa: F401  (registers every architecture)
+    from sae.dictionaries.registry import ARCHITECTURES
+
+    cls = ARCHITECTURES["batchtopk"]
+    d = cls(cls.Config(architecture="batchtopk", d_sae=d_sae, k=k), 32, metadata={"hook_name": HOOK})
+    with torch.no_grad():
+        d.threshold.fill_(0.2)  # as if trained: inference keeps pre-activations above it
+    return d
+
+
+def test_dictionaries_are_evaluated_in_eval_mode(model, data, train_mean):
+    """A BatchTopK dictionary handed over in training mode (batch-wide top-k selection, which would
+    make every number depend on the batch) gives its eval-mode numbers, and is left in training mode."""
+    d = _batchtopk()
+    ref = _eval(model, data, {"b": d.eval()}, train_mean)["b"]
+    d.train()
+    for bs in (2, 13):
+        r = _eval(model, data, {"b": d}, train_mean, batch_size=bs)["b"]
+        assert d.training
+        assert torch.equal(r.frequency, ref.frequency)
+        for key in M.METRIC_KEYS:
+            if isinstance(ref[key], float) and math.isnan(ref[key]):
+                continue
+            assert r[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (key, bs)
+    assert ref["l0"] != pytest.approx(4.0, abs=0.05)  # the eval threshold, not exactly k per token
+    metrics, freq = reconstruction_metrics(d, torch.randn(50, 32, generator=torch.Generator().manual_seed(0)))
+    assert d.training
+    d.eval()
+    again, freq2 = reconstruction_metrics(d, torch.randn(50, 32, generator=torch.Generator().manual_seed(0)))
+    assert not d.training and torch.equal(freq, freq2) and metrics["l0"] == again["l0"]
+
+
+def test_training_flag_and_kill_mask_restored_on_error(model, data, train_mean):
+    d = RandomReLU.make(d_sae=64).train()
+    kill = torch.zeros(64, dtype=torch.bool)
+    kill[:5] = True
+
+    def broken(f):
+        raise RuntimeError("decode failed")
+
+    d.decode = broken  # instance attribute: fails inside the spliced forward
+    with pytest.raises(RuntimeError, match="decode failed"):
+        _eval(model, data, {"k": EvalTarget(d, kill_mask=kill)}, train_mean)
+    assert d.training and d.kill_mask is None
+    del d.decode
+    r = _eval(model, data, {"k": d}, train_mean)["k"]  # the model's hooks were cleaned up too
+    assert d.training and r["tokens_evaluated"] == int(data[1].sum())
+
+
 # ---- the command line ----------------------------------------------------------------------
 
 def save_test_dictionary(path, model_dir, text_file, cls=RandomReLU, d_sae=64, ctx=16, seed=0):
@@ -253,7 +309,8 @@ def test_cli_evaluate_writes_outputs(tmp_path, tiny_model_dir, tiny_text_file, c
     b = tmp_path / "b"
     save_test_dictionary(a, tiny_model_dir, tiny_text_file, seed=0)
     save_test_dictionary(b, tiny_model_dir, tiny_text_file, cls=IdentityDict, d_sae=32)
-    main(["evaluate", str(tmp_path), "--tokens", "256",  # a run folder: every dictionary in it "--batch-size", "5", "--device", "cpu",
+    main(["evaluate", str(tmp_path),  # a run folder: every dictionary in it
+          "--tokens", "256", "--batch-size", "5", "--device", "cpu",
           "--no-progress", "--mean-tokens", "512", "--summary", str(tmp_path)])
     out = capsys.readouterr().out
     assert "no activation_mean.safetensors" in out and "% loss rec. (zero)" in out
@@ -279,3 +336,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         main(["evaluate", str(tmp_path / "missing"), "--device", "cpu"])
     assert e.value.code == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--tokens", "0"), ("--batch-size", "0"), ("--batch-size", "-3"),
+                                        ("--mean-tokens", "0")])
+def test_cli_non_positive_counts_are_one_line_errors(tmp_path, capsys, flag, value):
+    """evaluate, prune and ablate-frequency (and features) refuse a non-positive count before loading
+    anything, instead of silently evaluating one context or falling back to the default."""
+    from eval.__main__ import main
+
+    commands = [["evaluate", str(tmp_path)], ["prune", str(tmp_path), "--max-frequency", "0.1", "--out",
+                                              str(tmp_path / "out")],
+                ["ablate-frequency", str(tmp_path), "--thresholds", "0.1"]]
+    if flag != "--mean-tokens":
+        commands.append(["features", str(tmp_path)])
+    for command in commands:
+        with pytest.raises(SystemExit) as e:
+            main([*command, flag, value, "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, command
+        assert err.strip() == f"python -m eval: error: {flag} must be a positive integer, got {int(value)}", command

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from eval.ablate import parse_thresholds, run_ablation
+from eval.ablate import AblationResult, parse_thresholds, plot_ablation, point_labels, run_ablation
 from eval.evaluate import compute_activation_means, evaluate_dictionaries, read_frequency
 from eval.prune import kill_mask_from_frequency, original_ids, prune_dictionary, save_pruned
 from eval_helpers import HOOK, RandomReLU, make_tokens
@@ -180,6 +180,50 @@ def test_ablation_killing_every_feature(model, data, means, measured):
     assert all(x is None or isinstance(x, (int, float, str)) for x in row.values())
 
 
+def test_thresholds_that_print_alike_are_refused():
+    """0.1 and 0.1000001 would share the ablation row key `d@>0.1` and the folder `d-pruned-0.1`."""
+    from types import SimpleNamespace
+
+    from eval.run import evaluate_run, pruned_name
+
+    with pytest.raises(UserError, match=r"0\.1000001 and 0\.1 both print as 0\.1"):
+        parse_thresholds("0.2,0.1,0.1000001")
+    assert parse_thresholds([0.2, 0.1, 0.038, 0.1]) == [0.2, 0.1, 0.038]
+    assert [pruned_name("low", t) for t in (0.1, 0.2, 0.038)] == ["low-pruned-0.1", "low-pruned-0.2",
+                                                                  "low-pruned-0.038"]
+    assert pruned_name("low", 0.05, 0.0) == "low-pruned-0.05-min0"
+    bad = SimpleNamespace(dictionaries=["low"], max_frequency=[0.1, 0.1000001], min_frequency=None, mode="after",
+                          ablation=None)  # a PruneConfig's fields
+    with pytest.raises(UserError, match=r"prune\.max_frequency 0\.1 and 0\.1000001 both print as 0\.1"):
+        evaluate_run(None, {}, {}, "unused", None, None, {}, prune=bad)  # refused before anything runs
+    bad.max_frequency = [0.1]
+    bad.ablation = SimpleNamespace(dictionary="low", thresholds=[0.05, 0.05000001], compare=[], mode="after")
+    with pytest.raises(UserError, match="prune.ablation.thresholds"):
+        evaluate_run(None, {}, {}, "unused", None, None, {}, prune=bad)
+
+
+def test_coincident_ablation_points_share_one_label(tmp_path, monkeypatch):
+    pts = [(270.0, 0.99, 0.3, 4), (234.0, 0.96, 0.15, 264), (0.39, 0.16, 0.07, 2298),
+           (0.0, 0.1575, 0.05, 2304), (0.0, 0.1575, 0.038, 2304), (0.0, 0.1575, 0.02, 2304)]
+    assert point_labels(pts) == [(270.0, 0.99, ">0.3 (-4)"), (234.0, 0.96, ">0.15 (-264)"),
+                                 (0.39, 0.16, ">0.07 (-2298)"), (0.0, 0.1575, ">0.05, >0.038, >0.02 (-2304)")]
+    # Within the tolerances (labels that would overlap on the plot): one label, "; " between kill counts.
+    assert point_labels(pts, x_tol=1.0, y_tol=0.01)[-1] == (0.39, 0.16, ">0.07 (-2298); >0.05, >0.038, >0.02 (-2304)")
+
+    import eval.histogram
+
+    drawn = {}
+    monkeypatch.setattr(eval.histogram, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
+    rows = [{"threshold": t, "killed": k, "l0": x, "loss_recovered": y, "loss_recovered_mean_ablation": y - 0.3}
+            for x, y, t, k in pts]
+    unpruned = {"l0": 280.0, "loss_recovered": 1.0, "loss_recovered_mean_ablation": 0.7}
+    plot_ablation(AblationResult("d", "after", "test", 100, rows, unpruned), tmp_path / "a.png")
+    for ax in drawn["fig"].axes:
+        texts = [t.get_text() for t in ax.texts]
+        assert sum(">0.05" in t for t in texts) == 1 and ">0.07 (-2298); >0.05, >0.038, >0.02 (-2304)" in texts
+        assert ">0.3 (-4)" in texts and ">0.15 (-264)" in texts
+
+
 # ---- the command line ----------------------------------------------------------------------
 
 def test_cli_prune_and_ablate(tmp_path, tiny_model_dir, tiny_text_file, capsys):
@@ -253,3 +297,31 @@ def test_evaluate_run_with_prune_block(tmp_path, model, data, means):
     assert row["l0"] == pytest.approx(results["low-pruned-0.05"]["l0"], rel=1e-6)
     assert row["loss_recovered"] == pytest.approx(results["low-pruned-0.05"]["loss_recovered"], rel=1e-5)
     assert ab["unpruned"]["l0"] == results["low"]["l0"] and "wide" in ab["references"]
+
+
+def test_cli_frequencies_without_a_token_count(tmp_path, tiny_model_dir, tiny_text_file, capsys):
+    """A frequency.safetensors that records no tokens_evaluated (what `python -m sae.convert` writes
+    from SAELens's training-time sparsity) is reported with its own `source`, never as "None tokens"."""
+    from eval.__main__ import main
+    from sae import io
+
+    src = tmp_path / "dict"
+    save_test_dictionary(src, tiny_model_dir, tiny_text_file, d_sae=96, seed=2)
+    freq = torch.linspace(0, 0.3, 96)
+    io.save_tensors(src / "frequency.safetensors", {"frequency": freq},
+                    metadata={"source": "converted from /elsewhere/saelens_sae"})  # as sae/convert.py writes it
+    common = ["--tokens", "64", "--batch-size", "4", "--device", "cpu", "--no-progress", "--mean-tokens", "64"]
+    main(["prune", str(src), "--max-frequency", "0.2", "--out", str(tmp_path / "pruned"), *common])
+    text = capsys.readouterr().out
+    assert "None tokens" not in text and "converted from /elsewhere/saelens_sae" in text
+    assert "not known to be measured on held-out tokens" in text
+    rec = json.loads((tmp_path / "pruned" / "cfg.json").read_text())["pruning"]
+    assert "converted from /elsewhere/saelens_sae" in rec["frequency_source"] and rec["frequency_tokens"] is None
+    assert rec["killed"] == int((freq > 0.2).sum()) and "None" not in (tmp_path / "pruned" / "prune.md").read_text()
+
+    main(["ablate-frequency", str(src), "--thresholds", "0.25,0.1", "--out", str(tmp_path / "ab"), *common])
+    text = capsys.readouterr().out
+    assert "None tokens" not in text and "converted from /elsewhere/saelens_sae" in text
+    ab = json.loads((tmp_path / "ab" / "ablation.json").read_text())
+    assert "converted from /elsewhere/saelens_sae" in ab["frequency_source"] and "None" not in ab["frequency_source"]
+    assert "None tokens" not in (tmp_path / "ab" / "ablation.md").read_text()
