@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,6 +33,9 @@ class HarvestConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_contexts: int = Field(16, ge=1, description="contexts per model forward")
     contexts_per_shard: int = Field(512, ge=1)
+    verify: Literal["quick", "full"] = Field(
+        "quick", description="checking an existing cache: quick = sizes and headers; full = also the "
+                             "sha256 of every shard (reads it all; finds flipped bytes), re-harvesting bad ones")
 
 
 class TrainConfig(_Strict):
@@ -40,7 +43,7 @@ class TrainConfig(_Strict):
     epochs: float = Field(1.0, gt=0, description="passes over the train tokens")
     checkpoint_every_tokens: int | None = Field(None, description="None: a checkpoint every ~10% of training")
     autocast: Literal["auto", "bfloat16", "float16", "none"] = Field("auto", description="auto: bf16 on CUDA, none on CPU")
-    log_every_steps: int = 50
+    log_every_steps: int = Field(50, ge=1, description="steps between progress-bar stats, wandb logs and NaN checks")
 
 
 class EvalConfig(_Strict):
@@ -48,9 +51,12 @@ class EvalConfig(_Strict):
     batch_contexts: int = Field(8, ge=1, description="contexts per model forward during evaluation")
 
 
+Frequency = Annotated[float, Field(ge=0, le=1)]  # a fraction of tokens
+
+
 class AblationConfig(_Strict):
     dictionary: str = Field(description="name of the dictionary to ablate")
-    thresholds: list[float]
+    thresholds: list[Frequency] = Field(min_length=1, description="kill features firing more often than each")
     compare: list[str] = Field(default_factory=list, description="dictionaries drawn as reference points")
     mode: Literal["after", "before"] = "after"
 
@@ -59,17 +65,25 @@ class PruneConfig(_Strict):
     """Kill features by frequency after training; each (dictionary, threshold) is saved and evaluated."""
 
     dictionaries: list[str] = Field(description="names of the trained dictionaries to prune")
-    max_frequency: list[float] = Field(default_factory=list, description="kill features firing more often")
-    min_frequency: float | None = Field(None, description="also kill features firing less often (e.g. 0 for dead)")
+    max_frequency: list[Frequency] = Field(default_factory=list, description="kill features firing more often")
+    min_frequency: Frequency | None = Field(None, description="also kill features firing at most this often (0: the dead)")
     mode: Literal["after", "before"] = Field("after", description="TopK only: kill after or before the top-k selection")
     ablation: AblationConfig | None = None
+
+    @model_validator(mode="after")
+    def _thresholds_make_sense(self) -> "PruneConfig":
+        if self.dictionaries and not self.max_frequency and self.min_frequency is None:
+            raise ValueError("give max_frequency (a list) and/or min_frequency: nothing would be killed")
+        if self.min_frequency is not None and any(m <= self.min_frequency for m in self.max_frequency):
+            raise ValueError(f"every max_frequency must exceed min_frequency={self.min_frequency:g}, "
+                             f"or every feature is killed")
+        return self
 
 
 class WandbConfig(_Strict):
     mode: Literal["disabled", "offline", "online"] = "disabled"
     project: str = "sae"
-    entity: str | None = None
-    log_every_steps: int = 50
+    entity: str | None = None  # curves are logged every train.log_every_steps
 
 
 class DistributedConfig(_Strict):
@@ -104,6 +118,16 @@ class RunConfig(_Strict):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
+    @field_validator("model")
+    @classmethod
+    def _model_folder_exists(cls, name: str) -> str:
+        # a hub id has no leading '.', '/' or '~'; anything that does is a folder and must exist now
+        path = Path(name).expanduser()
+        if name.startswith((".", "/", "~")) and not (path / "config.json").is_file():
+            what = "has no config.json" if path.is_dir() else "does not exist"
+            raise ValueError(f"model folder {name} {what}; give an HF model folder, a hub id or smollm2-135m")
+        return name
+
     @field_validator("run_name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
@@ -128,13 +152,27 @@ class RunConfig(_Strict):
 
 # ---- sweep expansion -----------------------------------------------------------------------
 
+def _config_fields(architecture: Any) -> set[str] | None:
+    """The keys an architecture's config takes (None: unknown architecture; parsing names it)."""
+    from sae.dictionaries.registry import ARCHITECTURES
+    cls = ARCHITECTURES.get(architecture) if isinstance(architecture, str) else None
+    return set(cls.Config.model_fields) if cls is not None else None
+
+
 def expand_dictionaries(run: RunConfig) -> list[DictionaryConfig]:
     """Each `dictionaries` entry × its own `sweep:` grid × the run's `sweep:` grid × (hook points
     when the entry names none) -> validated configs with unique names."""
     expanded: list[DictionaryConfig] = []
+    used: set[str] = set()  # run-level sweep keys some entry takes
     for index, entry in enumerate(run.dictionaries):
         entry = dict(entry)
-        grid = {**run.sweep, **(entry.pop("sweep", None) or {})}
+        # The run's sweep applies to the entries whose architecture has that key (a run may sweep
+        # l1_coefficient over its relu entries while a topk entry has none); an entry's own sweep
+        # applies to it whatever the key.
+        fields = _config_fields(entry.get("architecture"))
+        run_grid = {k: v for k, v in run.sweep.items() if fields is None or k in fields}
+        used.update(run_grid)
+        grid = {**run_grid, **(entry.pop("sweep", None) or {})}
         if "hook_name" not in entry and "hook_name" not in grid and len(run.hooks) > 1:
             grid["hook_name"] = list(run.hooks)
         for key, values in grid.items():
@@ -155,6 +193,10 @@ def expand_dictionaries(run: RunConfig) -> list[DictionaryConfig]:
                 expanded.append(parse_dictionary_config(raw))
             except ValidationError as e:
                 raise ConfigError(_format_validation_error(e, f"dictionaries[{index}]", raw)) from None
+    unused = [k for k in run.sweep if k not in used]
+    if unused:
+        raise ConfigError(f"sweep.{unused[0]}: no dictionary has this key "
+                          f"(architectures: {sorted({str(e.get('architecture')) for e in run.dictionaries})})")
     names = [c.name for c in expanded]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

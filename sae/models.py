@@ -76,6 +76,18 @@ def embedded_model_dir() -> Path:
     target = cache_root() / "models" / f"{EMBEDDED_SMOLLM2}-{gguf.stem}"
     if (target / "config.json").is_file():
         return target
+    from filelock import FileLock
+
+    # Several processes (torchrun ranks, parallel test workers) may start on a fresh machine at
+    # once: one converts, the others wait for it and then find the folder.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -91,7 +103,6 @@ def embedded_model_dir() -> Path:
         del config.quantization_config
         model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(quantised.state_dict())
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             model.save_pretrained(tmp)
@@ -102,7 +113,6 @@ def embedded_model_dir() -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    return target
 
 
 def resolve_model_path(name: str) -> str:

@@ -142,6 +142,10 @@ def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str
             f"evaluate again); its summary:")
         print((run_dir / "summary.md").read_text(), flush=True)
         return done
+    if run.eval.enabled:
+        from eval.run import check_prune_config
+
+        check_prune_config(run.prune)  # thresholds that would share a folder: refused before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         io.write_text(run_dir / "config.yaml", dump_run_config(run))
@@ -153,7 +157,19 @@ def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str
     model = load_model(run.model, device=device, dtype=run.model_dtype)
     check_hooks(model, run.hooks)
     d_in = {h: hook_d_in(model, h) for h in run.hooks}
+    if dist.is_distributed() and run.distributed.placement == "data_parallel" \
+            and run.train.batch_size % dist.world_size():
+        raise ConfigError(f"train.batch_size={run.train.batch_size} must be divisible by the "
+                          f"{dist.world_size()} data-parallel ranks (each trains on its slice)")
+    for cfg in configs:  # before any harvest or training: settings that need the width
+        try:
+            cfg.check_for_width(d_in[cfg.hook_name])
+        except ValueError as e:
+            raise ConfigError(f"dictionary {cfg.name!r}: {e}") from None
     tokenizer = model.tokenizer
+    # Read now so that too little held-out text fails before the harvest and training, not after.
+    heldout = (load_contexts(run.data, tokenizer, "heldout", run.eval_tokens)
+               if run.eval.enabled and dist.is_main() else None)
 
     trained = finished_dictionaries(run, configs)
     if trained is not None and not dist.is_main():
@@ -175,7 +191,7 @@ def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str
             checkpoint_every_tokens=every,
             metadata={c.name: dictionary_metadata(run, c) for c in configs},
             wandb={"mode": run.wandb.mode, "project": run.wandb.project, "entity": run.wandb.entity,
-                   "log_every": run.wandb.log_every_steps, "name": run.run_name},
+                   "name": run.run_name},
             autocast_dtype=autocast_dtype(run, device), log_every=run.train.log_every_steps,
             placement=run.distributed.placement if dist.is_distributed() else None)
         if not dist.is_main():  # rank 0 alone writes the means, evaluates and prunes
@@ -205,7 +221,6 @@ def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str
 
     from eval.run import evaluate_run
 
-    heldout = load_contexts(run.data, tokenizer, "heldout", run.eval_tokens)
     heldout_keep = keep_mask(heldout, tokenizer, run.data.exclude_tokens)
     say(f"evaluating on {int(heldout_keep.sum()):,} held-out tokens")
     dictionaries = {name: d.to(device) for name, d in trained.items()}
@@ -241,7 +256,7 @@ def _batch_source(run: RunConfig, model, tokens: torch.Tensor, keep: torch.Tenso
     say(f"harvesting {int(keep.sum()):,} training tokens into {run.cache_dir}/")
     harvest(model, tokens, keep, run.hooks, run.cache_dir, identity=identity, dtype=run.harvest.dtype,
             contexts_per_shard=run.harvest.contexts_per_shard, batch_contexts=run.harvest.batch_contexts,
-            distributed=dist.is_distributed())
+            verify=run.harvest.verify, distributed=dist.is_distributed())
     source = CacheReader(run.cache_dir, batch_size=run.train.batch_size, seed=run.seed, hooks=hooks)
     return source, cache_means(run.cache_dir, list(run.hooks)) if dist.is_main() else None
 

@@ -160,8 +160,9 @@ def load_contexts(cfg: DataConfig, tokenizer, split: str, n_tokens: int, batch_d
             del stream[:body]
     if len(contexts) < n_contexts:
         raise UserError(f"data source {cfg.source!r} has only {len(contexts) * ctx} {split} tokens, "
-                        f"{n_contexts * ctx} asked for; lower the token budget"
-                        + (" or raise data.heldout_fraction" if split == "heldout" else ""))
+                        f"{n_contexts * ctx} asked for; "
+                        + ("lower eval_tokens (--tokens) or raise data.heldout_fraction" if split == "heldout"
+                           else "lower train_tokens or use a larger data.source"))
     return torch.tensor(contexts, dtype=torch.long)
 
 

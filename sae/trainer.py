@@ -387,6 +387,10 @@ class Trainer:
             expected = self._expected_d_in(hook)
             if expected is not None and expected != d_in:
                 raise ConfigError(f"{name}: d_in is {expected} but the batches of {hook!r} have width {d_in}")
+            try:
+                cfg.check_for_width(d_in)
+            except ValueError as e:
+                raise ConfigError(f"dictionary {name!r}: {e}") from None
             cls = get_architecture(cfg.architecture)
             dictionary = cls(cfg, d_in).to(self.device)
             optimizer = torch.optim.Adam(dictionary.parameters(), lr=dictionary.lr, betas=tuple(cfg.adam_betas))
@@ -422,6 +426,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "total_steps": self.total_steps,
             "batch_size": self.batch_size,
+            "world_size": self.world,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "wandb_id": self._wandb_id or "",
@@ -463,6 +468,11 @@ class Trainer:
             return None
         path, state = found
         if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.fingerprint():
+            ranks = state.get("world_size")
+            if self.placement == "dictionary_per_rank" and ranks is not None and ranks != self.world:
+                raise ConfigError(f"{path} was written by a dictionary_per_rank run on {ranks} ranks; each "
+                                  f"rank's dictionaries depend on the rank count: relaunch with "
+                                  f"--nproc-per-node {ranks} (now {self.world})")
             raise ConfigError(f"{path} was written by a run with different dictionaries or total_tokens; "
                               f"use another out_dir, or delete {self.checkpoint_dir} to start over")
         return path, state

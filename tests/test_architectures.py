@@ -294,3 +294,16 @@ def test_training_loss_reports_counts_for_every_architecture():
         assert out.x_hat.shape == x.shape
         counts = out.counts()
         assert counts.shape == (D_SAE,) and counts.sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_bfloat16_dictionary_takes_float32_activations(arch):
+    """sae.load(..., dtype=torch.bfloat16) next to a float32 model: encode/decode/forward cast the
+    input to the weights' dtype instead of failing in the matmul."""
+    d = make(arch).eval()
+    x = inputs(32)
+    low = copy.deepcopy(d).to(torch.bfloat16)
+    f = low.encode(x)
+    assert f.dtype == torch.bfloat16 and low.decode(f.float()).dtype == torch.bfloat16
+    # (threshold architectures may flip a feature sitting on its threshold: compare as a whole)
+    assert float((low(x).float() - d(x)).norm() / d(x).norm()) < 0.05

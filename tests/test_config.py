@@ -58,6 +58,13 @@ def test_overrides_set_nested_and_list_keys(tmp_path, tiny_model_dir, tiny_text_
     ("dictionaries.0.architecture=reul", "unknown architecture 'reul' (did you mean: relu?)"),
     ("data.source=/no/such/file.txt", "data.source: Value error, no files match '/no/such/file.txt'"),
     ("harvest.dtype=float64", "harvest.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ("dictionaries.0.k=-3", "dictionaries[0].k: Input should be greater than or equal to 1"),
+    ("dictionaries.0.k=100", "dictionaries[0]: Value error, k=100 is more than d_sae=64 features"),
+    ("dictionaries.0.d_sae=0", "dictionaries[0].d_sae: Input should be greater than or equal to 1"),
+    ("dictionaries.1.lr=-1", "dictionaries[1].lr: Input should be greater than 0"),
+    ("dictionaries.1.sweep={l1_coefficient: [-0.5]}", "dictionaries[1].l1_coefficient: Input should be greater than or equal to 0"),
+    ("sweep={l1_coeficient: [1, 2]}", "sweep.l1_coeficient: no dictionary has this key"),
+    ("model=./no/such/model", "model: Value error, model folder ./no/such/model does not exist"),
     ("dictionaries.1.resample_min_frequency=0.01", "resample_min_frequency needs resample_every_tokens"),
     ("dictionaries.0.name=../elsewhere", "dictionaries[0].name: Value error, a dictionary name must be a plain folder name"),
 ])
@@ -88,6 +95,30 @@ def test_prune_must_name_a_real_dictionary(tmp_path, tiny_model_dir, tiny_text_f
     text = BASE + "prune: {{dictionaries: [rleu], max_frequency: [0.1]}}\n"
     with pytest.raises(ConfigError, match="no dictionary named 'rleu'"):
         load_run_config(write(tmp_path, text, tiny_model_dir, tiny_text_file))
+
+
+@pytest.mark.parametrize("prune, expected", [
+    ("{{dictionaries: [topk-blocks.0.hook_resid_post], max_frequency: [5]}}",
+     "prune.max_frequency[0]: Input should be less than or equal to 1"),
+    ("{{dictionaries: [topk-blocks.0.hook_resid_post], max_frequency: [0.1], min_frequency: 0.2}}",
+     "every max_frequency must exceed min_frequency=0.2"),
+    ("{{dictionaries: [topk-blocks.0.hook_resid_post]}}", "give max_frequency (a list) and/or min_frequency"),
+    ("{{dictionaries: [], ablation: {{dictionary: topk-blocks.0.hook_resid_post, thresholds: []}}}}",
+     "prune.ablation.thresholds: List should have at least 1 item"),
+])
+def test_bad_prune_settings_fail_before_any_work(tmp_path, tiny_model_dir, tiny_text_file, prune, expected):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(write(tmp_path, BASE + f"prune: {prune}\n", tiny_model_dir, tiny_text_file))
+    assert expected in str(err.value), str(err.value)
+
+
+def test_run_level_sweep_applies_to_the_entries_that_have_the_key(tmp_path, tiny_model_dir, tiny_text_file):
+    text = BASE.replace("sweep: {{l1_coefficient: [0.001, 0.01]}}", "l1_coefficient: 0.001")
+    text += "sweep: {{l1_coefficient: [0.5, 2.0]}}\n"
+    run, dicts = load_run_config(write(tmp_path, text, tiny_model_dir, tiny_text_file))
+    assert sorted(d.name for d in dicts if d.architecture == "topk") == [
+        "topk-blocks.0.hook_resid_post", "topk-blocks.1.hook_resid_post"]
+    assert sorted(d.l1_coefficient for d in dicts if d.architecture == "relu") == [0.5, 0.5, 2.0, 2.0]
 
 
 def test_train_py_exits_2_with_one_line(tmp_path, tiny_model_dir, tiny_text_file):

@@ -108,3 +108,19 @@ def test_missing_hook_is_one_line(tmp_path, tiny_model_dir, tiny_text_file):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()
     assert len(last) == 1 and "blocks.1.hook_mlp_outt" in last[0] and "did you mean" in last[0], proc.stderr
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["dictionaries.0.d_sae=null", "dictionaries.0.expansion_factor=0.5", "dictionaries.0.k=40"],
+     "dictionary 'topk': k=40 is more than d_sae=16 features"),
+    (["eval_tokens=10000000"], "lower eval_tokens (--tokens) or raise data.heldout_fraction"),
+])
+def test_settings_that_need_the_model_fail_before_the_harvest(tmp_path, tiny_model_dir, tiny_text_file,
+                                                             overrides, expected):
+    path = write_config(tmp_path, tiny_model_dir, tiny_text_file)
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(path), *overrides],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]  # (after the model-loading bar)
+    assert last.startswith("train.py: error: ") and expected in last, proc.stderr[-2000:]
+    assert not (tmp_path / "runs-disk" / "e2e" / "cache").exists()  # nothing harvested

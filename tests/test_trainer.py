@@ -123,7 +123,7 @@ def test_plain_iterable_sweep_writes_dictionaries_with_metadata(tmp_path):
 
 
 def test_duplicate_names_are_refused():
-    cfg = parse_dictionary_config({"architecture": "topk", "d_sae": 8, "name": "a"})
+    cfg = parse_dictionary_config({"architecture": "topk", "d_sae": 8, "k": 2, "name": "a"})
     with pytest.raises(ConfigError, match="unique"):
         dictionary_names([cfg, cfg])
 

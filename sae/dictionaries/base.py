@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from sae import io
@@ -54,18 +54,18 @@ class DictionaryConfig(BaseModel):
     architecture: str
     name: str | None = None
     hook_name: str | None = None  # None: the run's only hook point
-    d_sae: int | None = None  # give d_sae or expansion_factor (d_sae = factor * d_in)
-    expansion_factor: float | None = None
+    d_sae: int | None = Field(None, ge=1)  # give d_sae or expansion_factor (d_sae = factor * d_in)
+    expansion_factor: float | None = Field(None, gt=0)
 
-    lr: float | None = None  # None: the architecture's default (`default_lr`)
+    lr: float | None = Field(None, gt=0)  # None: the architecture's default (`default_lr`)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    lr_warmup_fraction: float = 0.0  # linear warm-up over this fraction of the steps
-    lr_decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of the steps
-    grad_clip: float | None = 1.0
-    seed: int = 0
+    lr_warmup_fraction: float = Field(0.0, ge=0, le=1)  # linear warm-up over this fraction of the steps
+    lr_decay_fraction: float = Field(0.2, ge=0, le=1)  # linear decay to 0 over the last fraction of the steps
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = Field(0, ge=0)
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     normalize_activations: bool = True  # scale inputs so E‖x‖² = d_in; folded back at save
-    dead_after_tokens: int = 1_000_000  # a feature silent this long counts as dead
+    dead_after_tokens: int = Field(1_000_000, ge=1)  # a feature silent this long counts as dead
 
     @field_validator("name")
     @classmethod
@@ -81,13 +81,18 @@ class DictionaryConfig(BaseModel):
             raise ValueError("give either d_sae or expansion_factor, not both")
         if self.d_sae is None and self.expansion_factor is None:
             raise ValueError("give d_sae or expansion_factor")
-        for key in ("lr_warmup_fraction", "lr_decay_fraction"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"{key} must be in [0, 1]")
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must both be in [0, 1), got {list(self.adam_betas)}")
         return self
 
     def resolve_d_sae(self, d_in: int) -> int:
         return self.d_sae if self.d_sae is not None else int(round(self.expansion_factor * d_in))
+
+    def check_for_width(self, d_in: int) -> None:
+        """Settings that depend on the activation width (known once the model is loaded): raises
+        ValueError naming the key. Architectures add their own (TopK: k <= d_sae)."""
+        if self.resolve_d_sae(d_in) < 1:
+            raise ValueError(f"expansion_factor {self.expansion_factor} gives d_sae 0 for d_in {d_in}")
 
 
 @dataclass
@@ -166,8 +171,7 @@ class SparseDictionary(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
         """[..., d_in] -> [..., d_sae]"""
-        x = x * self.input_scale
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return (self.scale_input(x) - self.b_dec) @ self.W_enc + self.b_enc
 
     def activation(self, pre: Tensor) -> Tensor:
         """[..., d_sae] pre-activations -> [..., d_sae] feature activations (architecture's own)."""
@@ -190,16 +194,17 @@ class SparseDictionary(nn.Module):
         return f @ self.W_dec + self.b_dec
 
     def decode(self, f: Tensor) -> Tensor:
-        """f [..., d_sae] -> x_hat [..., d_in] in the units of the raw input."""
-        return self.decode_scaled(f) / self.input_scale
+        """f [..., d_sae] -> x_hat [..., d_in] in the units of the raw input (the weights' dtype)."""
+        return self.decode_scaled(f.to(self.W_dec.dtype)) / self.input_scale
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
     # ---- training hooks (the trainer calls these) -------------------------------------------
     def scale_input(self, x: Tensor) -> Tensor:
-        """Raw activations -> the normalised units the dictionary trains in."""
-        return x * self.input_scale
+        """Raw activations -> the normalised units the dictionary trains in, in the weights' dtype
+        (so a dictionary loaded in bfloat16 takes the model's float32 activations as they are)."""
+        return x.to(self.W_enc.dtype) * self.input_scale
 
     @property
     def unit_norm_decoder(self) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from sae import distributed
@@ -32,7 +33,7 @@ from sae.dictionaries.topk import TopKConfig, TopKDictionary
 
 class BatchTopKConfig(TopKConfig):
     architecture: Literal["batchtopk"] = "batchtopk"  # type: ignore[assignment]
-    threshold_beta: float = 0.999
+    threshold_beta: float = Field(0.999, ge=0, lt=1)
 
 
 def batch_topk_flat(pre: Tensor, n: int) -> Tensor:

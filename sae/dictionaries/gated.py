@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from sae.dictionaries.base import DictionaryConfig, SparseDictionary, TrainStep
@@ -27,8 +28,8 @@ from sae.dictionaries.relu import penalty_warmup
 
 class GatedConfig(DictionaryConfig):
     architecture: Literal["gated"] = "gated"
-    l1_coefficient: float = 1.0
-    sparsity_warmup_fraction: float = 0.05
+    l1_coefficient: float = Field(1.0, ge=0)
+    sparsity_warmup_fraction: float = Field(0.05, ge=0, le=1)
     normalize_decoder: bool = True
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from sae.dictionaries.base import DictionaryConfig, SparseDictionary, TrainStep
@@ -29,10 +30,10 @@ from sae.dictionaries.relu import penalty_warmup
 
 class JumpReLUConfig(DictionaryConfig):
     architecture: Literal["jumprelu"] = "jumprelu"
-    l0_coefficient: float = 0.1
-    sparsity_warmup_fraction: float = 0.05
-    bandwidth: float = 0.05  # ε of the rectangle kernel, in normalised pre-activation units
-    threshold_init: float = 0.1
+    l0_coefficient: float = Field(0.1, ge=0)
+    sparsity_warmup_fraction: float = Field(0.05, ge=0, le=1)
+    bandwidth: float = Field(0.05, gt=0)  # ε of the rectangle kernel, in normalised pre-activation units
+    threshold_init: float = Field(0.1, ge=0)
     normalize_decoder: bool = True
 
 

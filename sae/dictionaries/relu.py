@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from sae.dictionaries.base import DictionaryConfig, SparseDictionary, TrainStep
@@ -29,15 +29,15 @@ from sae.dictionaries.registry import register
 class ReLUConfig(DictionaryConfig):
     architecture: Literal["relu"] = "relu"
     recipe: Literal["classic", "april2024"] = "classic"
-    l1_coefficient: float | None = None  # None: 1.0 (classic) or 5.0 (april2024)
-    sparsity_warmup_fraction: float | None = None  # None: 0 (classic) or 0.05 (april2024)
+    l1_coefficient: float | None = Field(None, ge=0)  # None: 1.0 (classic) or 5.0 (april2024)
+    sparsity_warmup_fraction: float | None = Field(None, ge=0, le=1)  # None: 0 (classic) or 0.05 (april2024)
     normalize_decoder: bool | None = None  # None: True for classic, False for april2024
     # Dead-feature resampling (classic recipe); None = off. A feature is resampled when it has
     # not fired for `resample_dead_tokens` (None: half the resampling period), or, with
     # `resample_min_frequency`, when it fired on fewer than that fraction of the tokens since the
     # last resampling: the dual of pruning high-frequency features (`prune.max_frequency`).
     resample_every_tokens: int | None = None
-    resample_dead_tokens: int | None = None
+    resample_dead_tokens: int | None = Field(None, ge=1)
     resample_min_frequency: float | None = None
 
     @model_validator(mode="after")

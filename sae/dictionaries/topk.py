@@ -29,6 +29,7 @@ import math
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from sae import distributed, sparse_ops
@@ -38,11 +39,25 @@ from sae.dictionaries.registry import register
 
 class TopKConfig(DictionaryConfig):
     architecture: Literal["topk"] = "topk"
-    k: int = 32
-    aux_k: int | None = None  # None: d_in // 2
-    aux_coefficient: float = 1.0 / 32
+    k: int = Field(32, ge=1)
+    aux_k: int | None = Field(None, ge=1)  # None: d_in // 2
+    aux_coefficient: float = Field(1.0 / 32, ge=0)
     normalize_decoder: bool = True
     sparse: bool = True  # sparse decoder / encoder backward in training (same maths as dense)
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> "TopKConfig":
+        if self.d_sae is not None:  # the width is known without the model
+            self.check_for_width(1)
+        return self
+
+    def check_for_width(self, d_in: int) -> None:
+        super().check_for_width(d_in)
+        d_sae = self.resolve_d_sae(d_in)
+        for key in ("k", "aux_k"):
+            value = getattr(self, key)
+            if value is not None and value > d_sae:
+                raise ValueError(f"{key}={value} is more than d_sae={d_sae} features")
 
 
 def _row_major_coords(idx: Tensor) -> tuple[Tensor, Tensor]:
