@@ -688,6 +688,7 @@ class Trainer:
             d.metadata.update(self.metadata.get(s.name, {}))
             d.metadata.setdefault("hook_name", s.hook if s.hook != DEFAULT_HOOK else None)
             d.metadata["tokens_trained"] = self.tokens_seen
+            d.metadata["lr_used"] = d.lr  # the hyperparameters keep lr: null when it was the default
             if d.resample_every_tokens():
                 d.metadata["features_resampled"] = s.tracker.resampled
             d.metadata["library_version"] = sae.__version__

@@ -113,6 +113,7 @@ def test_plain_iterable_sweep_writes_dictionaries_with_metadata(tmp_path):
         assert cfg["model_name"] == "synthetic" and cfg["dataset"] == "ground truth"
         assert cfg["tokens_trained"] == 2560 and cfg["library_version"] == sae.__version__
         assert "lr" in cfg["hyperparameters"]
+        assert cfg["lr_used"] == out[name].lr > 0  # the default lr is resolved per architecture
         d = out[name]
         assert float(d.input_scale) == 1.0 and not d.training
         loaded = load_dictionary(tmp_path / name)
