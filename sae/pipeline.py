@@ -80,7 +80,9 @@ def finished_dictionaries(run: RunConfig, configs: list[DictionaryConfig]) -> di
             return None
         d = load_dictionary(folder)
         saved = _trained_with(d.cfg.model_dump(mode="json"), d.metadata)
-        wanted = _trained_with(cfg.model_dump(mode="json"), dictionary_metadata(run, cfg))
+        # a loaded dictionary states its width as d_sae: compare widths, not how they were asked for
+        as_width = cfg.model_copy(update={"d_sae": cfg.resolve_d_sae(d.d_in), "expansion_factor": None})
+        wanted = _trained_with(as_width.model_dump(mode="json"), dictionary_metadata(run, cfg))
         changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         if changed:
             what = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)

@@ -29,7 +29,7 @@ harvest: {{mode: {mode}, contexts_per_shard: 64}}
 train: {{batch_size: 256}}
 dictionaries:
   - {{name: topk, architecture: topk, k: 4, d_sae: 64, hook_name: blocks.0.hook_resid_post}}
-  - {{name: relu, architecture: relu, d_sae: 64, l1_coefficient: 0.3, hook_name: blocks.1.hook_mlp_out}}
+  - {{name: relu, architecture: relu, expansion_factor: 2, l1_coefficient: 0.3, hook_name: blocks.1.hook_mlp_out}}
 prune: {{dictionaries: [topk], max_frequency: [0.05]}}
 """
 
