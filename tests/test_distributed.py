@@ -225,3 +225,22 @@ def test_assignment_balances_and_one_process_helpers_are_no_ops():
     with distributed.data_parallel_step():
         assert torch.equal(distributed.batch_variance(x), (x - x.mean(dim=0)).pow(2).sum())
         assert distributed.batch_topk_threshold(x, 5) == x.flatten().topk(5).values.min()
+
+
+def test_torchrun_train_py_data_parallel_equals_one_process(tiny_model_dir, tiny_text_file, tmp_path):
+    """The default placement through train.py and the cache reader: 2 ranks, each training on its
+    half of every batch, give the dictionaries one process gives (up to float summation order)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(textwrap.dedent(RUN).format(out=tmp_path / "runs", model=tiny_model_dir, text=tiny_text_file))
+    r = launch(config, "distributed.placement=data_parallel", script=REPO / "train.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(REPO / "train.py"), str(config), f"output_dir={tmp_path / 'one'}",
+                          "distributed.placement=data_parallel"], env=_env(), capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for name in ("topk", "relu", "topk2"):
+        two_w = load_tensors(tmp_path / "runs" / "dist" / name / "sae.safetensors")
+        one_w = load_tensors(tmp_path / "one" / "dist" / name / "sae.safetensors")
+        for key, w in one_w.items():
+            rel = float((two_w[key] - w).norm() / w.norm().clamp_min(1e-12))
+            assert rel < 1e-4, f"{name}.{key}: relative difference {rel:.2e}"
