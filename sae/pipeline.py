@@ -125,7 +125,8 @@ def completed_run(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, 
     dictionary saved and evaluated, summary written), else None."""
     run_dir = run.run_dir
     config_file, summary = run_dir / "config.yaml", run_dir / "summary.md"
-    if dist.is_distributed() or not run.eval.enabled or not (config_file.is_file() and summary.is_file()):
+    # (under torchrun every rank reads the same files and so returns alike, with no collective)
+    if not run.eval.enabled or not (config_file.is_file() and summary.is_file()):
         return None
     if config_file.read_text() != dump_run_config(run):
         return None
@@ -142,7 +143,8 @@ def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str
     if done is not None:
         say(f"run {run.run_name} is complete with this config (delete {run_dir}/summary.md to "
             f"evaluate again); its summary:")
-        print((run_dir / "summary.md").read_text(), flush=True)
+        if dist.is_main():
+            print((run_dir / "summary.md").read_text(), flush=True)
         return done
     if run.eval.enabled:
         from eval.run import check_prune_config

@@ -206,6 +206,10 @@ def test_torchrun_train_py_then_evaluate_without_it(tiny_model_dir, tiny_text_fi
     for name in ("topk", "relu", "topk2"):
         metrics = json.loads((run_dir / name / "eval.json").read_text())
         assert metrics["tokens_evaluated"] > 0 and 0 <= metrics["fvu"] < 1.5
+    # the finished run relaunched under torchrun: found complete, nothing trained or evaluated again
+    r = launch(config, "eval.enabled=true", script=REPO / "train.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("is complete with this config") == 1 and "evaluating" not in r.stdout
 
 
 def test_assignment_balances_and_one_process_helpers_are_no_ops():
