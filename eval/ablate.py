@@ -93,12 +93,11 @@ def run_ablation(model, dictionary, frequency: Tensor, thresholds: Iterable[floa
     hook = dictionary.metadata.get("hook_name")
     mean = train_means.get(name, train_means.get(hook)) if hook is not None else train_means.get(name)
     targets: dict[str, E.EvalTarget] = {}
-    masks = {}
+    masks, keys = {}, {}
     for t in thresholds:
-        kill = kill_mask_from_frequency(frequency, max_frequency=t)
-        key = f"{name}@>{threshold_label(t)}"
-        masks[t] = kill
-        targets[key] = E.EvalTarget(dictionary, kill_mask=kill, kill_mode=mode, train_mean=mean)
+        masks[t] = kill = kill_mask_from_frequency(frequency, max_frequency=t)
+        keys[t] = f"{name}@>{threshold_label(t)}"
+        targets[keys[t]] = E.EvalTarget(dictionary, kill_mask=kill, kill_mode=mode, train_mean=mean)
     if name not in references:
         targets[name] = E.EvalTarget(dictionary, train_mean=mean)
     for other, d in (compare or {}).items():
@@ -116,7 +115,7 @@ def run_ablation(model, dictionary, frequency: Tensor, thresholds: Iterable[floa
             note = "kills nothing (same as unpruned)"
         elif killed == dictionary.d_sae:
             note = "kills every feature (x_hat = b_dec)"
-        rows.append(_row(results[f"{name}@>{threshold_label(t)}"], threshold=t, killed=killed,
+        rows.append(_row(results[keys[t]], threshold=t, killed=killed,
                          alive_features=dictionary.d_sae - killed, note=note))
     unpruned = _row(all_refs[name], threshold=None, killed=0)
     refs = {k: _row(v) for k, v in all_refs.items() if k != name}
@@ -263,10 +262,7 @@ def ablate_dir(directory: str | Path, thresholds: str | Iterable[float], *, comp
                batch_size: int | None = None, device: str = "auto", dtype: str | None = None,
                data_source: str | None = None, mean_tokens: int | None = None, progress: bool = True) -> AblationResult:
     """`python -m eval ablate-frequency`: everything evaluated on the held-out text of DIR's dictionary."""
-    n_tokens = E.DEFAULT_EVAL_TOKENS if n_tokens is None else n_tokens
-    batch_size = E.DEFAULT_BATCH_CONTEXTS if batch_size is None else batch_size
-    mean_tokens = E.DEFAULT_MEAN_TOKENS if mean_tokens is None else mean_tokens
-    E.check_counts(n_tokens, batch_size, mean_tokens)
+    n_tokens, batch_size, mean_tokens = E.counts_or_defaults(n_tokens, batch_size, mean_tokens)
     thresholds = parse_thresholds(thresholds)
     directory = Path(directory)
     dirs = [directory, *map(Path, compare or [])]

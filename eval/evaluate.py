@@ -131,6 +131,16 @@ def check_counts(n_tokens: int | None = None, batch_size: int | None = None,
             raise UserError(f"{flag} must be a positive integer, got {value!r}")
 
 
+def counts_or_defaults(n_tokens: int | None, batch_size: int | None,
+                       mean_tokens: int | None) -> tuple[int, int, int]:
+    """The command line's counts with the defaults filled in for those not given, checked."""
+    counts = (DEFAULT_EVAL_TOKENS if n_tokens is None else n_tokens,
+              DEFAULT_BATCH_CONTEXTS if batch_size is None else batch_size,
+              DEFAULT_MEAN_TOKENS if mean_tokens is None else mean_tokens)
+    check_counts(*counts)
+    return counts
+
+
 # ---- the core ------------------------------------------------------------------------------
 
 @torch.no_grad()

@@ -187,10 +187,7 @@ def prune_dir(directory: str | Path, out_dir: str | Path, *, max_frequency: floa
 
     if max_frequency is None and min_frequency is None and not parse_ids(kill_ids):
         raise UserError("nothing to kill: give --max-frequency, --min-frequency and/or --kill-ids")
-    n_tokens = E.DEFAULT_EVAL_TOKENS if n_tokens is None else n_tokens
-    batch_size = E.DEFAULT_BATCH_CONTEXTS if batch_size is None else batch_size
-    mean_tokens = E.DEFAULT_MEAN_TOKENS if mean_tokens is None else mean_tokens
-    E.check_counts(n_tokens, batch_size, mean_tokens)
+    n_tokens, batch_size, mean_tokens = E.counts_or_defaults(n_tokens, batch_size, mean_tokens)
     directory, out_dir = Path(directory), Path(out_dir)
     if directory.resolve() == out_dir.resolve():
         raise UserError(f"--out {out_dir} is the dictionary's own folder; write the pruned dictionary elsewhere")

@@ -59,6 +59,15 @@ def world_size() -> int:
     return _dist().get_world_size() if is_distributed() else 1
 
 
+def check_batch_divisible(batch_size: int, what: str = "a batch") -> None:
+    """Data parallel: every rank trains on an equal contiguous slice of each global batch."""
+    if batch_size % world_size():
+        from sae.errors import ConfigError
+
+        raise ConfigError(f"{what} ({batch_size} rows) must be divisible by the {world_size()} "
+                          f"data-parallel ranks: each trains on an equal slice")
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
 

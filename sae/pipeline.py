@@ -161,15 +161,10 @@ def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str
     model = load_model(run.model, device=device, dtype=run.model_dtype)
     check_hooks(model, run.hooks)
     d_in = {h: hook_d_in(model, h) for h in run.hooks}
-    if dist.is_distributed() and run.distributed.placement == "data_parallel" \
-            and run.train.batch_size % dist.world_size():
-        raise ConfigError(f"train.batch_size={run.train.batch_size} must be divisible by the "
-                          f"{dist.world_size()} data-parallel ranks (each trains on its slice)")
+    if dist.is_distributed() and run.distributed.placement == "data_parallel":
+        dist.check_batch_divisible(run.train.batch_size, "train.batch_size")
     for cfg in configs:  # before any harvest or training: settings that need the width
-        try:
-            cfg.check_for_width(d_in[cfg.hook_name])
-        except ValueError as e:
-            raise ConfigError(f"dictionary {cfg.name!r}: {e}") from None
+        cfg.require_width(d_in[cfg.hook_name])
     tokenizer = model.tokenizer
     # Read now so that too little held-out text fails before the harvest and training, not after.
     heldout = (load_contexts(run.data, tokenizer, "heldout", run.eval_tokens)

@@ -387,10 +387,7 @@ class Trainer:
             expected = self._expected_d_in(hook)
             if expected is not None and expected != d_in:
                 raise ConfigError(f"{name}: d_in is {expected} but the batches of {hook!r} have width {d_in}")
-            try:
-                cfg.check_for_width(d_in)
-            except ValueError as e:
-                raise ConfigError(f"dictionary {name!r}: {e}") from None
+            cfg.require_width(d_in, name)
             cls = get_architecture(cfg.architecture)
             dictionary = cls(cfg, d_in).to(self.device)
             optimizer = torch.optim.Adam(dictionary.parameters(), lr=dictionary.lr, betas=tuple(cfg.adam_betas))
@@ -648,9 +645,7 @@ class Trainer:
         B = int(batch[self.slots[0].hook].shape[0])
         lo, hi = 0, B
         if self.data_parallel:  # this rank's contiguous slice of the global batch
-            if B % self.world:
-                raise ConfigError(f"data-parallel training needs a batch size divisible by the number "
-                                  f"of ranks ({self.world}); a batch has {B} rows")
+            dist.check_batch_divisible(B)
             lo, hi = self.rank * B // self.world, (self.rank + 1) * B // self.world
         with dist.data_parallel_step() if self.data_parallel else contextlib.nullcontext():
             for s in self.slots:
@@ -667,8 +662,7 @@ class Trainer:
                 self._resample(s, x)  # data parallel: the whole batch, identically on every rank
 
     def _resample(self, s: _Slot, x: Tensor) -> None:
-        window = s.dictionary.resample_dead_tokens() if hasattr(s.dictionary, "resample_dead_tokens") else None
-        dead = s.tracker.dead_mask(window or s.cfg.dead_after_tokens)
+        dead = s.tracker.dead_mask(s.dictionary.resample_dead_tokens() or s.cfg.dead_after_tokens)
         floor = s.dictionary.resample_min_frequency()
         if floor is not None and s.tracker.period_tokens:
             dead |= s.tracker.period_frequencies() < floor

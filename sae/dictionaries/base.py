@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from sae import io
+from sae.errors import ConfigError
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "sae.safetensors"
@@ -93,6 +94,13 @@ class DictionaryConfig(BaseModel):
         ValueError naming the key. Architectures add their own (TopK: k <= d_sae)."""
         if self.resolve_d_sae(d_in) < 1:
             raise ValueError(f"expansion_factor {self.expansion_factor} gives d_sae 0 for d_in {d_in}")
+
+    def require_width(self, d_in: int, name: str | None = None) -> None:
+        """`check_for_width` as the one-line ConfigError naming the dictionary (trainer and train.py)."""
+        try:
+            self.check_for_width(d_in)
+        except ValueError as e:
+            raise ConfigError(f"dictionary {name or self.name!r}: {e}") from None
 
 
 @dataclass
@@ -213,6 +221,10 @@ class SparseDictionary(nn.Module):
 
     def resample_every_tokens(self) -> int | None:
         """Tokens between dead-feature resamplings (None: never); see `resample`."""
+        return None
+
+    def resample_dead_tokens(self) -> int | None:
+        """Silence after which a feature counts as dead at a resampling (None: dead_after_tokens)."""
         return None
 
     def resample_min_frequency(self) -> float | None:

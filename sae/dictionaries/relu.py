@@ -36,21 +36,16 @@ class ReLUConfig(DictionaryConfig):
     # not fired for `resample_dead_tokens` (None: half the resampling period), or, with
     # `resample_min_frequency`, when it fired on fewer than that fraction of the tokens since the
     # last resampling: the dual of pruning high-frequency features (`prune.max_frequency`).
-    resample_every_tokens: int | None = None
+    resample_every_tokens: int | None = Field(None, gt=0)
     resample_dead_tokens: int | None = Field(None, ge=1)
-    resample_min_frequency: float | None = None
+    resample_min_frequency: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _check_recipe(self) -> "ReLUConfig":
         if self.recipe == "april2024" and self.resample_every_tokens is not None:
             raise ValueError("the april2024 recipe does not resample; remove resample_every_tokens")
-        if self.resample_every_tokens is not None and self.resample_every_tokens <= 0:
-            raise ValueError("resample_every_tokens must be positive")
-        if self.resample_min_frequency is not None:
-            if not 0.0 < self.resample_min_frequency <= 1.0:
-                raise ValueError("resample_min_frequency must be in (0, 1]")
-            if self.resample_every_tokens is None:
-                raise ValueError("resample_min_frequency needs resample_every_tokens (how often to resample)")
+        if self.resample_min_frequency is not None and self.resample_every_tokens is None:
+            raise ValueError("resample_min_frequency needs resample_every_tokens (how often to resample)")
         return self
 
 
