@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -76,12 +75,6 @@ def worker(args: argparse.Namespace) -> None:
     distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nproc", default="1,2", help="comma-separated process counts")
@@ -109,6 +102,8 @@ def main() -> None:
         passthrough += ["--cores", args.cores]
     if args.threads:
         passthrough += ["--threads", args.threads]
+    from sae.distributed import free_port
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(x) for x in args.nproc.split(",")]:
@@ -117,7 +112,7 @@ def main() -> None:
                     continue  # one process: the placements are the same thing
                 result = Path(tmp) / f"{n}-{placement}.json"
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-                       "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                       "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                        __file__, "--worker", "--placement", placement, "--result", str(result),
                        *map(str, passthrough)]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

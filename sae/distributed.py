@@ -59,6 +59,15 @@ def world_size() -> int:
     return _dist().get_world_size() if is_distributed() else 1
 
 
+def free_port() -> int:
+    """A free TCP port on this machine, for a one-machine torchrun rendezvous (tests, benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def check_batch_divisible(batch_size: int, what: str = "a batch") -> None:
     """Data parallel: every rank trains on an equal contiguous slice of each global batch."""
     if batch_size % world_size():

@@ -142,6 +142,12 @@ class _ForwardTokens:
         self._handle.remove()
 
 
+def _only_features(features: Mapping[str, Tensor]) -> Tensor:
+    if len(features) != 1:
+        raise ValueError(f"{len(features)} dictionaries; use .features[name]")
+    return next(iter(features.values()))
+
+
 @dataclass
 class Splice:
     """What `splice` yields: the hooked dictionaries and, after each forward, their features."""
@@ -156,9 +162,7 @@ class Splice:
     @property
     def f(self) -> Tensor:
         """The features of the only dictionary."""
-        if len(self.features) != 1:
-            raise ValueError(f"{len(self.features)} dictionaries; use .features[name]")
-        return next(iter(self.features.values()))
+        return _only_features(self.features)
 
 
 def _hook_fn(state: Splice, name: str, d, keep_error: bool, mask: Tensor | None, features_require_grad: bool,
@@ -263,9 +267,7 @@ class FeatureActivations:
     @property
     def f(self) -> Tensor:
         """The features of the only dictionary."""
-        if len(self.features) != 1:
-            raise ValueError(f"{len(self.features)} dictionaries; use .features[name]")
-        return next(iter(self.features.values()))
+        return _only_features(self.features)
 
     def __getitem__(self, name: str) -> Tensor:
         return self.features[name]

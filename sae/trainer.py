@@ -152,62 +152,64 @@ def dictionary_names(configs: Sequence[DictionaryConfig]) -> list[str]:
 
 
 # ---- dead / dense feature tracking ---------------------------------------------------------------
-class FeatureTracker:
-    """Per feature: tokens since it last fired, and how often it fired over the current window.
+class FiringCounts:
+    """How many tokens each feature fired on over a stretch of training, and the stretch's length."""
 
-    All on the device; nothing is read back until `frequencies()` / `n_dead()` are called."""
+    def __init__(self, d_sae: int, device: torch.device):
+        self.counts = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.tokens = 0
+
+    def add(self, counts: Tensor, n_tokens: int) -> None:
+        self.counts += counts
+        self.tokens += n_tokens
+
+    def frequencies(self) -> Tensor:
+        return self.counts.double() / max(self.tokens, 1)
+
+    def restart(self) -> None:
+        self.counts.zero_()
+        self.tokens = 0
+
+
+class FeatureTracker:
+    """Per feature: tokens since it last fired, and how often it fired over the current logging
+    window and since the last resampling (two independent stretches).
+
+    All on the device; nothing is read back until a frequency or the dead mask is asked for."""
 
     def __init__(self, d_sae: int, device: torch.device):
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-        self.window_counts = torch.zeros(d_sae, dtype=torch.long, device=device)
-        self.window_tokens = 0
-        # since the last resampling (the logging window above is independent of it)
-        self.period_counts = torch.zeros(d_sae, dtype=torch.long, device=device)
-        self.period_tokens = 0
+        self.window = FiringCounts(d_sae, device)
+        self.period = FiringCounts(d_sae, device)
         self.resampled = 0  # features re-initialised so far (all resamplings together)
 
     def update(self, counts: Tensor, n_tokens: int) -> None:
         fired = counts > 0
         self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + n_tokens)
         counts = counts.to(torch.long)
-        self.window_counts += counts
-        self.window_tokens += n_tokens
-        self.period_counts += counts
-        self.period_tokens += n_tokens
+        self.window.add(counts, n_tokens)
+        self.period.add(counts, n_tokens)
 
     def dead_mask(self, after_tokens: int) -> Tensor:
         return self.tokens_since_fired >= after_tokens
 
     def reset(self, ids: Tensor) -> None:
         self.tokens_since_fired[ids] = 0
-        self.window_counts[ids] = 0
-
-    def frequencies(self) -> Tensor:
-        return self.window_counts.double() / max(self.window_tokens, 1)
-
-    def new_window(self) -> None:
-        self.window_counts.zero_()
-        self.window_tokens = 0
-
-    def period_frequencies(self) -> Tensor:
-        return self.period_counts.double() / max(self.period_tokens, 1)
-
-    def new_period(self) -> None:
-        self.period_counts.zero_()
-        self.period_tokens = 0
+        self.window.counts[ids] = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens_since_fired": self.tokens_since_fired, "window_counts": self.window_counts,
-                "window_tokens": self.window_tokens, "period_counts": self.period_counts,
-                "period_tokens": self.period_tokens, "resampled": self.resampled}
+        return {"tokens_since_fired": self.tokens_since_fired,
+                "window_counts": self.window.counts, "window_tokens": self.window.tokens,
+                "period_counts": self.period.counts, "period_tokens": self.period.tokens,
+                "resampled": self.resampled}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.tokens_since_fired = state["tokens_since_fired"].to(self.tokens_since_fired.device)
-        self.window_counts = state["window_counts"].to(self.window_counts.device)
-        self.window_tokens = int(state["window_tokens"])
+        self.window.counts = state["window_counts"].to(self.window.counts.device)
+        self.window.tokens = int(state["window_tokens"])
         if "period_counts" in state:  # checkpoints written before low-frequency resampling lack it
-            self.period_counts = state["period_counts"].to(self.period_counts.device)
-            self.period_tokens = int(state["period_tokens"])
+            self.period.counts = state["period_counts"].to(self.period.counts.device)
+            self.period.tokens = int(state["period_tokens"])
             self.resampled = int(state["resampled"])
 
 
@@ -536,7 +538,7 @@ class Trainer:
             row.update({f"{name}/{k}": v for k, v in st.items()})
         if histograms:
             for s in self.slots:
-                freq = s.tracker.frequencies().cpu()
+                freq = s.tracker.window.frequencies().cpu()
                 live = freq[freq > 0]
                 row[f"{s.name}/dead_in_window"] = int((freq == 0).sum())
                 row[f"{s.name}/dense_1e-2"] = int((freq > 1e-2).sum())
@@ -607,7 +609,7 @@ class Trainer:
                     self._log(stats, histograms)
                     if histograms:
                         for s in self.slots:
-                            s.tracker.new_window()
+                            s.tracker.window.restart()
                         last_hist_tokens = self.tokens_seen
                 if self._checkpoint_due():
                     self._save_checkpoint()
@@ -664,9 +666,9 @@ class Trainer:
     def _resample(self, s: _Slot, x: Tensor) -> None:
         dead = s.tracker.dead_mask(s.dictionary.resample_dead_tokens() or s.cfg.dead_after_tokens)
         floor = s.dictionary.resample_min_frequency()
-        if floor is not None and s.tracker.period_tokens:
-            dead |= s.tracker.period_frequencies() < floor
-        s.tracker.new_period()
+        if floor is not None and s.tracker.period.tokens:
+            dead |= s.tracker.period.frequencies() < floor
+        s.tracker.period.restart()
         ids = s.dictionary.resample(x, dead, s.generator)
         if ids.numel():
             reset_optimizer_rows(s.optimizer, s.dictionary, ids)

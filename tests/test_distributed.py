@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from sae import checkpoint as ckpt
+from sae.distributed import free_port
 from sae.io import load_tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,15 +32,9 @@ def _env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "TORCHELASTIC_ERROR_FILE": "", "LOGLEVEL": "WARNING"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(*args: str, script: Path = WORKER, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--monitor-interval", "0.2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--monitor-interval", "0.2",
            str(script), *map(str, args)]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
 
