@@ -127,10 +127,7 @@ def convert(src: str | Path, dst: str | Path, to: str, force: bool = False,
     fmt = detect(folder)
     if fmt is not None:
         return [_convert_folder(folder, fmt, dst, to)]
-    found = list(_dictionary_dirs(folder))
-    if not found:
-        raise UserError(f"{folder}: neither a dictionary folder (cfg.json + sae.safetensors, cfg.json + "
-                        f"sae_weights.safetensors, or ae.pt) nor a folder holding some")
+    found = _dictionary_dirs(folder)
     written: list[Path] = []
     skipped: list[str] = []
     for name, sub, sub_fmt in found:

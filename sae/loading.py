@@ -340,8 +340,17 @@ def detect_format(path: str | Path) -> str | None:
     return detect(_as_dir(Path(path)))
 
 
-def _dictionary_dirs(root: Path, max_depth: int = 2) -> Iterator[tuple[str, Path, str]]:
-    """(name, folder, format) for dictionary folders under a run folder (breadth first)."""
+def _dictionary_dirs(root: Path, max_depth: int = 2) -> list[tuple[str, Path, str]]:
+    """(name, folder, format) for dictionary folders under a run folder (breadth first); a
+    UserError when there is none."""
+    found = list(_walk_dictionary_dirs(root, max_depth))
+    if not found:
+        raise UserError(f"{root}: neither a dictionary folder (cfg.json + sae.safetensors, cfg.json + "
+                        f"sae_weights.safetensors, or ae.pt) nor a folder holding some")
+    return found
+
+
+def _walk_dictionary_dirs(root: Path, max_depth: int) -> Iterator[tuple[str, Path, str]]:
     from sae.formats import detect
 
     level = [root]
@@ -381,12 +390,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     fmt = detect_format(directory) if format == "auto" else format
     if fmt is not None:
         return _load_ours(directory, dev, dt) if fmt == OURS else _load_imported(directory, fmt, dev, dt)
-    found = list(_dictionary_dirs(directory))
-    if not found:
-        raise UserError(f"{directory}: neither a dictionary folder (cfg.json + sae.safetensors, cfg.json + "
-                        f"sae_weights.safetensors, or ae.pt) nor a folder holding some")
     out = {}
-    for name, folder, fmt in found:
+    for name, folder, fmt in _dictionary_dirs(directory):
         out[name] = _load_ours(folder, dev, dt) if fmt == OURS else _load_imported(folder, fmt, dev, dt)
     return out
 
