@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from sae import io
+from sae.dtypes import dtype_name, find_dtype
 from sae.errors import UserError
 
 # ---- our format's versions -----------------------------------------------------------------
@@ -116,7 +117,7 @@ class DictionaryCfg:
 
     @property
     def dtype(self) -> str:
-        return str(self._module.W_enc.dtype).removeprefix("torch.")
+        return dtype_name(self._module.W_enc.dtype)
 
     @property
     def device(self) -> str:
@@ -255,13 +256,12 @@ def attach_cfg_view(dictionary):
 # ---- building -------------------------------------------------------------------------------
 
 def _resolve(device, dtype) -> tuple[torch.device, torch.dtype | None]:
-    from sae.formats import dtype_of
     from sae.models import resolve_device
 
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     if dtype is None or isinstance(dtype, torch.dtype):
         return dev, dtype
-    dt = dtype_of(dtype, default=None)  # type: ignore[arg-type]
+    dt = find_dtype(dtype)
     if dt is None:
         raise UserError(f"dtype {dtype!r} unknown; use float32, bfloat16 or float16")
     return dev, dt
@@ -303,7 +303,6 @@ def build_dictionary(architecture: str, d_in: int, d_sae: int, tensors: dict[str
 
 def _load_ours(directory: Path, device, dtype):
     from sae.dictionaries.base import CFG_FILE, WEIGHTS_FILE
-    from sae.formats import dtype_of
 
     cfg = upgrade_cfg(io.read_json(directory / CFG_FILE), str(directory / CFG_FILE))
     for key in ("architecture", "d_in", "d_sae"):
@@ -311,17 +310,17 @@ def _load_ours(directory: Path, device, dtype):
             raise UserError(f"{directory / CFG_FILE}: no {key!r}; not a dictionary cfg.json")
     metadata = {k: v for k, v in cfg.items() if k not in _TOP_LEVEL}
     tensors = io.load_tensors(directory / WEIGHTS_FILE)
-    dt = dtype if dtype is not None else dtype_of(cfg.get("dtype"))
+    dt = dtype if dtype is not None else find_dtype(cfg.get("dtype")) or torch.float32
     return build_dictionary(cfg["architecture"], cfg["d_in"], cfg["d_sae"], tensors,
                             cfg.get("hyperparameters") or {}, metadata, device, dt)
 
 
 def _load_imported(directory: Path, fmt: str, device, dtype):
-    from sae.formats import dtype_of, read
+    from sae.formats import read
 
     imp = read(directory, fmt)
     imp.metadata.setdefault("imported_from", str(directory))
-    dt = dtype if dtype is not None else dtype_of(imp.dtype)
+    dt = dtype if dtype is not None else find_dtype(imp.dtype) or torch.float32
     return build_dictionary(imp.architecture, imp.d_in, imp.d_sae, imp.tensors, imp.hyperparameters,
                             imp.metadata, device, dt)
 

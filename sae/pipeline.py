@@ -241,7 +241,7 @@ def _hooks_needed(run: RunConfig, configs: list[DictionaryConfig], d_in: dict[st
 def _batch_source(run: RunConfig, model, tokens: torch.Tensor, keep: torch.Tensor, hooks: list[str]):
     """The trainer's batch source and, when it is cheap (a cache on disk), the training means
     (rank 0 only under torchrun)."""
-    from sae.cache_reader import CacheReader, StreamingSource
+    from sae.cache import CacheReader, StreamingSource
 
     if run.harvest.mode == "stream":
         say(f"streaming activations of {int(keep.sum()):,} training tokens straight from the model")

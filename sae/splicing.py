@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from sae.errors import HookError, UserError
+from sae.models import model_device
 
 
 def _name_of(d, i: int, n: int) -> str:
@@ -296,8 +297,7 @@ def feature_activations(model, dictionaries, text: str | list[str] | Tensor, *, 
         tokens = text if text.dim() == 2 else text[None]
     else:
         tokens = model.to_tokens(text, prepend_bos=prepend_bos)
-    model_device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
-    tokens = tokens.to(model_device)
+    tokens = tokens.to(model_device(model))
     with splice(model, dictionaries, keep_error=keep_error, hook_names=hook_names) as s:
         if return_logits:
             logits = model(tokens, return_type="logits")

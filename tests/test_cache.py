@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.cache import Manifest, harvest, load_shard, open_cache, verify_cache, verify_shard
-from sae.cache_reader import TOKEN_INDEX, CacheReader, ShuffledBatches, StreamingSource
-from sae.models import stop_layer
+from cache_helpers import fail_after_shards
+from sae.cache import (TOKEN_INDEX, CacheReader, Manifest, ShuffledBatches, StreamingSource, harvest,
+                       load_shard, open_cache, verify_cache, verify_shard)
 from sae.errors import CacheError, HookError
+from sae.models import stop_layer
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.0.hook_mlp_out",
@@ -135,11 +136,13 @@ def test_unknown_hook_is_named(model, data, tmp_path):
         harvest(model, tokens, keep, ["blocks.0.hook_resid_postt"], tmp_path / "c", identity=IDENT)
 
 
-def test_resume_after_injected_failure_equals_uninterrupted(model, data, cache, tmp_path):
+def test_resume_after_injected_failure_equals_uninterrupted(model, data, cache, tmp_path, monkeypatch):
     tokens, keep = data
-    with pytest.raises(RuntimeError, match="injected"):
-        harvest(model, tokens, keep, HOOKS, tmp_path / "c", identity=IDENT, contexts_per_shard=CPS,
-                batch_contexts=BC, progress=False, _fail_after_shards=3)
+    with monkeypatch.context() as patched:
+        fail_after_shards(3, patched.setattr)
+        with pytest.raises(RuntimeError, match="injected"):
+            harvest(model, tokens, keep, HOOKS, tmp_path / "c", identity=IDENT, contexts_per_shard=CPS,
+                    batch_contexts=BC, progress=False)
     partial = Manifest.load(tmp_path / "c")
     assert not partial.complete and [s.index for s in partial.shards] == [0, 1, 2]
     with pytest.raises(CacheError, match="incomplete.*run the harvest again"):

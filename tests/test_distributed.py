@@ -150,7 +150,7 @@ def test_distributed_harvest_equals_single_process_and_resumes(tiny_model_dir, t
     # same shards, byte for byte (sha256), so the same tokens and activations
     assert [(s["index"], s["sha256"], s["n_tokens"]) for s in two["shards"]] == \
         [(s["index"], s["sha256"], s["n_tokens"]) for s in one["shards"]]
-    from sae.cache_reader import TOKEN_INDEX, CacheReader
+    from sae.cache import TOKEN_INDEX, CacheReader
 
     rows = CacheReader(cache, batch_size=64, with_index=True, prefetch=False)
     idx = torch.cat([b[TOKEN_INDEX] for b, _ in zip(rows.batches(0), range(rows.tokens_per_epoch // 64))])

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from sae import io
+from sae.dtypes import dtype_name
 from sae.errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -371,7 +372,7 @@ class SparseDictionary(nn.Module):
             "architecture": self.architecture,
             "d_in": self.d_in,
             "d_sae": self.d_sae,
-            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.W_enc.dtype),
             **self.metadata,
             "hyperparameters": self.cfg.model_dump(mode="json"),
         }

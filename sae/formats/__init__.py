@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 OURS = "ours"
@@ -62,21 +61,6 @@ def clamp_threshold(t: Tensor) -> Tensor:
     """JumpReLU thresholds below 0 act like 0 when a ReLU follows (theirs) but not in ours
     (f = pre·1[pre > θ]); clamping makes both the same function."""
     return t.clamp(min=0.0)
-
-
-def dtype_name(value: Any) -> str | None:
-    """'torch.float32' / 'float32' / torch.float32 -> 'float32' (None stays None)."""
-    if value is None:
-        return None
-    name = str(value).removeprefix("torch.")
-    aliases = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-    return aliases.get(name, name)
-
-
-def dtype_of(name: str | None, default: torch.dtype = torch.float32) -> torch.dtype:
-    name = dtype_name(name)
-    dt = getattr(torch, name, None) if name else None
-    return dt if isinstance(dt, torch.dtype) else default
 
 
 _HOOK_PATTERNS = [

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from sae import io
+from sae.dtypes import dtype_name
 from sae.errors import UserError
 from sae.formats import Imported, clamp_threshold, fold_input_centering, guess_hook_name
 
@@ -170,4 +171,4 @@ def read(directory: Path) -> Imported:
     if buffer.get("ctx_len"):
         metadata["context_size"] = int(buffer["ctx_len"])
     return Imported(architecture=arch, d_in=int(d_in), d_sae=int(d_sae), tensors=t, hyperparameters=hyper,
-                    metadata=metadata, dtype=str(t["W_enc"].dtype).removeprefix("torch."))
+                    metadata=metadata, dtype=dtype_name(t["W_enc"].dtype))

@@ -42,8 +42,9 @@ import torch
 from torch import Tensor
 
 from sae import io
+from sae.dtypes import dtype_name
 from sae.errors import UserError
-from sae.formats import Imported, clamp_threshold, dtype_name, fold_input_centering
+from sae.formats import Imported, clamp_threshold, fold_input_centering
 from sae.models import EMBEDDED_SMOLLM2
 from sae.text import SHAKESPEARE
 
@@ -196,7 +197,7 @@ def read(path: Path) -> Imported:
         metadata["saelens_normalize_activations"] = norm
     return Imported(architecture=ours, d_in=int(top.get("d_in", d_in)), d_sae=int(top.get("d_sae", d_sae)),
                     tensors=tensors, hyperparameters=hyper, metadata=metadata,
-                    dtype=dtype_name(top.get("dtype")) or "float32")
+                    dtype=dtype_name(top.get("dtype") or "float32"))
 
 
 def read_sparsity(path: str | Path) -> Tensor | None:
@@ -281,7 +282,7 @@ def export(dictionary, out_dir: str | Path, frequency: Tensor | None = None) -> 
         "architecture": saelens_arch,
         "d_in": d.d_in,
         "d_sae": d.d_sae,
-        "dtype": str(d.W_enc.dtype).removeprefix("torch."),
+        "dtype": dtype_name(d.W_enc.dtype),
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",

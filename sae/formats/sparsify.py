@@ -21,8 +21,9 @@ from typing import Any
 from safetensors import safe_open
 
 from sae import io
+from sae.dtypes import dtype_name
 from sae.errors import UserError
-from sae.formats import Imported, dtype_name, guess_hook_name
+from sae.formats import Imported, guess_hook_name
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -79,4 +80,4 @@ def read(directory: Path) -> Imported:
                 metadata["dataset"] = {"source": run_cfg["dataset"]}
     return Imported(architecture="topk", d_in=int(cfg.get("d_in", d_in)), d_sae=int(d_sae), tensors=t,
                     hyperparameters={"k": int(cfg["k"])}, metadata=metadata,
-                    dtype=dtype_name(str(t["W_enc"].dtype)))
+                    dtype=dtype_name(t["W_enc"].dtype))
