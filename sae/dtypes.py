@@ -36,6 +36,6 @@ def parse_dtype(dtype: torch.dtype | str, what: str = "dtype",
     name = dtype_name(dtype)
     if name not in SUPPORTED:
         given = str(dtype).removeprefix("torch.")
-        raise error(f"{what} {given!r} is not supported{did_you_mean(given, [*SUPPORTED, *ALIASES])}; "
-                    f"use float32, bfloat16 or float16")
+        typo = "" if find_dtype(dtype) else did_you_mean(given, [*SUPPORTED, *ALIASES])
+        raise error(f"{what} {given!r} is not supported{typo}; use float32, bfloat16 or float16")
     return getattr(torch, name)

@@ -277,6 +277,13 @@ def test_identity_mismatch_refuses_reuse(model, data, cache, tmp_path, change, f
         CacheReader(d, batch_size=8, identity={**cache.identity, field: "x"})
 
 
+def test_unsupported_cache_dtype_is_named_before_anything_is_written(model, data, tmp_path):
+    tokens, keep = data
+    with pytest.raises(CacheError, match="cache dtype 'float64' is not supported"):
+        harvest(model, tokens, keep, HOOKS, tmp_path / "c", identity=IDENT, dtype=torch.float64)
+    assert not (tmp_path / "c").exists()
+
+
 def test_refuses_foreign_directory(model, data, tmp_path):
     tokens, keep = data
     (tmp_path / "c").mkdir()
