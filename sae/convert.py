@@ -93,20 +93,29 @@ def convert(src: str | Path, dst: str | Path, to: str, force: bool = False,
     does not load) is skipped with one `warn(line)` (default: a warning line on stderr) naming its
     folder and why; a UserError only when none could be converted. A single dictionary that cannot
     be converted raises a UserError naming its folder."""
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    _check_arguments(src, dst, to, force)
+    folder = src if src.is_dir() else src.parent
+    fmt = detect_format(folder)
+    if fmt is not None:
+        return [_convert_folder(folder, fmt, dst, to)]
+    return _convert_run(folder, dst, to, warn or _warn)
+
+
+def _check_arguments(src: Path, dst: Path, to: str, force: bool) -> None:
     if to not in TARGETS:
         raise UserError(f"--to {to!r}: use one of {', '.join(TARGETS)}")
-    warn = warn or _warn
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.exists():
         raise UserError(f"{src}: no such file or folder")
     if dst.exists() and any(dst.iterdir()) and not force:
         raise UserError(f"{dst} exists and is not empty; choose a new folder or pass --force")
     if src.resolve() == dst.resolve():
         raise UserError("SRC and DST are the same folder")
-    folder = src if src.is_dir() else src.parent
-    fmt = detect_format(folder)
-    if fmt is not None:
-        return [_convert_folder(folder, fmt, dst, to)]
+
+
+def _convert_run(folder: Path, dst: Path, to: str, warn: Callable[[str], None]) -> list[Path]:
+    """Every dictionary under a run folder, each to dst/<its name>; one that fails is skipped
+    with a warning."""
     found = dictionary_dirs(folder)
     written: list[Path] = []
     skipped: list[str] = []
