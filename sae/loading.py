@@ -21,7 +21,7 @@ from sae.models import resolve_device
 
 # Detection order matters: a sparsify folder also has cfg.json + sae.safetensors, like ours.
 _READERS = {SAELENS: saelens, DICTIONARY_LEARNING: dictionary_learning, SPARSIFY: sparsify, OURS: ours}
-_NOT_RUN_PARTS = ("cache", "checkpoints", "wandb", "__pycache__")  # folders of a run holding no dictionary
+_NOT_DICTIONARY_FOLDERS = ("cache", "checkpoints", "wandb", "__pycache__")  # a run's folders never searched
 
 
 def detect_format(path: str | Path) -> str | None:
@@ -147,7 +147,7 @@ def _walk_dictionary_dirs(root: Path, max_depth: int) -> Iterator[tuple[str, Pat
                 fmt = detect_format(child)
                 if fmt is not None:
                     yield str(child.relative_to(root)), child, fmt
-                elif child.name not in _NOT_RUN_PARTS:
+                elif child.name not in _NOT_DICTIONARY_FOLDERS:
                     deeper.append(child)
         level = deeper
 

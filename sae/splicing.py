@@ -268,7 +268,8 @@ class FeatureActivations:
     def __getitem__(self, name: str) -> Tensor:
         return self.features[name]
 
-    def top_features(self, position: int, n: int = 10, name: str | None = None, batch: int = 0) -> list[tuple[int, float]]:
+    def top_features(self, position: int, n: int = 10, name: str | None = None,
+                     batch: int = 0) -> list[tuple[int, float]]:
         """[(feature id, activation)] of the n most active features at one token."""
         f = self.features[name] if name is not None else self.f
         vals, idx = f[batch, position].float().topk(min(n, f.shape[-1]))

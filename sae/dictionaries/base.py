@@ -164,7 +164,7 @@ class SparseDictionary(nn.Module):
     @cfg.setter
     def cfg(self, hyperparameters: DictionaryConfig) -> None:
         if not isinstance(hyperparameters, DictionaryConfig):
-            raise TypeError(f"a dictionary's cfg is set from its DictionaryConfig, not {type(hyperparameters).__name__}")
+            raise TypeError(f"a dictionary's cfg is set from a DictionaryConfig, not {type(hyperparameters).__name__}")
         self._cfg = DictionaryCfg(self, hyperparameters)
 
     # ---- initialisation -------------------------------------------------------------------
