@@ -92,6 +92,8 @@ def _k_of(top: dict[str, Any], path: Path) -> int:
 
 
 def read(path: Path) -> Imported:
+    """A SAELens folder in our layout: its conventions folded into the weights, our own export's
+    architecture and hyperparameters restored."""
     cfg = io.read_json(path / CFG_FILE)
     top, meta = _flatten_cfg(cfg)
     _check_not_per_head(top, meta, path)
