@@ -498,7 +498,7 @@ def load_groups(dirs: list[str | Path], device: str = "auto", dtype: str | None 
                 data_source: str | None = None) -> list[LoadedGroup]:
     """Load dictionaries from folders and their models; one group per (model, held-out text)."""
     import sae.dictionaries  # noqa: F401  (registers every architecture)
-    from sae.dictionaries.registry import load_dictionary
+    from sae.loading import load_dictionary
     from sae.models import load_model, resolve_device
 
     dev = resolve_device(device) if isinstance(device, str) else device
