@@ -23,7 +23,7 @@ CTX = 16
 def page(tmp_path_factory, tiny_model_dir, tiny_text_file):
     """A dictionary folder, the features command run on it, and the brute-force truth."""
     from eval.__main__ import main
-    from eval.evaluate import data_config_for, heldout_tokens
+    from eval.folders import data_config_for, heldout_tokens
     from sae.models import load_model
 
     root = tmp_path_factory.mktemp("features")

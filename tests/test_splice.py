@@ -53,7 +53,7 @@ def test_default_splice_keeps_the_dictionarys_excluded_tokens_like_the_evaluator
     """Without a mask, splice leaves the tokens the dictionary's data config excluded (here BOS, pad
     and the literal token 'the', recorded in its cfg.json) at their original activation, so a
     spliced forward's CE is the evaluator's ce_sae; mask="all" (or None) splices BOS too."""
-    from eval.evaluate import heldout_tokens
+    from eval.folders import heldout_tokens
     from sae.text import DataConfig
 
     data_cfg = DataConfig(source=str(tiny_text_file), context_size=16, exclude_tokens=["bos", "pad", "the"])
