@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sae.config import expand_dictionaries, load_run_config
+from sae.config import load_run_config
 from sae.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]

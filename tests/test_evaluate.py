@@ -44,6 +44,22 @@ def _eval(model, data, dicts, mean, batch_size=4, **kw):
                                  progress=False, **kw)
 
 
+def test_training_mean_is_the_mean_over_kept_tokens(model):
+    """x̄ from model forwards (in batches, the forward stopped after the hook) equals the plain
+    mean of run_with_cache's activations over the kept tokens, on two hooks at once."""
+    tokens, keep = make_tokens(model.tokenizer, n_ctx=9, seed=1)
+    hooks = [HOOK, "blocks.1.hook_mlp_out"]
+    means = means_from_model(model, hooks, tokens, keep, batch_size=4)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hooks)
+    for h in hooks:
+        expected = cache[h][keep].double().mean(dim=0).float()
+        assert means[h].dtype == torch.float32 and means[h].shape == (32,)
+        torch.testing.assert_close(means[h], expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(UserError, match="no kept tokens"):
+        means_from_model(model, hooks, tokens, torch.zeros_like(keep))
+
+
 def test_every_metrics_key_is_reported(model, data, train_mean):
     r = _eval(model, data, {"relu": RandomReLU.make(d_sae=64)}, train_mean)["relu"]
     for key in M.METRIC_KEYS + ("tokens_evaluated", "model", "hook", "dataset"):
