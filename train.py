@@ -23,11 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check", action="store_true", help="validate the config, print the dictionaries, stop")
     args = parser.parse_args(argv)
 
+    # imported after parsing the arguments: `train.py --help` answers without loading torch (~3 s)
     from sae.errors import cli_errors
 
     with cli_errors("train.py"):
+        from pipeline import run_experiment
         from sae.config import load_run_config
-        from sae.pipeline import run_experiment
 
         run, dictionaries = load_run_config(args.config, args.overrides)
         if args.check:

@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from eval import features, report
+from eval.ablate import ablate_dir
+from eval.evaluate import DEFAULT_BATCH_CONTEXTS
+from eval.folders import DEFAULT_EVAL_TOKENS, evaluate_dirs
+from eval.prune import prune_dir
+from sae.errors import cli_errors
+from sae.means import MEAN_TOKENS
+
 
 def _common(p: argparse.ArgumentParser, tokens: bool = True) -> None:
-    from eval.evaluate import DEFAULT_BATCH_CONTEXTS, DEFAULT_EVAL_TOKENS, DEFAULT_MEAN_TOKENS
-
     if tokens:
         p.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS,
                        help=f"held-out tokens to evaluate on (default {DEFAULT_EVAL_TOKENS}; rounded up to whole contexts)")
@@ -18,13 +24,13 @@ def _common(p: argparse.ArgumentParser, tokens: bool = True) -> None:
     p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bfloat16, float16")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="held-out text source instead of the one in cfg.json (shakespeare, a local file, a hub id)")
-    p.add_argument("--mean-tokens", type=int, default=DEFAULT_MEAN_TOKENS,
+    p.add_argument("--mean-tokens", type=int, default=MEAN_TOKENS,
                    help="training tokens for the mean-ablation baseline's x̄ when a folder has no "
-                        f"activation_mean.safetensors (default {DEFAULT_MEAN_TOKENS})")
+                        f"activation_mean.safetensors (default {MEAN_TOKENS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def build_parser(with_features: bool = False) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description=(
         "Evaluate sparse dictionaries on held-out tokens (metrics of METRICS.md), prune them by feature "
         "frequency, and run frequency ablations."))
@@ -65,41 +71,15 @@ def build_parser(with_features: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="OUT_DIR", help="where to write (default DIR)")
     _common(p)
 
-    p = sub.add_parser("features", help="inspect features (eval/features.py)", add_help=with_features)
-    features = None
-    if with_features:  # imported only for this command, so the rest never depends on it
-        import importlib
-
-        try:
-            features = importlib.import_module("eval.features")
-        except ModuleNotFoundError as e:
-            if e.name != "eval.features":
-                raise
-    if features is not None:
-        features.add_arguments(p)
-    else:
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(_features=features)
+    features.add_arguments(sub.add_parser("features", help="inspect features: top contexts, logit lens; "
+                                                           "features.html + features.json"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(with_features=bool(argv) and argv[0] == "features")
-    if argv and argv[0] == "features" and not any(a in ("-h", "--help") for a in argv[1:2]):
-        args, _ = parser.parse_known_args(argv)
-        if args._features is None:
-            parser.exit(2, "python -m eval: error: the features command is not available "
-                           "(eval/features.py is missing)\n")
-    args = parser.parse_args(argv)
-
-    from sae.errors import UserError, cli_errors
-
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     with cli_errors("python -m eval"):
         if args.command == "evaluate":
-            from eval import report
-            from eval.evaluate import evaluate_dirs
-
             results = evaluate_dirs(args.dirs, n_tokens=args.tokens, batch_size=args.batch_size, device=args.device,
                                     dtype=args.dtype, data_source=args.data, mean_tokens=args.mean_tokens,
                                     progress=not args.no_progress)
@@ -108,22 +88,16 @@ def main(argv: list[str] | None = None) -> None:
                 md, js = report.write_summary(args.summary, results)
                 print(f"wrote {md} and {js}")
         elif args.command == "prune":
-            from eval.prune import prune_dir
-
             prune_dir(args.dir, args.out, max_frequency=args.max_frequency, min_frequency=args.min_frequency,
                       kill_ids=args.kill_ids, mode=args.mode, n_tokens=args.tokens, batch_size=args.batch_size,
                       device=args.device, dtype=args.dtype, data_source=args.data, mean_tokens=args.mean_tokens,
                       progress=not args.no_progress)
         elif args.command == "ablate-frequency":
-            from eval.ablate import ablate_dir
-
             ablate_dir(args.dir, args.thresholds, compare=args.compare, mode=args.mode, out_dir=args.out,
                        n_tokens=args.tokens, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                        data_source=args.data, mean_tokens=args.mean_tokens, progress=not args.no_progress)
         elif args.command == "features":
-            if args._features is None:
-                raise UserError("the features command is not available (eval/features.py is missing)")
-            args._features.run(args)
+            features.run(args)
 
 
 if __name__ == "__main__":

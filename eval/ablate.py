@@ -1,26 +1,26 @@
-"""Feature-frequency ablation: kill the features above each frequency threshold in turn (at run
-time, `set_killed`; no dictionary is written per threshold) and measure L0, MSE, FVU and the
-loss recovered against both baselines, with the unpruned dictionary and other dictionaries as
-reference points. All thresholds and references are evaluated in one `evaluate_dictionaries`
-call, so the clean, zero- and mean-ablated forwards are shared.
-
-A threshold t kills the features with frequency > t (`eval.prune.kill_mask_from_frequency`), so
-the row for t equals `python -m eval prune --max-frequency t` followed by an evaluation.
-Outputs: ablation.json, ablation.md, ablation.png (L0 against percent loss recovered).
+"""Feature-frequency ablation: for each threshold t, the dictionary with the features of frequency
+> t killed at run time (`set_killed`; nothing is written per threshold), so the row for t equals
+`python -m eval prune --max-frequency t` followed by an evaluation. Every threshold and reference
+dictionary is evaluated in one `evaluate_dictionaries` call (shared forwards). Outputs:
+ablation.json, ablation.md, ablation.png (L0 against percent loss recovered).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from torch import Tensor
 
-from eval import evaluate as E
-from eval import report
+from eval import histogram, report
+from eval.evaluate import DEFAULT_BATCH_CONTEXTS, EvalTarget, evaluate_dictionaries
+from eval.folders import counts_or_defaults, load_groups
 from eval.metrics import jsonable
+from eval.outputs import eval_info, with_tokens
 from eval.prune import check_distinct_labels, kill_mask_from_frequency, threshold_label
+from sae import io
 from sae.errors import UserError
 
 ABLATION_JSON, ABLATION_MD, ABLATION_PNG = "ablation.json", "ablation.md", "ablation.png"
@@ -71,17 +71,17 @@ def _row(metrics: Mapping[str, Any], **extra) -> dict[str, Any]:
 def run_ablation(model, dictionary, frequency: Tensor, thresholds: Iterable[float], tokens: Tensor,
                  keep_mask: Tensor, train_means: Mapping[str, Tensor], *, name: str = "dictionary",
                  mode: str = "after", compare: Mapping[str, Any] | None = None,
-                 references: Mapping[str, Any] | None = None, out_dir: str | Path | None = None,
-                 batch_size: int = E.DEFAULT_BATCH_CONTEXTS, frequency_source: str = "given",
-                 info: Mapping[str, Any] | None = None, progress: bool = True) -> AblationResult:
-    """Evaluate `dictionary` with the features above each threshold killed.
+                 references: Mapping[str, Any] | None = None, batch_size: int = DEFAULT_BATCH_CONTEXTS,
+                 frequency_source: str = "given", info: Mapping[str, Any] | None = None,
+                 progress: bool = True) -> AblationResult:
+    """Evaluate `dictionary` with the features above each threshold killed (`write_ablation` writes
+    the result).
 
     frequency: [d_sae] per-feature frequency deciding what each threshold kills.
     train_means: as in evaluate_dictionaries (keyed by `name`, the compare names, or hook names).
     compare: name -> SparseDictionary/EvalTarget evaluated alongside (same tokens, shared forwards).
     references: name -> already computed EvalResult/metrics on the *same* tokens (no re-evaluation);
       `references[name]`, when present, is used as the unpruned point instead of evaluating it again.
-    out_dir: where ablation.json/.md/.png go (None: nothing written).
     """
     thresholds = parse_thresholds(thresholds)
     if mode not in ("after", "before"):
@@ -90,41 +90,45 @@ def run_ablation(model, dictionary, frequency: Tensor, thresholds: Iterable[floa
     if frequency.numel() != dictionary.d_sae:
         raise UserError(f"{frequency.numel()} frequencies for a dictionary with {dictionary.d_sae} features")
     references = dict(references or {})
+    masks = {t: kill_mask_from_frequency(frequency, max_frequency=t) for t in thresholds}
+    keys = {t: f"{name}@>{threshold_label(t)}" for t in thresholds}
+    targets = _targets(dictionary, masks, keys, mode, name, compare or {}, references, train_means)
+    results = evaluate_dictionaries(model, targets, tokens, keep_mask, train_means=train_means,
+                                    batch_size=batch_size, info=info, progress=progress)
+    rows = [_threshold_row(results[keys[t]], t, masks[t], dictionary.d_sae) for t in thresholds]
+    evaluated = {k: v for k, v in results.items() if k not in keys.values()}
+    all_refs = {**references, **evaluated}
+    return AblationResult(dictionary=name, mode=mode, frequency_source=frequency_source,
+                          tokens_evaluated=int(results[next(iter(results))].metrics["tokens_evaluated"]),
+                          rows=rows, unpruned=_row(all_refs[name], threshold=None, killed=0),
+                          references={k: _row(v) for k, v in all_refs.items() if k != name})
+
+
+def _targets(dictionary, masks: Mapping[float, Tensor], keys: Mapping[float, str], mode: str, name: str,
+             compare: Mapping[str, Any], references: Mapping[str, Any],
+             train_means: Mapping[str, Tensor]) -> dict[str, EvalTarget]:
+    """One target per threshold, plus the unpruned dictionary and the compared ones unless their
+    results are given as references."""
     hook = dictionary.metadata.get("hook_name")
     mean = train_means.get(name, train_means.get(hook)) if hook is not None else train_means.get(name)
-    targets: dict[str, E.EvalTarget] = {}
-    masks, keys = {}, {}
-    for t in thresholds:
-        masks[t] = kill = kill_mask_from_frequency(frequency, max_frequency=t)
-        keys[t] = f"{name}@>{threshold_label(t)}"
-        targets[keys[t]] = E.EvalTarget(dictionary, kill_mask=kill, kill_mode=mode, train_mean=mean)
+    targets = {keys[t]: EvalTarget(dictionary, kill_mask=kill, kill_mode=mode, train_mean=mean)
+               for t, kill in masks.items()}
     if name not in references:
-        targets[name] = E.EvalTarget(dictionary, train_mean=mean)
-    for other, d in (compare or {}).items():
+        targets[name] = EvalTarget(dictionary, train_mean=mean)
+    for other, d in compare.items():
         if other not in references:
-            targets[other] = d if isinstance(d, E.EvalTarget) else E.EvalTarget(d)
-    results = E.evaluate_dictionaries(model, targets, tokens, keep_mask, train_means=train_means,
-                                      batch_size=batch_size, info=info, progress=progress)
-    all_refs = {**references, **{k: v for k, v in results.items() if "@>" not in k}}
-    rows = []
-    for t in thresholds:
-        kill = masks[t]
-        killed = int(kill.sum())
-        note = ""
-        if killed == 0:
-            note = "kills nothing (same as unpruned)"
-        elif killed == dictionary.d_sae:
-            note = "kills every feature (x_hat = b_dec)"
-        rows.append(_row(results[keys[t]], threshold=t, killed=killed,
-                         alive_features=dictionary.d_sae - killed, note=note))
-    unpruned = _row(all_refs[name], threshold=None, killed=0)
-    refs = {k: _row(v) for k, v in all_refs.items() if k != name}
-    tokens_evaluated = int((results[next(iter(results))].metrics["tokens_evaluated"]))
-    out = AblationResult(dictionary=name, mode=mode, frequency_source=frequency_source,
-                         tokens_evaluated=tokens_evaluated, rows=rows, unpruned=unpruned, references=refs)
-    if out_dir is not None:
-        write_ablation(out_dir, out)
-    return out
+            targets[other] = d if isinstance(d, EvalTarget) else EvalTarget(d)
+    return targets
+
+
+def _threshold_row(result, threshold: float, kill: Tensor, d_sae: int) -> dict[str, Any]:
+    killed = int(kill.sum())
+    note = ""
+    if killed == 0:
+        note = "kills nothing (same as unpruned)"
+    elif killed == d_sae:
+        note = "kills every feature (x_hat = b_dec)"
+    return _row(result, threshold=threshold, killed=killed, alive_features=d_sae - killed, note=note)
 
 
 ABLATION_COLUMNS = [("threshold", "threshold", "g"), ("killed", "killed", "d"), ("L0", "l0", ".1f"),
@@ -160,8 +164,6 @@ def ablation_table(result: AblationResult, markdown: bool = False) -> str:
 def read_ablation(path: str | Path) -> AblationResult:
     """An AblationResult back from its ablation.json (e.g. to draw the plot again:
     `plot_ablation(read_ablation(".../ablation.json"), "ablation.png")`)."""
-    from sae import io
-
     j = io.read_json(Path(path))
     return AblationResult(dictionary=j["dictionary"], mode=j["kill_mode"], frequency_source=j["frequency_source"],
                           tokens_evaluated=j["tokens_evaluated"], rows=j["thresholds"], unpruned=j["unpruned"],
@@ -169,8 +171,7 @@ def read_ablation(path: str | Path) -> AblationResult:
 
 
 def write_ablation(out_dir: str | Path, result: AblationResult) -> None:
-    from sae import io
-
+    """ablation.json, ablation.md and ablation.png into out_dir."""
     out_dir = Path(out_dir)
     io.write_json(out_dir / ABLATION_JSON, result.to_json())
     md = (f"# Frequency ablation of {result.dictionary}\n\n"
@@ -187,8 +188,6 @@ def point_labels(points: Iterable[tuple[float, float, float, int]], x_tol: float
     land on the same point (the same features killed, or the same numbers), or within x_tol / y_tol
     of it, share one label instead of printing on top of each other, e.g. ">0.05, >0.038, >0.02
     (-96)"; thresholds killing different numbers of features are separated by "; "."""
-    import math
-
     def close(a, b, tol):
         return abs(a - b) <= tol or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
@@ -212,13 +211,7 @@ def point_labels(points: Iterable[tuple[float, float, float, int]], x_tol: float
 
 
 def plot_ablation(result: AblationResult, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from eval.histogram import save_figure
-
+    plt = histogram.pyplot()
     panels = [("loss_recovered", "% loss recovered (zero-ablation baseline)"),
               ("loss_recovered_mean_ablation", "% loss recovered (mean-ablation baseline)")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
@@ -254,7 +247,7 @@ def plot_ablation(result: AblationResult, path: str | Path) -> Path:
     axes[0].legend(fontsize=7, loc="best")  # "best" also avoids the labels
     fig.suptitle(f"Killing high-frequency features of {result.dictionary} (mode {result.mode}, "
                  f"{result.tokens_evaluated} held-out tokens)", fontsize=10)
-    return save_figure(fig, path)
+    return histogram.save_figure(fig, path)
 
 
 def ablate_dir(directory: str | Path, thresholds: str | Iterable[float], *, compare: list[str | Path] | None = None,
@@ -262,26 +255,25 @@ def ablate_dir(directory: str | Path, thresholds: str | Iterable[float], *, comp
                batch_size: int | None = None, device: str = "auto", dtype: str | None = None,
                data_source: str | None = None, mean_tokens: int | None = None, progress: bool = True) -> AblationResult:
     """`python -m eval ablate-frequency`: everything evaluated on the held-out text of DIR's dictionary."""
-    n_tokens, batch_size, mean_tokens = E.counts_or_defaults(n_tokens, batch_size, mean_tokens)
+    n_tokens, batch_size, mean_tokens = counts_or_defaults(n_tokens, batch_size, mean_tokens)
     thresholds = parse_thresholds(thresholds)
     directory = Path(directory)
-    dirs = [directory, *map(Path, compare or [])]
-    groups = E.load_groups(dirs, device=device, dtype=dtype, data_source=data_source)
+    groups = load_groups([directory, *map(Path, compare or [])], device=device, dtype=dtype, data_source=data_source)
     if len(groups) != 1:
         raise UserError("--compare dictionaries must be of the same model and text as the ablated one "
                         "(they are evaluated on the same held-out tokens)")
     (group,) = groups
     name = group.names[0]
-    d = group.dictionaries[name]
     group.prepare(n_tokens, batch_size, mean_tokens)
     frequency, source, freq_tokens, first = group.frequency(name, batch_size, progress)
-    source = E.with_tokens(source, freq_tokens)
-    references = {name: first} if first is not None else {}
-    compare_dicts = {n: group.dictionaries[n] for n in group.names[1:]}
-    result = run_ablation(group.model, d, frequency, thresholds, group.tokens, group.keep, group.means, name=name,
-                          mode=mode, compare=compare_dicts, references=references, out_dir=out_dir or directory,
-                          batch_size=batch_size, frequency_source=source, info=E.eval_info(group.data_cfg),
+    result = run_ablation(group.model, group.dictionaries[name], frequency, thresholds, group.tokens, group.keep,
+                          group.means, name=name, mode=mode,
+                          compare={n: group.dictionaries[n] for n in group.names[1:]},
+                          references={name: first} if first is not None else {}, batch_size=batch_size,
+                          frequency_source=with_tokens(source, freq_tokens), info=eval_info(group.data_cfg),
                           progress=progress)
+    out_dir = Path(out_dir or directory)
+    write_ablation(out_dir, result)
     print(ablation_table(result))
-    print(f"wrote {Path(out_dir or directory) / ABLATION_MD}, {ABLATION_JSON}, {ABLATION_PNG}", flush=True)
+    print(f"wrote {out_dir / ABLATION_MD}, {ABLATION_JSON}, {ABLATION_PNG}", flush=True)
     return result

@@ -15,7 +15,7 @@ self-contained HTML page (no network needed to read it) plus the same data as JS
 The two last ones need d_in = d_model (residual stream, MLP or attention output hooks).
 
 Text, model and hook come from the dictionary's cfg.json as for `python -m eval evaluate`
-(eval.evaluate.load_groups / heldout_tokens): the held-out split of the text it was trained on.
+(eval.folders.load_groups / heldout_tokens): the held-out split of the text it was trained on.
 Features are chosen with --features, or --random N (among the features that fire at all, within
 --min-frequency / --max-frequency when given; default: 10 at random). Two passes over the held-out
 tokens: one encodes everything (frequencies, each context's maximum per feature), one re-runs
@@ -33,7 +33,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from eval.evaluate import DEFAULT_BATCH_CONTEXTS
+from eval.folders import check_counts, heldout_tokens, load_groups
+from sae import io
 from sae.errors import UserError
+from sae.models import stop_layer
 
 HTML_FILE = "features.html"
 JSON_FILE = "features.json"
@@ -44,8 +48,6 @@ N_LENS = 10  # tokens listed by the logit lens (each way) and as nearest embeddi
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from eval.evaluate import DEFAULT_BATCH_CONTEXTS
-
     p.description = __doc__.split("\n\n")[1]
     p.add_argument("dir", metavar="DICTIONARY_DIR", help="a dictionary folder (cfg.json + sae.safetensors)")
     p.add_argument("--features", default=None, help="comma-separated feature ids, e.g. 4,27,56,138")
@@ -90,8 +92,6 @@ def parse_ids(text: str) -> list[int]:
 
 def _encode_batches(model, d, hook: str, tokens: Tensor, batch_size: int):
     """Yield (start, f [b, pos, d_sae]) for each batch of contexts (the forward stops after the hook)."""
-    from sae.models import stop_layer
-
     device = next(model.parameters()).device
     for start in range(0, tokens.shape[0], batch_size):
         grabbed: dict[str, Tensor] = {}
@@ -255,9 +255,6 @@ def feature_pages(directory: str | Path, *, features: list[int] | None = None, n
                   out_dir: str | Path | None = None, seed: int = 0, batch_size: int = 8, device: str = "auto",
                   dtype: str | None = None, data_source: str | None = None) -> tuple[Path, Path]:
     """`python -m eval features`: write features.html and features.json; returns their paths."""
-    from eval.evaluate import check_counts, heldout_tokens, load_groups
-    from sae import io
-
     if top < 1:
         raise UserError("--top must be at least 1")
     check_counts(n_tokens, batch_size)

@@ -10,8 +10,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sae import io
+
 BINS_PER_DECADE = 10
 LOG_MIN, LOG_MAX = -8.0, 0.0
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend. Imported on first drawing: it adds about a
+    second to the start of every command, most of which (train.py --check, --help) draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def histogram_counts(frequency: Tensor) -> tuple[int, Tensor, Tensor]:
@@ -27,25 +40,17 @@ def histogram_counts(frequency: Tensor) -> tuple[int, Tensor, Tensor]:
 
 def save_figure(fig, path: str | Path) -> Path:
     """Lay out, write as PNG atomically, and close a matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    from sae import io
-
     fig.tight_layout()
     path = Path(path)
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_frequency_histogram(frequency: Tensor, path: str | Path, title: str = "",
                              tokens_evaluated: int | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     dead, edges, counts = histogram_counts(frequency)
     d_sae = frequency.numel()
     width = 1.0 / BINS_PER_DECADE

@@ -1,24 +1,15 @@
-"""Pruning: kill the features whose frequency lies outside a band, and write the smaller dictionary.
+"""Pruning: kill the features whose frequency lies outside a band and write the smaller dictionary.
 
-Killed features (METRICS.md, "Killing (pruning) features"):
-- `max_frequency F`: features with frequency > F (the dense spike; `dense_1e-2` counts > 1e-2 too);
-- `min_frequency F`: features with frequency <= F (so `0` kills exactly the dead ones);
-- `kill_ids`: these original feature ids, whatever their frequency.
-The kept band is therefore min_frequency < frequency <= max_frequency.
-
-The smaller dictionary comes from `SparseDictionary.pruned(keep_ids, mode)`: it encodes exactly like
-the original with the other features killed (for TopK-style dictionaries, mode "after" kills after
-the top-k selection, so L0 drops; "before" masks them out of the selection, so another feature
-takes the slot). Its cfg.json `pruning` block records: `original_d_sae`, `killed_feature_ids` and
-`kept_feature_ids` (original ids; new feature i is original feature kept_feature_ids[i]; composed
-through earlier prunings so they always refer to the first, unpruned dictionary), `kill_mode`,
-the thresholds, `kill_ids`, and where the frequencies came from (`frequency_source`,
-`frequency_tokens`).
+The kept band is min_frequency < frequency <= max_frequency (so `min_frequency 0` kills exactly the
+dead features), minus any `kill_ids`. The smaller dictionary comes from
+`SparseDictionary.pruned(keep_ids, mode)` and encodes exactly like the original with the other
+features killed. Its cfg.json `pruning` block records the original ids (new feature i is original
+feature kept_feature_ids[i], composed through earlier prunings), the rule, the kill mode and where
+the frequencies came from.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,7 +17,12 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from eval import report
+from eval.folders import counts_or_defaults, load_groups
+from eval.outputs import write_outputs
+from sae import io
 from sae.errors import UserError
+from sae.means import copy_mean
 
 
 def parse_ids(text: str | Iterable[int] | None) -> list[int]:
@@ -129,16 +125,14 @@ def original_ids(dictionary) -> Tensor:
 
 
 def save_pruned(result: PruneResult, out_dir: str | Path, source_dir: str | Path | None = None) -> Path:
-    """Write the pruned dictionary (sae.safetensors + cfg.json); carry the source folder's
-    activation_mean.safetensors along (same hook, same training tokens)."""
-    from eval.evaluate import MEAN_FILE
-
+    """Write the pruned dictionary (sae.safetensors + cfg.json) and carry the source folder's
+    training mean along (same hook, same training tokens)."""
     out_dir = Path(out_dir)
     if source_dir is not None and Path(source_dir).resolve() == out_dir.resolve():
         raise UserError(f"--out {out_dir} is the dictionary's own folder; write the pruned dictionary elsewhere")
     result.dictionary.save(out_dir)
-    if source_dir is not None and (Path(source_dir) / MEAN_FILE).is_file():
-        shutil.copyfile(Path(source_dir) / MEAN_FILE, out_dir / MEAN_FILE)
+    if source_dir is not None:
+        copy_mean(source_dir, out_dir)
     return out_dir
 
 
@@ -182,16 +176,13 @@ def prune_dir(directory: str | Path, out_dir: str | Path, *, max_frequency: floa
               dtype: str | None = None, data_source: str | None = None, mean_tokens: int | None = None, progress: bool = True):
     """`python -m eval prune`: prune a dictionary folder into OUT, evaluate both, print side by side.
     Returns (before EvalResult, after EvalResult, PruneResult)."""
-    from eval import evaluate as E
-    from eval import report
-
     if max_frequency is None and min_frequency is None and not parse_ids(kill_ids):
         raise UserError("nothing to kill: give --max-frequency, --min-frequency and/or --kill-ids")
-    n_tokens, batch_size, mean_tokens = E.counts_or_defaults(n_tokens, batch_size, mean_tokens)
+    n_tokens, batch_size, mean_tokens = counts_or_defaults(n_tokens, batch_size, mean_tokens)
     directory, out_dir = Path(directory), Path(out_dir)
     if directory.resolve() == out_dir.resolve():
         raise UserError(f"--out {out_dir} is the dictionary's own folder; write the pruned dictionary elsewhere")
-    (group,) = E.load_groups([directory], device=device, dtype=dtype, data_source=data_source)
+    (group,) = load_groups([directory], device=device, dtype=dtype, data_source=data_source)
     group.prepare(n_tokens, batch_size, mean_tokens)
     (name,) = group.names
     d = group.dictionaries[name]
@@ -206,14 +197,17 @@ def prune_dir(directory: str | Path, out_dir: str | Path, *, max_frequency: floa
     targets = {pruned_name: result.dictionary}
     if before is None:  # evaluate the original alongside (shared forwards)
         targets[name] = d
-    out = group.evaluate(targets, {pruned_name: out_dir}, batch_size, progress, means_of={pruned_name: name})
+    out = group.evaluate(targets, batch_size, progress, means_of={pruned_name: name})
+    write_outputs(out_dir, out[pruned_name])
     before = before or out[name]
     after = out[pruned_name]
     print(report.side_by_side(before, after, labels=(name, pruned_name)))
-    from sae import io
-
-    io.write_text(out_dir / "prune.md",
-                  f"# {pruned_name}: {name} pruned\n\n{describe(result.record, d.d_sae)}\n\n"
-                  + report.side_by_side(before, after, labels=(name, pruned_name), markdown=True)
-                  + f"\nBoth evaluated on the same {after.metrics['tokens_evaluated']} held-out tokens.\n")
+    _write_prune_md(out_dir / "prune.md", result, before, after, (name, pruned_name), d.d_sae)
     return before, after, result
+
+
+def _write_prune_md(path: Path, result: PruneResult, before, after, labels: tuple[str, str], d_sae: int) -> None:
+    name, pruned_name = labels
+    io.write_text(path, f"# {pruned_name}: {name} pruned\n\n{describe(result.record, d_sae)}\n\n"
+                  + report.side_by_side(before, after, labels=labels, markdown=True)
+                  + f"\nBoth evaluated on the same {after.metrics['tokens_evaluated']} held-out tokens.\n")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from eval.metrics import jsonable
+from sae import io
 
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"
@@ -110,8 +111,6 @@ def write_summary(run_dir: str | Path, results: Mapping[str, Any] | Iterable[Any
                   title: str | None = None, extra: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """runs/<run>/summary.md and summary.json: one row per dictionary (L0, MSE, FVU, percent loss
     recovered against both baselines, dead and dense counts, ...)."""
-    from sae import io
-
     run_dir = Path(run_dir)
     items = list(results.values()) if isinstance(results, Mapping) else list(results)
     md = summary_markdown(items, title=title if title is not None else run_dir.name)

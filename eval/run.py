@@ -1,29 +1,21 @@
-"""The evaluation step of a training run (what train.py calls at the end of a run).
-
-    from eval.run import evaluate_run
-    results = evaluate_run(model, dictionaries, out_dirs, run_dir, tokens, keep_mask, train_means,
-                           batch_size=run.eval.batch_contexts, prune=run.prune,
-                           info={"dataset": {...}})
-
-evaluates every trained dictionary on the held-out tokens (shared forwards), writes eval.json,
-frequency.safetensors and frequency_histogram.png into each dictionary's folder; with a `prune:`
-block, prunes the listed dictionaries at each max_frequency (frequencies from this very
-evaluation), saves them as `<name>-pruned-<t>` folders in the run and evaluates them on the same
-tokens; with `prune.ablation`, runs the frequency ablation into `<run_dir>/ablation/`; finally
-writes `<run_dir>/summary.md` and `summary.json` and prints the table.
-"""
+"""The evaluation step at the end of a training run: evaluate every trained dictionary on the
+held-out tokens, prune and ablate as the run config's `prune:` block says, write each
+dictionary's outputs and the run's summary.md/.json, and print the table."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from torch import Tensor
 
-from eval import evaluate as E
 from eval import report
-from eval.prune import (check_distinct_labels, describe, kill_mask_from_frequency, prune_dictionary, save_pruned,
-                        threshold_label)
+from eval.ablate import AblationResult, ablation_table, run_ablation, write_ablation
+from eval.evaluate import DEFAULT_BATCH_CONTEXTS, EvalResult, evaluate_dictionaries
+from eval.outputs import write_all
+from eval.prune import (PruneResult, check_distinct_labels, describe, kill_mask_from_frequency, prune_dictionary,
+                        save_pruned, threshold_label)
 
 
 def pruned_name(name: str, max_frequency: float | None, min_frequency: float | None = None) -> str:
@@ -46,10 +38,47 @@ def check_prune_config(prune: Any) -> None:
         check_distinct_labels(ablation.thresholds, "prune.ablation.thresholds")
 
 
+@dataclass
+class _HeldOut:
+    """What every evaluation of a run shares: the model, the held-out tokens, the settings."""
+
+    model: Any
+    tokens: Tensor
+    keep_mask: Tensor
+    batch_size: int
+    info: Mapping[str, Any] | None
+    progress: bool
+
+    def evaluate(self, dictionaries: Mapping[str, Any], train_means: Mapping[str, Tensor]) -> dict[str, EvalResult]:
+        return evaluate_dictionaries(self.model, dictionaries, self.tokens, self.keep_mask, train_means=train_means,
+                                     batch_size=self.batch_size, info=self.info, progress=self.progress)
+
+    def ablate(self, ablation: Any, dictionaries: Mapping[str, Any], results: Mapping[str, EvalResult],
+               train_means: Mapping[str, Tensor]) -> AblationResult:
+        """The `prune.ablation` block: one dictionary's frequency ablation (frequencies from
+        `results`) against the others, whose results are reused."""
+        name = ablation.dictionary
+        return run_ablation(self.model, dictionaries[name], results[name].frequency, ablation.thresholds,
+                            self.tokens, self.keep_mask, train_means, name=name, mode=ablation.mode,
+                            references={k: results[k] for k in [name, *ablation.compare]},
+                            batch_size=self.batch_size, info=self.info, progress=self.progress,
+                            frequency_source=f"evaluation of {name} on "
+                                             f"{results[name].metrics['tokens_evaluated']} held-out tokens")
+
+
+@dataclass
+class _Pruned:
+    """The pruned dictionaries of a run, their folders and training means (keyed like train_means)."""
+
+    dictionaries: dict[str, Any] = field(default_factory=dict)
+    dirs: dict[str, Path] = field(default_factory=dict)
+    means: dict[str, Tensor] = field(default_factory=dict)
+
+
 def evaluate_run(model, dictionaries: Mapping[str, Any], out_dirs: Mapping[str, str | Path], run_dir: str | Path,
                  tokens: Tensor, keep_mask: Tensor, train_means: Mapping[str, Tensor], *,
-                 batch_size: int = E.DEFAULT_BATCH_CONTEXTS, prune: Any = None,
-                 info: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, E.EvalResult]:
+                 batch_size: int = DEFAULT_BATCH_CONTEXTS, prune: Any = None,
+                 info: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, EvalResult]:
     """Evaluate a run's dictionaries (+ the `prune:` block of the run config) and write the summary.
 
     dictionaries: name -> trained SparseDictionary (saved, raw-activation units, on the model's device).
@@ -63,52 +92,58 @@ def evaluate_run(model, dictionaries: Mapping[str, Any], out_dirs: Mapping[str, 
     check_prune_config(prune)
     run_dir = Path(run_dir)
     out_dirs = {k: Path(v) for k, v in out_dirs.items()}
-    results = E.evaluate_dictionaries(model, dictionaries, tokens, keep_mask, train_means=train_means,
-                                      out_dirs=out_dirs, batch_size=batch_size, info=info, progress=progress)
+    heldout = _HeldOut(model, tokens, keep_mask, batch_size, info, progress)
+    results = heldout.evaluate(dictionaries, train_means)
+    write_all(results, out_dirs)
     if prune is not None:
-        pruned: dict[str, Any] = {}
-        pruned_dirs: dict[str, Path] = {}
-        pruned_means: dict[str, Tensor] = dict(train_means)
-        for name in prune.dictionaries:
-            d = dictionaries[name]
-            freq = results[name].frequency
-            tokens_evaluated = results[name].metrics["tokens_evaluated"]
-            for t in dict.fromkeys(prune.max_frequency or [None]):  # an exact repeat is pruned once
-                kill = kill_mask_from_frequency(freq, max_frequency=t, min_frequency=prune.min_frequency)
-                new = pruned_name(name, t, prune.min_frequency)
-                if bool(kill.all()):
-                    record = {"max_frequency": t, "min_frequency": prune.min_frequency, "killed": int(kill.sum()),
-                              "kill_mode": prune.mode, "frequency_tokens": tokens_evaluated,
-                              "frequency_source": f"evaluation of {name} on held-out tokens"}
-                    print(f"prune {name}: {describe(record, d.d_sae)}; skipped (nothing would be left; "
-                          f"its lowest feature frequency is {float(freq.min()):.3g})", flush=True)
-                    continue
-                res = prune_dictionary(d, kill, prune.mode, max_frequency=t, min_frequency=prune.min_frequency,
-                                       frequency_source=f"evaluation of {name} on held-out tokens",
-                                       frequency_tokens=tokens_evaluated, name=new)
-                print(f"prune {name} -> {new}: {describe(res.record, d.d_sae)}", flush=True)
-                save_pruned(res, run_dir / new, source_dir=out_dirs.get(name))
-                pruned[new], pruned_dirs[new] = res.dictionary, run_dir / new
-                hook = d.metadata.get("hook_name")
-                mean = train_means.get(name, train_means.get(hook))
-                if mean is not None:
-                    pruned_means[new] = mean
-        if pruned:
-            results.update(E.evaluate_dictionaries(model, pruned, tokens, keep_mask, train_means=pruned_means,
-                                                   out_dirs=pruned_dirs, batch_size=batch_size, info=info,
-                                                   progress=progress))
-        ablation = getattr(prune, "ablation", None)
-        if ablation is not None:
-            from eval.ablate import ablation_table, run_ablation
-
-            name = ablation.dictionary
-            refs = {k: results[k] for k in [name, *ablation.compare]}
-            out = run_ablation(model, dictionaries[name], results[name].frequency, ablation.thresholds, tokens,
-                               keep_mask, train_means, name=name, mode=ablation.mode, references=refs,
-                               out_dir=run_dir / "ablation", batch_size=batch_size,
-                               frequency_source=f"evaluation of {name} on {results[name].metrics['tokens_evaluated']} "
-                                                f"held-out tokens", info=info, progress=progress)
-            print(ablation_table(out), flush=True)
+        pruned = prune_run(prune, dictionaries, results, out_dirs, run_dir, train_means)
+        if pruned.dictionaries:
+            pruned_results = heldout.evaluate(pruned.dictionaries, pruned.means)
+            write_all(pruned_results, pruned.dirs)
+            results.update(pruned_results)
+        if getattr(prune, "ablation", None) is not None:
+            ablation = heldout.ablate(prune.ablation, dictionaries, results, train_means)
+            write_ablation(run_dir / "ablation", ablation)
+            print(ablation_table(ablation), flush=True)
     report.write_summary(run_dir, results)
     report.print_results(results)
     return results
+
+
+def prune_run(prune: Any, dictionaries: Mapping[str, Any], results: Mapping[str, EvalResult],
+              out_dirs: Mapping[str, Path], run_dir: Path, train_means: Mapping[str, Tensor]) -> _Pruned:
+    """Prune each listed dictionary at each max_frequency (frequencies from `results`) and save it
+    as `<name>-pruned-<t>` in the run."""
+    pruned = _Pruned(means=dict(train_means))
+    for name in prune.dictionaries:
+        d = dictionaries[name]
+        for t in dict.fromkeys(prune.max_frequency or [None]):  # an exact repeat is pruned once
+            new = pruned_name(name, t, prune.min_frequency)
+            res = _prune_one(prune, name, d, results[name], t, new)
+            if res is None:
+                continue
+            save_pruned(res, run_dir / new, source_dir=out_dirs.get(name))
+            pruned.dictionaries[new], pruned.dirs[new] = res.dictionary, run_dir / new
+            mean = train_means.get(name, train_means.get(d.metadata.get("hook_name")))
+            if mean is not None:
+                pruned.means[new] = mean
+    return pruned
+
+
+def _prune_one(prune: Any, name: str, d, result: EvalResult, max_frequency: float | None,
+               new: str) -> PruneResult | None:
+    """`d` without the features outside the band, or None (said) when nothing would be left."""
+    freq = result.frequency
+    kill = kill_mask_from_frequency(freq, max_frequency=max_frequency, min_frequency=prune.min_frequency)
+    source = f"evaluation of {name} on held-out tokens"
+    tokens_evaluated = result.metrics["tokens_evaluated"]
+    if bool(kill.all()):
+        record = {"max_frequency": max_frequency, "min_frequency": prune.min_frequency, "killed": int(kill.sum()),
+                  "kill_mode": prune.mode, "frequency_tokens": tokens_evaluated, "frequency_source": source}
+        print(f"prune {name}: {describe(record, d.d_sae)}; skipped (nothing would be left; "
+              f"its lowest feature frequency is {float(freq.min()):.3g})", flush=True)
+        return None
+    res = prune_dictionary(d, kill, prune.mode, max_frequency=max_frequency, min_frequency=prune.min_frequency,
+                           frequency_source=source, frequency_tokens=tokens_evaluated, name=new)
+    print(f"prune {name} -> {new}: {describe(res.record, d.d_sae)}", flush=True)
+    return res

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sae.dictionaries import DictionaryConfig, parse_dictionary_config
-from sae.dictionaries.base import name_part
+from sae.dictionaries import ARCHITECTURES, DictionaryConfig, get_architecture, parse_dictionary_config
+from sae.dictionaries.naming import check_unique, dictionary_name
 from sae.errors import ConfigError, UserError, did_you_mean
 from sae.text import DataConfig
 
@@ -154,9 +154,47 @@ class RunConfig(_Strict):
 
 def _config_fields(architecture: Any) -> set[str] | None:
     """The keys an architecture's config takes (None: unknown architecture; parsing names it)."""
-    from sae.dictionaries.registry import ARCHITECTURES
     cls = ARCHITECTURES.get(architecture) if isinstance(architecture, str) else None
     return set(cls.Config.model_fields) if cls is not None else None
+
+
+def _entry_grid(run: RunConfig, index: int, entry: dict[str, Any]) -> dict[str, list[Any]]:
+    """The grid one `dictionaries` entry is swept over: the run's `sweep:` keys its architecture
+    has (a run may sweep l1_coefficient over its relu entries while a topk entry has none), its own
+    `sweep:` (whatever the key), and the hook points when it names none."""
+    fields = _config_fields(entry.get("architecture"))
+    grid = {k: v for k, v in run.sweep.items() if fields is None or k in fields}
+    grid.update(entry.get("sweep") or {})
+    if "hook_name" not in entry and "hook_name" not in grid and len(run.hooks) > 1:
+        grid["hook_name"] = list(run.hooks)
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"dictionaries[{index}].sweep.{key}: must be a non-empty list")
+    return grid
+
+
+def _expand_entry(run: RunConfig, index: int, entry: dict[str, Any],
+                  grid: dict[str, list[Any]]) -> list[DictionaryConfig]:
+    """One validated config per point of the entry's grid, named after the swept values."""
+    entry = {k: v for k, v in entry.items() if k != "sweep"}
+    keys = list(grid)
+    out = []
+    for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+        raw = {**entry, **dict(zip(keys, combo))}
+        raw.setdefault("hook_name", run.hooks[0])
+        if raw["hook_name"] not in run.hooks:
+            raise ConfigError(f"dictionaries[{index}].hook_name: {raw['hook_name']!r} is not in hooks "
+                              f"{run.hooks}{did_you_mean(raw['hook_name'], run.hooks)}")
+        # a hook point shows in the name as itself (no `hook_name=`), and only when there are several
+        swept = [(None if k == "hook_name" else k, v) for k, v in zip(keys, combo)
+                 if k != "hook_name" or len(run.hooks) > 1]
+        raw["name"] = dictionary_name(raw.get("name") or raw.get("architecture", f"dict{index}"), swept)
+        raw.setdefault("seed", run.seed)
+        try:
+            out.append(parse_dictionary_config(raw))
+        except ValidationError as e:
+            raise ConfigError(_format_validation_error(e, f"dictionaries[{index}]", raw)) from None
+    return out
 
 
 def expand_dictionaries(run: RunConfig) -> list[DictionaryConfig]:
@@ -165,42 +203,14 @@ def expand_dictionaries(run: RunConfig) -> list[DictionaryConfig]:
     expanded: list[DictionaryConfig] = []
     used: set[str] = set()  # run-level sweep keys some entry takes
     for index, entry in enumerate(run.dictionaries):
-        entry = dict(entry)
-        # The run's sweep applies to the entries whose architecture has that key (a run may sweep
-        # l1_coefficient over its relu entries while a topk entry has none); an entry's own sweep
-        # applies to it whatever the key.
-        fields = _config_fields(entry.get("architecture"))
-        run_grid = {k: v for k, v in run.sweep.items() if fields is None or k in fields}
-        used.update(run_grid)
-        grid = {**run_grid, **(entry.pop("sweep", None) or {})}
-        if "hook_name" not in entry and "hook_name" not in grid and len(run.hooks) > 1:
-            grid["hook_name"] = list(run.hooks)
-        for key, values in grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"dictionaries[{index}].sweep.{key}: must be a non-empty list")
-        keys = list(grid)
-        for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-            raw = {**entry, **dict(zip(keys, combo))}
-            raw.setdefault("hook_name", run.hooks[0])
-            if raw["hook_name"] not in run.hooks:
-                raise ConfigError(f"dictionaries[{index}].hook_name: {raw['hook_name']!r} is not in hooks "
-                                  f"{run.hooks}{did_you_mean(raw['hook_name'], run.hooks)}")
-            base = raw.get("name") or raw.get("architecture", f"dict{index}")
-            suffix = [f"{k}={name_part(v)}" for k, v in zip(keys, combo) if k != "hook_name" or len(run.hooks) > 1]
-            raw["name"] = "-".join([base, *suffix]).replace("hook_name=", "")
-            raw.setdefault("seed", run.seed)
-            try:
-                expanded.append(parse_dictionary_config(raw))
-            except ValidationError as e:
-                raise ConfigError(_format_validation_error(e, f"dictionaries[{index}]", raw)) from None
+        grid = _entry_grid(run, index, entry)
+        used.update(k for k in grid if k in run.sweep)
+        expanded += _expand_entry(run, index, entry, grid)
     unused = [k for k in run.sweep if k not in used]
     if unused:
         raise ConfigError(f"sweep.{unused[0]}: no dictionary has this key "
                           f"(architectures: {sorted({str(e.get('architecture')) for e in run.dictionaries})})")
-    names = [c.name for c in expanded]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"dictionaries: names {duplicates} occur twice; give each entry a distinct `name`")
+    check_unique([c.name for c in expanded])
     return expanded
 
 
@@ -254,7 +264,6 @@ def _format_validation_error(err: ValidationError, prefix: str, raw: Any, model:
                     [f"[{p}]" if isinstance(p, int) else str(p) for p in loc]).replace(".[", "[")
     if first["type"] == "extra_forbidden":
         if model is None and isinstance(raw, dict) and "architecture" in raw:
-            from sae.dictionaries import get_architecture
             model = get_architecture(raw["architecture"]).Config
         valid = _model_fields(model, loc[:-1])
         more = f"; more than one problem ({len(err.errors())})" if len(err.errors()) > 1 else ""

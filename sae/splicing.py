@@ -61,7 +61,7 @@ def hook_of(d, override: str | None = None) -> str:
 
 def excluded_tokens_of(d) -> list[str]:
     """The `exclude_tokens` of the data config a dictionary records (cfg.json `dataset`), read as
-    the evaluator reads it (eval.evaluate.data_config_for): a recorded list wins, otherwise
+    the evaluator reads it (eval.folders.data_config_for): a recorded list wins, otherwise
     `sae.text.DataConfig`'s default (["bos", "pad"])."""
     dataset = d.metadata.get("dataset") if hasattr(d, "metadata") else None
     if isinstance(dataset, Mapping) and dataset.get("exclude_tokens") is not None:

@@ -66,8 +66,8 @@ from torch import Tensor
 import sae
 from sae import checkpoint as ckpt
 from sae import distributed as dist
-from sae.dictionaries.base import (DictionaryConfig, SparseDictionary, geometric_median, name_part,
-                                   unit_norm_scale)
+from sae.dictionaries.base import DictionaryConfig, SparseDictionary, geometric_median, unit_norm_scale
+from sae.dictionaries.naming import dictionary_names
 from sae.dictionaries.registry import get_architecture
 from sae.errors import ConfigError, TrainingDiverged, UserError
 
@@ -115,7 +115,7 @@ def as_batch_source(source: Any) -> BatchSource:
                     "batches(start_step) or an iterable of [batch, d_in] tensors")
 
 
-# ---- schedules and naming -----------------------------------------------------------------------
+# ---- schedules ---------------------------------------------------------------------------------
 def lr_factor(step: int, total_steps: int, warmup_fraction: float, decay_fraction: float) -> float:
     """Linear warm-up over the first `warmup_fraction` of the steps, linear decay to 0 over the last
     `decay_fraction` (reaching 1/decay_steps on the last step)."""
@@ -127,28 +127,6 @@ def lr_factor(step: int, total_steps: int, warmup_fraction: float, decay_fractio
     if decay > 0 and step >= total_steps - decay:
         factor = min(factor, (total_steps - step) / decay)
     return factor
-
-
-def dictionary_names(configs: Sequence[DictionaryConfig]) -> list[str]:
-    """cfg.name, or the architecture plus the keys in which it differs from the other configs of
-    the same architecture (e.g. `relu-l1_coefficient=0.001`); unique, filesystem-safe."""
-    dumps = [c.model_dump(exclude={"name"}) for c in configs]
-    names = []
-    for i, (cfg, dump) in enumerate(zip(configs, dumps)):
-        if cfg.name:
-            names.append(cfg.name)
-            continue
-        same = [d for d in dumps if d["architecture"] == dump["architecture"]]
-        keys = [k for k in dump if k != "architecture" and any(d.get(k) != dump[k] for d in same)]
-        names.append("-".join([cfg.architecture] + [f"{k}={name_part(dump[k])}" for k in keys]))
-    seen: dict[str, int] = {}
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-    dup = [n for n, c in seen.items() if c > 1]
-    if dup:
-        raise ConfigError(f"dictionary names must be unique; repeated: {', '.join(dup)} "
-                          "(give each dictionary a distinct `name:` or make the configs differ)")
-    return names
 
 
 # ---- dead / dense feature tracking ---------------------------------------------------------------

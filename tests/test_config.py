@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sae.config import expand_dictionaries, load_run_config
+from sae.config import load_run_config
 from sae.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_sweep_names_match_the_trainers_names(tmp_path, tiny_model_dir, tiny_tex
     """A YAML sweep and an unnamed Python config list name a dictionary the same way, list values
     included, and every name is one plain folder."""
     from sae.dictionaries import parse_dictionary_config
-    from sae.trainer import dictionary_names
+    from sae.dictionaries.naming import dictionary_names
     text = BASE.replace("sweep: {{l1_coefficient: [0.001, 0.01]}}",
                         "sweep: {{adam_betas: [[0.9, 0.999], [0.8, 0.99]]}}")
     text = text.replace("hooks: [blocks.0.hook_resid_post, blocks.1.hook_resid_post]",

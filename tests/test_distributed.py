@@ -191,7 +191,7 @@ def test_torchrun_train_py_then_evaluate_without_it(tiny_model_dir, tiny_text_fi
     assert r.stdout.count("saved 3 dictionaries") == 1  # rank 0 alone reports
     # evaluation afterwards, one process, same YAML: nothing is retrained
     from sae.config import load_run_config
-    from sae.pipeline import run_experiment
+    from pipeline import run_experiment
 
     run, dictionaries = load_run_config(config, ["eval.enabled=true"])
     results = run_experiment(run, dictionaries)

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from eval import metrics as M
-from eval.evaluate import (EvalTarget, compute_activation_means, evaluate_dictionaries, read_frequency,
-                           reconstruction_metrics)
+from eval.evaluate import EvalTarget, evaluate_dictionaries, reconstruction_metrics
+from eval.outputs import read_frequency
 from eval_helpers import HOOK, IdentityDict, RandomReLU, ZeroDict, make_tokens
 from sae.errors import HookError, UserError
+from sae.means import means_from_model
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +35,29 @@ def data(model):
 @pytest.fixture(scope="module")
 def train_mean(model, data):
     tokens, keep = make_tokens(model.tokenizer, n_ctx=9, seed=1)
-    return compute_activation_means(model, [HOOK], tokens, keep)[HOOK]
+    return means_from_model(model, [HOOK], tokens, keep)[HOOK]
 
 
 def _eval(model, data, dicts, mean, batch_size=4, **kw):
     tokens, keep = data
     return evaluate_dictionaries(model, dicts, tokens, keep, train_means={HOOK: mean}, batch_size=batch_size,
                                  progress=False, **kw)
+
+
+def test_training_mean_is_the_mean_over_kept_tokens(model):
+    """x̄ from model forwards (in batches, the forward stopped after the hook) equals the plain
+    mean of run_with_cache's activations over the kept tokens, on two hooks at once."""
+    tokens, keep = make_tokens(model.tokenizer, n_ctx=9, seed=1)
+    hooks = [HOOK, "blocks.1.hook_mlp_out"]
+    means = means_from_model(model, hooks, tokens, keep, batch_size=4)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hooks)
+    for h in hooks:
+        expected = cache[h][keep].double().mean(dim=0).float()
+        assert means[h].dtype == torch.float32 and means[h].shape == (32,)
+        torch.testing.assert_close(means[h], expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(UserError, match="no kept tokens"):
+        means_from_model(model, hooks, tokens, torch.zeros_like(keep))
 
 
 def test_every_metrics_key_is_reported(model, data, train_mean):
@@ -112,7 +129,7 @@ def test_dictionaries_on_several_hooks(model, data):
     the numbers of separate calls; each hook gets its own zero/mean baselines."""
     tokens, keep = data
     hooks = [HOOK, "blocks.1.hook_mlp_out", "blocks.1.hook_attn_out"]
-    means = compute_activation_means(model, hooks, tokens, keep)
+    means = means_from_model(model, hooks, tokens, keep)
     dicts = {h: RandomReLU.make(d_sae=48, seed=i, metadata={"hook_name": h}) for i, h in enumerate(hooks)}
     together = evaluate_dictionaries(model, dicts, tokens, keep, train_means=means, progress=False)
     for h, d in dicts.items():
@@ -188,19 +205,28 @@ def test_hand_computed_values(model, data, train_mean):
 
 
 def test_excluded_positions_keep_their_activation(model, data, train_mean):
-    """BOS (position 0, excluded) sees only itself: its logits are unchanged by any splice, and
-    every excluded token counts in no metric."""
+    """At the hook, excluded positions (BOS, padding) keep their clean activation exactly and kept
+    ones get x_hat; BOS (position 0) sees only itself, so it stays clean downstream and its logits
+    are unchanged by any splice; every excluded token counts in no metric."""
     tokens, keep = data
     from eval.evaluate import _splice_hook
 
-    d = ZeroDict.make()
+    d = ZeroDict.make()  # x_hat = 0 at every kept position
     acc = M.ReconstructionAccumulator(d.d_in, d.d_sae)
+    later = "blocks.1.hook_resid_post"
     captured = {}
     with torch.no_grad():
         clean = model(tokens)
+        _, cache = model.run_with_cache(tokens, names_filter=[HOOK, later])
         spliced = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, _splice_hook(d, keep, acc)),
-                                                          ("blocks.1.hook_resid_post",
+                                                          (HOOK, lambda a, hook: captured.setdefault("at_hook", a)),
+                                                          (later,
                                                            lambda a, hook: captured.setdefault("x", a))])
+    assert (~keep[:, 1:]).any()  # the data has excluded positions after BOS (padding) too
+    assert torch.equal(captured["at_hook"][~keep], cache[HOOK][~keep])
+    assert (captured["at_hook"][keep] == 0).all() and (cache[HOOK][keep] != 0).all(dim=-1).all()
+    assert torch.equal(captured["x"][:, 0], cache[later][:, 0])
+    assert not torch.allclose(captured["x"][:, 1:], cache[later][:, 1:])
     assert torch.equal(spliced[:, 0], clean[:, 0])
     assert not torch.allclose(spliced[:, 1:], clean[:, 1:])
     assert acc.n == int(keep.sum())

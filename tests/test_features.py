@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from eval.__main__ import main
-from eval.evaluate import data_config_for, heldout_tokens
+from eval.folders import data_config_for, heldout_tokens
 from eval.features import choose_contexts, parse_ids, render_html, select_features
 from loading_helpers import HOOK, random_dictionary
 from sae.errors import UserError

@@ -1,4 +1,4 @@
-"""Pruning by frequency and the frequency ablation (issue 5)."""
+"""Pruning by frequency and the frequency ablation."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 
-from eval.ablate import AblationResult, parse_thresholds, plot_ablation, point_labels, run_ablation
-from eval.evaluate import compute_activation_means, evaluate_dictionaries, read_frequency
+from eval.ablate import AblationResult, parse_thresholds, plot_ablation, point_labels, run_ablation, write_ablation
+from eval.evaluate import evaluate_dictionaries
+from eval.outputs import read_frequency
 from eval.prune import kill_mask_from_frequency, original_ids, prune_dictionary, save_pruned
 from eval_helpers import HOOK, RandomReLU, make_tokens
 from sae.dictionaries.registry import ARCHITECTURES
 from sae.errors import UserError
 from sae.loading import load_dictionary
+from sae.means import means_from_model
 from test_evaluate import save_test_dictionary
 
 
@@ -32,7 +34,7 @@ def data(model):
 @pytest.fixture(scope="module")
 def means(model):
     tokens, keep = make_tokens(model.tokenizer, n_ctx=9, seed=1)
-    return compute_activation_means(model, [HOOK], tokens, keep)
+    return means_from_model(model, [HOOK], tokens, keep)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +150,8 @@ def test_ablation_equals_prune_then_evaluate(tmp_path, model, data, means, measu
     thresholds = [1.0, t_mid, 0.0]  # nothing, some, every live feature
     other = RandomReLU.make(d_sae=32, seed=7)
     out = run_ablation(model, d, r.frequency, thresholds, tokens, keep, means, name="d",
-                       compare={"other": other}, out_dir=tmp_path, frequency_source="test", progress=False)
+                       compare={"other": other}, frequency_source="test", progress=False)
+    write_ablation(tmp_path, out)
     rows = {row["threshold"]: row for row in out.rows}
     assert list(rows) == [1.0, t_mid, 0.0]
     assert rows[1.0]["killed"] == 0 and "nothing" in rows[1.0]["note"]

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.evaluate import compute_activation_means, evaluate_dictionaries
+from eval.evaluate import evaluate_dictionaries
 from eval_helpers import IdentityDict
 from sae.errors import HookError
+from sae.means import means_from_model
 from sae.models import check_hooks, hook_d_in, load_model
 from sae.text import DataConfig, keep_mask, load_contexts
 
@@ -44,7 +45,7 @@ def test_identity_dictionary_recovers_all_loss_on_smollm2(smollm2):
     tokens = load_contexts(data, smollm2.tokenizer, "heldout", 256)
     keep = keep_mask(tokens, smollm2.tokenizer, data.exclude_tokens)
     train = load_contexts(data, smollm2.tokenizer, "train", 256)
-    mean = compute_activation_means(smollm2, [HOOK], train, keep_mask(train, smollm2.tokenizer, data.exclude_tokens))
+    mean = means_from_model(smollm2, [HOOK], train, keep_mask(train, smollm2.tokenizer, data.exclude_tokens))
     r = evaluate_dictionaries(smollm2, {"id": IdentityDict.make(d_in=576, d_sae=576, metadata={"hook_name": HOOK})}, tokens, keep,
                               train_means=mean, batch_size=4, progress=False)["id"]
     assert r["loss_recovered"] == pytest.approx(1.0, abs=1e-6)

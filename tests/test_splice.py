@@ -8,7 +8,8 @@ import torch
 
 import sae
 from eval import metrics as M
-from eval.evaluate import evaluate_dictionaries, heldout_tokens
+from eval.evaluate import evaluate_dictionaries
+from eval.folders import heldout_tokens
 from eval_helpers import make_tokens
 from loading_helpers import HOOK, random_dictionary
 from sae.errors import HookError, UserError

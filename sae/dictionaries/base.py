@@ -33,18 +33,6 @@ CFG_FILE = "cfg.json"
 KillMode = Literal["after", "before"]
 
 
-def name_part(value: Any) -> str:
-    """A hyperparameter value as it appears in a dictionary's folder name: floats in %g, lists
-    comma-joined, and anything outside [A-Za-z0-9._-=,] replaced by '_' (so a name is one folder)."""
-    if isinstance(value, float):
-        text = f"{value:g}"
-    elif isinstance(value, (list, tuple)):
-        text = ",".join(name_part(v) for v in value)
-    else:
-        text = str(value)
-    return "".join(ch if ch.isalnum() or ch in "._-=," else "_" for ch in text)
-
-
 class DictionaryConfig(BaseModel):
     """Hyperparameters of one dictionary; architectures subclass it to add their own.
 

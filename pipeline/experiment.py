@@ -1,0 +1,216 @@
+"""`train.py CONFIG.yaml` as a sequence of steps: load the model and check the config against it,
+harvest (or stream) the training activations, train every dictionary in one pass, save each one's
+training mean x̄, evaluate on held-out text, prune and ablate, write the summary.
+
+Re-running the same command resumes every step (see resume.py for what is reused). Under
+torchrun every rank runs the same steps; rank 0 alone writes the config and the means and
+evaluates, once every dictionary is saved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from eval.outputs import eval_info
+from eval.run import check_prune_config, evaluate_run
+from pipeline.resume import completed_run, dictionary_metadata, finished_dictionaries
+from sae import distributed as dist
+from sae import io
+from sae.cache import CacheReader, StreamingSource, harvest
+from sae.config import RunConfig, dump_run_config
+from sae.dictionaries import DictionaryConfig, SparseDictionary
+from sae.errors import ConfigError
+from sae.means import MEAN_TOKENS, means_from_cache, means_from_model, read_mean, save_mean
+from sae.models import check_hooks, hook_d_in, load_model, resolve_device
+from sae.text import keep_mask, load_contexts
+from sae.trainer import BatchSource, train_dictionaries
+
+
+def say(message: str) -> None:
+    if dist.is_main():
+        print(f"[train.py] {message}", flush=True)
+
+
+def autocast_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
+    choice = run.train.autocast
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if choice == "none" else getattr(torch, choice)
+
+
+@dataclass
+class _Loaded:
+    """The run's model, checked against the config, and what the later steps need of it."""
+
+    model: Any  # TransformerBridge
+    device: torch.device
+    d_in: dict[str, int]  # hook -> activation width
+
+
+def run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, Any]:
+    """Harvest, train, save, evaluate and prune as `run` says; returns {name: EvalResult} (or
+    {name: dictionary} when evaluation is disabled, or {name: eval.json dict} when the same config
+    already ran to the end and nothing is redone). Under torchrun, ranks other than 0 return
+    the dictionaries they trained once training is over."""
+    started = dist.init_from_env(run.distributed.backend, run.distributed.timeout_minutes)
+    try:
+        return _run_experiment(run, configs)
+    finally:
+        if started:
+            dist.shutdown()
+
+
+def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, Any]:
+    done = completed_run(run, configs)
+    if done is not None:
+        _print_summary(run)
+        return done
+    _start(run)
+    loaded = _load_model(run, configs)
+    # Read now so that too little held-out text fails before the harvest and training, not after.
+    heldout = _tokens(run, loaded.model, "heldout", run.eval_tokens) if run.eval.enabled and dist.is_main() else None
+    trained = finished_dictionaries(run, configs)
+    if trained is None:
+        trained = _train(run, configs, loaded)
+    else:
+        say(f"every dictionary is already trained in {run.run_dir}; evaluating")
+    if not dist.is_main() or not run.eval.enabled:  # rank 0 alone evaluates and prunes
+        return trained
+    return _evaluate(run, configs, loaded, trained, heldout)
+
+
+def _print_summary(run: RunConfig) -> None:
+    say(f"run {run.run_name} is complete with this config (delete {run.run_dir}/summary.md to "
+        f"evaluate again); its summary:")
+    if dist.is_main():
+        print((run.run_dir / "summary.md").read_text(), flush=True)
+
+
+def _start(run: RunConfig) -> None:
+    """Refuse a prune block whose thresholds would share a folder before any work; write config.yaml."""
+    if run.eval.enabled:
+        check_prune_config(run.prune)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        io.write_text(run.run_dir / "config.yaml", dump_run_config(run))
+
+
+def _load_model(run: RunConfig, configs: list[DictionaryConfig]) -> _Loaded:
+    """The model, and every setting that needs it checked before any harvest or training."""
+    device = dist.device_for_rank(resolve_device(run.device))
+    ranks = f", {dist.world_size()} ranks ({run.distributed.placement})" if dist.is_distributed() else ""
+    say(f"run {run.run_name}: {len(configs)} dictionaries on {', '.join(run.hooks)} of {run.model} "
+        f"({device}{ranks})")
+    model = load_model(run.model, device=device, dtype=run.model_dtype)
+    check_hooks(model, run.hooks)
+    d_in = {h: hook_d_in(model, h) for h in run.hooks}
+    if dist.is_distributed() and run.distributed.placement == "data_parallel":
+        dist.check_batch_divisible(run.train.batch_size, "train.batch_size")
+    for cfg in configs:
+        cfg.require_width(d_in[cfg.hook_name])
+    return _Loaded(model, device, d_in)
+
+
+def _tokens(run: RunConfig, model, split: str, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n_tokens (whole contexts) of a split of the run's text [n_ctx, ctx], and their keep mask."""
+    tokens = load_contexts(run.data, model.tokenizer, split, n_tokens)
+    return tokens, keep_mask(tokens, model.tokenizer, run.data.exclude_tokens)
+
+
+def _train(run: RunConfig, configs: list[DictionaryConfig], loaded: _Loaded) -> dict[str, SparseDictionary]:
+    """Train every dictionary in one pass over the training activations; rank 0 then saves each
+    one's x̄. Returns the dictionaries (on ranks other than 0: those this rank trained)."""
+    tokens, keep = _tokens(run, loaded.model, "train", run.train_tokens)
+    source = _batch_source(run, loaded.model, tokens, keep, _hooks_needed(run, configs, loaded.d_in))
+    trained = _train_dictionaries(run, configs, loaded, source)
+    if not dist.is_main():
+        return trained
+    if len(trained) < len(configs):  # dictionary_per_rank: the others' are on disk by now
+        trained = finished_dictionaries(run, configs)
+        if trained is None:
+            raise ConfigError(f"some dictionaries of {run.run_dir} were not saved by their ranks")
+    if run.harvest.mode == "stream":
+        hook_means = _streamed_means(run, loaded.model, tokens, keep)
+    else:
+        hook_means = means_from_cache(run.cache_dir, list(run.hooks))
+    _save_means(run, configs, hook_means)
+    say(f"saved {len(trained)} dictionaries under {run.run_dir}/")
+    return trained
+
+
+def _hooks_needed(run: RunConfig, configs: list[DictionaryConfig], d_in: dict[str, int]) -> list[str]:
+    """The hook points this process reads: all of them, except for dictionary_per_rank under
+    torchrun, where only those of the dictionaries this rank trains."""
+    if not dist.is_distributed() or run.distributed.placement != "dictionary_per_rank":
+        return list(run.hooks)
+    owners = dist.assign_dictionaries(configs, dist.world_size(), d_in)
+    mine = {c.hook_name for c, owner in zip(configs, owners) if owner == dist.rank()}
+    return [h for h in run.hooks if h in mine] or list(run.hooks)
+
+
+def _batch_source(run: RunConfig, model, tokens: torch.Tensor, keep: torch.Tensor, hooks: list[str]) -> BatchSource:
+    """The trainer's batches: from the cache on disk (harvested first, or resumed), or streamed
+    straight from the model."""
+    if run.harvest.mode == "stream":
+        say(f"streaming activations of {int(keep.sum()):,} training tokens straight from the model")
+        return StreamingSource(model, tokens, keep, hooks, batch_size=run.train.batch_size,
+                               seed=run.seed, contexts_per_chunk=run.harvest.contexts_per_shard,
+                               batch_contexts=run.harvest.batch_contexts)
+    identity = {"model": run.model, "model_dtype": run.model_dtype, "data": run.data.model_dump(mode="json")}
+    say(f"harvesting {int(keep.sum()):,} training tokens into {run.cache_dir}/")
+    harvest(model, tokens, keep, run.hooks, run.cache_dir, identity=identity, dtype=run.harvest.dtype,
+            contexts_per_shard=run.harvest.contexts_per_shard, batch_contexts=run.harvest.batch_contexts,
+            verify=run.harvest.verify, distributed=dist.is_distributed())
+    return CacheReader(run.cache_dir, batch_size=run.train.batch_size, seed=run.seed, hooks=hooks)
+
+
+def _train_dictionaries(run: RunConfig, configs: list[DictionaryConfig], loaded: _Loaded,
+                        source: BatchSource) -> dict[str, SparseDictionary]:
+    total_tokens = max(int(source.tokens_per_epoch * run.train.epochs), 1)
+    return train_dictionaries(
+        source, configs, total_tokens=total_tokens, d_in=loaded.d_in, device=loaded.device, out_dir=run.run_dir,
+        checkpoint_every_tokens=run.train.checkpoint_every_tokens or max(total_tokens // 10, run.train.batch_size),
+        metadata={c.name: dictionary_metadata(run, c) for c in configs},
+        wandb={"mode": run.wandb.mode, "project": run.wandb.project, "entity": run.wandb.entity,
+               "name": run.run_name},
+        autocast_dtype=autocast_dtype(run, loaded.device), log_every=run.train.log_every_steps,
+        placement=run.distributed.placement if dist.is_distributed() else None)
+
+
+def _streamed_means(run: RunConfig, model, tokens: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """hook -> x̄ over the first MEAN_TOKENS of these training tokens, from model forwards."""
+    n_ctx = max(1, math.ceil(MEAN_TOKENS / tokens.shape[1]))
+    return means_from_model(model, run.hooks, tokens[:n_ctx], keep[:n_ctx], batch_size=run.harvest.batch_contexts)
+
+
+def _save_means(run: RunConfig, configs: list[DictionaryConfig], hook_means: dict[str, torch.Tensor]) -> None:
+    for cfg in configs:
+        save_mean(run.run_dir / cfg.name, hook_means[cfg.hook_name])
+
+
+def _training_means(run: RunConfig, configs: list[DictionaryConfig], model) -> dict[str, torch.Tensor]:
+    """Each dictionary's x̄: from its folder, or (when an earlier run did not save it) computed
+    from model forwards on training text and saved."""
+    means = {c.name: read_mean(run.run_dir / c.name) for c in configs}
+    missing = [c for c in configs if means[c.name] is None]
+    if missing:
+        hook_means = _streamed_means(run, model, *_tokens(run, model, "train", MEAN_TOKENS))
+        _save_means(run, missing, hook_means)
+        means.update({c.name: hook_means[c.hook_name] for c in missing})
+    return means
+
+
+def _evaluate(run: RunConfig, configs: list[DictionaryConfig], loaded: _Loaded,
+              trained: dict[str, SparseDictionary], heldout: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Evaluate, prune and ablate on the held-out tokens; write every output and the summary."""
+    means = _training_means(run, configs, loaded.model)
+    tokens, keep = heldout
+    say(f"evaluating on {int(keep.sum()):,} held-out tokens")
+    dictionaries = {name: d.to(loaded.device) for name, d in trained.items()}
+    return evaluate_run(loaded.model, dictionaries, {name: run.run_dir / name for name in dictionaries},
+                        run.run_dir, tokens, keep, means, batch_size=run.eval.batch_contexts, prune=run.prune,
+                        info=eval_info(run.data))
