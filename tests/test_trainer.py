@@ -18,7 +18,7 @@ import torch
 
 import sae
 from sae import checkpoint as ckpt
-from sae.dictionaries import parse_dictionary_config
+from sae.dictionaries import SparseDictionary, parse_dictionary_config
 from sae.dictionaries.registry import load_dictionary
 from sae.errors import ConfigError, TrainingDiverged
 from sae.io import load_tensors
@@ -279,7 +279,6 @@ def test_resampling_low_frequency_features_reinitialises_exactly_those(monkeypat
     """resample_min_frequency (the dual of pruning high-frequency features): at a resampling, the
     features that fired on fewer than that fraction of the period's tokens are re-initialised, and
     no others but the dead ones (silent for resample_dead_tokens = half the period by default)."""
-    from sae.dictionaries.base import SparseDictionary
     d_in, d_sae, B, P = 8, 48, 64, 4  # P batches per resampling period
     g = torch.Generator().manual_seed(0)
     offset = 2.0 * torch.randn(d_in, generator=g)  # spreads the features' firing rates over (0, 1)
