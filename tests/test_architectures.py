@@ -359,3 +359,20 @@ def test_a_bfloat16_dictionary_takes_float32_activations(arch):
     # (threshold architectures may flip a feature sitting on its threshold: compare as a whole)
     with torch.no_grad():
         assert float((low(x).float() - d(x)).norm() / d(x).norm()) < 0.05
+
+
+def test_relu_recipe_defaults_are_resolved_in_the_config():
+    classic = parse_dictionary_config({"architecture": "relu", "d_sae": 8})
+    assert (classic.l1_coefficient, classic.sparsity_warmup_fraction, classic.normalize_decoder) == (1.0, 0.0, True)
+    april = parse_dictionary_config({"architecture": "relu", "d_sae": 8, "recipe": "april2024",
+                                     "l1_coefficient": 2.0, "sparsity_warmup_fraction": None})
+    assert (april.l1_coefficient, april.sparsity_warmup_fraction, april.normalize_decoder) == (2.0, 0.05, False)
+    classic.recipe = "april2024"  # what its author left out follows the recipe
+    assert (classic.l1_coefficient, classic.sparsity_warmup_fraction, classic.normalize_decoder) == (5.0, 0.05, False)
+    # the recipe's fixed parts: the april2024 dictionary starts with decoder rows of norm 0.1 and lr 5e-5
+    d = get_architecture("relu")(classic, D_IN)
+    torch.testing.assert_close(d.W_dec.norm(dim=1), torch.full((8,), 0.1))
+    assert d.lr == 5e-5 and not d.unit_norm_decoder
+    # as written: what names and checkpoint fingerprints are built from
+    assert april.as_written().model_dump(exclude_defaults=True) == {
+        "d_sae": 8, "recipe": "april2024", "l1_coefficient": 2.0}

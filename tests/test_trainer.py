@@ -123,6 +123,15 @@ def test_plain_iterable_sweep_writes_dictionaries_with_metadata(tmp_path):
     assert not (tmp_path / ckpt.CHECKPOINT_DIR).exists()
 
 
+def test_names_are_built_from_what_was_written():
+    """ReLU's recipe defaults are resolved in the config, but a name says only what differs in
+    what was written (as the library always named them)."""
+    configs = [parse_dictionary_config({"architecture": "relu", "d_sae": 32}),
+               parse_dictionary_config({"architecture": "relu", "d_sae": 32, "recipe": "april2024"})]
+    assert configs[0].l1_coefficient != configs[1].l1_coefficient
+    assert dictionary_names(configs) == ["relu-recipe=classic", "relu-recipe=april2024"]
+
+
 def test_duplicate_names_are_refused():
     cfg = parse_dictionary_config({"architecture": "topk", "d_sae": 8, "k": 2, "name": "a"})
     with pytest.raises(ConfigError, match="unique"):

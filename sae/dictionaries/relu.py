@@ -70,12 +70,13 @@ class ReLUConfig(DictionaryConfig):
     @model_validator(mode="after")
     def _resolve_recipe_defaults(self) -> "ReLUConfig":
         # Re-resolved at every validation (assignments included), so a field its author left out
-        # follows a later change of recipe. Written into __dict__: setattr would validate again,
-        # and would count the field as given (see `as_written`).
+        # follows a later change of recipe. Written into __dict__ (setattr would validate again),
+        # and a field given as null counts as left out (see `as_written`).
         recipe = RECIPES[self.recipe]
         for key in RECIPE_FIELDS:
             if key not in self.model_fields_set or getattr(self, key) is None:
                 self.__dict__[key] = getattr(recipe, key)
+                self.model_fields_set.discard(key)
         return self
 
 
