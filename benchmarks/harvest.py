@@ -29,18 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae.cache import ActivationCapture, harvest  # noqa: E402
-from sae.models import stop_layer  # noqa: E402
-from sae.cache_reader import CacheReader, StreamingSource  # noqa: E402
-
-
-def load(name: str, device: str, dtype: str):
-    try:
-        from sae.models import load_model
-        return load_model(name, device=device, dtype=dtype)
-    except ImportError:
-        from transformer_lens.model_bridge import TransformerBridge
-        return TransformerBridge.boot_transformers(name, device=device)
+from sae.cache import CacheReader, StreamingSource, harvest  # noqa: E402
+from sae.models import load_model, model_device, stop_layer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -71,8 +61,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     t = time.perf_counter()
-    model = load(a.model, device, a.model_dtype)
-    dev = ActivationCapture(model, hooks).device
+    model = load_model(a.model, device=device, dtype=a.model_dtype)
+    dev = model_device(model)
     print(f"model {a.model} on {dev} ({a.model_dtype}), loaded in {time.perf_counter() - t:.1f}s; "
           f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
     T = a.context_size

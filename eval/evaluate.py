@@ -40,6 +40,7 @@ from torch import Tensor
 
 from eval import metrics as M
 from sae.errors import HookError, UserError
+from sae.models import model_device
 
 EVAL_FILE = "eval.json"
 FREQUENCY_FILE = "frequency.safetensors"
@@ -111,13 +112,6 @@ def _as_targets(dictionaries: Mapping[str, Any]) -> dict[str, EvalTarget]:
     return {name: d if isinstance(d, EvalTarget) else EvalTarget(d) for name, d in dictionaries.items()}
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device(getattr(model.cfg, "device", "cpu") or "cpu")
-
-
 def _dict_param(d) -> Tensor:
     return d.W_enc if hasattr(d, "W_enc") else next(d.parameters())
 
@@ -176,7 +170,7 @@ def evaluate_dictionaries(model, dictionaries: Mapping[str, Any], tokens: Tensor
     if not bool(keep_mask.any()):
         raise UserError("every token is excluded (keep_mask is all False): nothing to evaluate")
     check_compatibility(model, targets)
-    device = _model_device(model)
+    device = model_device(model)
     train_means = dict(train_means or {})
 
     # Distinct mean-ablation runs: one per (hook, distinct training mean).
@@ -333,7 +327,7 @@ def compute_activation_means(model, hook_names: Iterable[str], tokens: Tensor, k
 
     hook_names = sorted(set(hook_names))
     check_hooks(model, hook_names)
-    device = _model_device(model)
+    device = model_device(model)
     totals: dict[str, Tensor] = {}
     count = 0
     for start in range(0, tokens.shape[0], batch_size):
@@ -504,7 +498,7 @@ def load_groups(dirs: list[str | Path], device: str = "auto", dtype: str | None 
                 data_source: str | None = None) -> list[LoadedGroup]:
     """Load dictionaries from folders and their models; one group per (model, held-out text)."""
     import sae.dictionaries  # noqa: F401  (registers every architecture)
-    from sae.dictionaries.registry import load_dictionary
+    from sae.loading import load_dictionary
     from sae.models import load_model, resolve_device
 
     dev = resolve_device(device) if isinstance(device, str) else device

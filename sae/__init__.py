@@ -1,11 +1,12 @@
 """sae: sparse autoencoders (sparse dictionaries) on transformer activations."""
 
+import importlib
+
 __version__ = "0.1.0"
 
-# Loading and splicing, imported on first use so that `import sae` stays cheap:
-#   sae.load(path, device=..., dtype=...)          sae/loading.py
-#   sae.splice(model, dictionaries, keep_error=...)  sae/splicing.py
-#   sae.feature_activations(model, dictionaries, text)
+# sae.load, sae.load_run (sae/loading.py), sae.splice and sae.feature_activations (sae/splicing.py)
+# are imported on first use: every `import sae.x` runs this file first, and importing them here
+# would make each one pay for torch (~3 s on 2 cores), e.g. train.py's usage errors.
 _LAZY = {
     "load": ("sae.loading", "load"),
     "load_run": ("sae.loading", "load_run"),
@@ -16,8 +17,6 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
         value = getattr(importlib.import_module(module), attr)
         globals()[name] = value

@@ -1,22 +1,10 @@
-"""python -m sae.convert SRC DST --to saelens|ours
+"""python -m sae.convert SRC DST --to saelens|ours: a dictionary (or a run folder of them), read
+by `sae.load` in any format it knows, written as SAELens's format or ours.
 
-Convert a dictionary (or a run folder of them) between formats. SRC is anything `sae.load`
-reads: our format, SAELens's, dictionary_learning's (ae.pt + config.json) or sparsify's.
-
-    python -m sae.convert runs/demo/topk runs/demo/topk_saelens --to saelens
-    python -m sae.convert path/to/dictionary_learning/ae_folder my_dict --to ours
-
---to saelens writes cfg.json + sae_weights.safetensors (+ sparsity.safetensors from the
-folder's frequency.safetensors when it has one); --to ours writes cfg.json + sae.safetensors
-(+ frequency.safetensors from a SAELens sparsity.safetensors). A run folder gives one output
-folder per dictionary under DST. Every conversion is checked before it is reported: the written
-folder is loaded back and must encode and decode random inputs exactly like the source.
-
-In a run folder, a dictionary the target format cannot express (e.g. a TopK dictionary pruned in
-mode 'after', whose shadow encoder SAELens's TopK has no place for) is skipped with one warning
-line naming its folder and why; the others are converted. The command fails (exit status 2) only
-when none could be converted, or when SRC is a single dictionary that cannot be; the error names
-the folder.
+A conversion is reported only once the written folder loads back and encodes and decodes random
+inputs like the source. In a run folder, a dictionary the target cannot express is skipped with
+one warning line naming its folder; the command fails (exit status 2) only when nothing converts.
+Feature frequencies travel too (frequency.safetensors <-> SAELens's sparsity.safetensors).
 """
 
 from __future__ import annotations
@@ -31,6 +19,8 @@ import torch
 
 from sae import io
 from sae.errors import UserError, cli_errors
+from sae.formats import saelens
+from sae.loading import detect_format, dictionary_dirs, load
 
 TARGETS = ("saelens", "ours")
 FREQUENCY_FILE = "frequency.safetensors"  # what the evaluator writes next to a dictionary
@@ -39,8 +29,6 @@ FREQUENCY_FILE = "frequency.safetensors"  # what the evaluator writes next to a 
 def _frequency_of(src: Path, d_sae: int) -> torch.Tensor | None:
     """The source folder's feature frequencies: ours (frequency.safetensors) or SAELens's
     (sparsity.safetensors, log10 density); None when it has neither."""
-    from sae.formats import saelens
-
     if (src / FREQUENCY_FILE).is_file():
         freq = io.load_tensors(src / FREQUENCY_FILE).get("frequency")
     else:
@@ -67,9 +55,6 @@ def check_same_outputs(a, b, n: int = 256, seed: int = 0) -> None:
 
 def convert_one(d, src: Path, dst: Path, to: str) -> Path:
     """Write one loaded dictionary `d` (read from folder `src`) to folder `dst` in format `to`."""
-    from sae.formats import saelens
-    from sae.loading import load
-
     frequency = _frequency_of(src, d.d_sae)
     if to == "saelens":
         saelens.export(d, dst, frequency=frequency)
@@ -89,8 +74,6 @@ def _warn(message: str) -> None:
 def _convert_folder(folder: Path, fmt: str | None, dst: Path, to: str) -> Path:
     """Load one dictionary folder and convert it; a UserError names the folder. A half-written
     output folder that did not exist before is removed."""
-    from sae.loading import load
-
     existed = dst.exists()
     try:
         d = load(folder, format=fmt or "auto")
@@ -110,24 +93,30 @@ def convert(src: str | Path, dst: str | Path, to: str, force: bool = False,
     does not load) is skipped with one `warn(line)` (default: a warning line on stderr) naming its
     folder and why; a UserError only when none could be converted. A single dictionary that cannot
     be converted raises a UserError naming its folder."""
-    from sae.formats import detect
-    from sae.loading import _dictionary_dirs
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    _check_arguments(src, dst, to, force)
+    folder = src if src.is_dir() else src.parent
+    fmt = detect_format(folder)
+    if fmt is not None:
+        return [_convert_folder(folder, fmt, dst, to)]
+    return _convert_run(folder, dst, to, warn or _warn)
 
+
+def _check_arguments(src: Path, dst: Path, to: str, force: bool) -> None:
     if to not in TARGETS:
         raise UserError(f"--to {to!r}: use one of {', '.join(TARGETS)}")
-    warn = warn or _warn
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.exists():
         raise UserError(f"{src}: no such file or folder")
     if dst.exists() and any(dst.iterdir()) and not force:
         raise UserError(f"{dst} exists and is not empty; choose a new folder or pass --force")
     if src.resolve() == dst.resolve():
         raise UserError("SRC and DST are the same folder")
-    folder = src if src.is_dir() else src.parent
-    fmt = detect(folder)
-    if fmt is not None:
-        return [_convert_folder(folder, fmt, dst, to)]
-    found = _dictionary_dirs(folder)
+
+
+def _convert_run(folder: Path, dst: Path, to: str, warn: Callable[[str], None]) -> list[Path]:
+    """Every dictionary under a run folder, each to dst/<its name>; one that fails is skipped
+    with a warning."""
+    found = dictionary_dirs(folder)
     written: list[Path] = []
     skipped: list[str] = []
     for name, sub, sub_fmt in found:

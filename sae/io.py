@@ -18,6 +18,8 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae.dtypes import dtype_name
+
 
 def _file_mode() -> int:
     # mkstemp creates files 0600; a finished file should get the mode open() would give it
@@ -66,7 +68,7 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, torch.dtype):
-        return str(obj).removeprefix("torch.")
+        return dtype_name(obj)
     if isinstance(obj, (set, tuple)):
         return list(obj)
     if hasattr(obj, "item"):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sae.dtypes import parse_dtype
 from sae.errors import HookError, UserError, did_you_mean
 
 EMBEDDED_SMOLLM2 = "smollm2-135m"
@@ -48,14 +49,12 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise UserError(f"dtype {name!r} unknown{did_you_mean(name, table)}; use float32, bfloat16 or float16")
-    return table[name]
+def model_device(model) -> torch.device:
+    """Where the model's parameters are (its cfg.device, or the CPU, when it has none)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device(getattr(getattr(model, "cfg", None), "device", None) or "cpu")
 
 
 def _smollm2_gguf() -> Path:

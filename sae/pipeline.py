@@ -25,8 +25,9 @@ import torch
 from sae import distributed as dist
 from sae import io
 from sae.config import RunConfig, dump_run_config
-from sae.dictionaries import DictionaryConfig, SparseDictionary, load_dictionary
+from sae.dictionaries import DictionaryConfig, SparseDictionary
 from sae.errors import ConfigError
+from sae.loading import load_dictionary
 from sae.models import check_hooks, hook_d_in, hook_layer, load_model, resolve_device
 from sae.text import keep_mask, load_contexts
 
@@ -79,7 +80,7 @@ def finished_dictionaries(run: RunConfig, configs: list[DictionaryConfig]) -> di
         if not (folder / "sae.safetensors").is_file() or not (folder / "cfg.json").is_file():
             return None
         d = load_dictionary(folder)
-        saved = _trained_with(d.cfg.model_dump(mode="json"), d.metadata)
+        saved = _trained_with(d.cfg.hyperparameters.model_dump(mode="json"), d.metadata)
         # a loaded dictionary states its width as d_sae: compare widths, not how they were asked for
         as_width = cfg.model_copy(update={"d_sae": cfg.resolve_d_sae(d.d_in), "expansion_factor": None})
         wanted = _trained_with(as_width.model_dump(mode="json"), dictionary_metadata(run, cfg))
@@ -241,7 +242,7 @@ def _hooks_needed(run: RunConfig, configs: list[DictionaryConfig], d_in: dict[st
 def _batch_source(run: RunConfig, model, tokens: torch.Tensor, keep: torch.Tensor, hooks: list[str]):
     """The trainer's batch source and, when it is cheap (a cache on disk), the training means
     (rank 0 only under torchrun)."""
-    from sae.cache_reader import CacheReader, StreamingSource
+    from sae.cache import CacheReader, StreamingSource
 
     if run.harvest.mode == "stream":
         say(f"streaming activations of {int(keep.sum()):,} training tokens straight from the model")

@@ -1,52 +1,27 @@
-"""Splicing dictionaries into a model (TransformerLens `TransformerBridge` hooks), and feature
-activations for every token of some text in one call.
+"""`sae.splice`: dictionaries spliced into a `TransformerBridge` at their hook points (x -> x̂),
+and `sae.feature_activations`: every token's features for some text in one call.
 
-    import sae
-    from sae.models import load_model
-
-    model = load_model("smollm2-135m")
-    d = sae.load("runs/demo/topk_k32")
-    with sae.splice(model, d) as s:                # x -> x̂ at d's hook point
-        logits = model("To be or not to be", return_type="logits")
-    s.features["topk_k32"]                          # f [batch, pos, d_sae] of that forward
-
-    acts = sae.feature_activations(model, d, "To be or not to be")
-    acts.f          # [1, pos, d_sae]  (acts.features[name] with several dictionaries)
-    acts.str_tokens # ['<|endoftext|>', 'To', ' be', ...]
-
-`splice(model, dictionaries, keep_error=False)`: inside the `with`, each dictionary replaces
-the activation x at its hook point by its reconstruction x̂ = decode(encode(x)). With
-`keep_error=True` the hook returns x̂ + (x − x̂).detach(), computed as x.detach() + (x̂ − x̂.detach())
-so that the value is exactly x (the model's outputs are bit-identical to the clean model's)
-while gradients still flow through the features: the usual set-up for attribution with the
-reconstruction error kept as a constant. `features_require_grad=True` makes each f a leaf
-that requires grad, so `s.features[name].grad` holds d(loss)/d(f) after a backward pass.
-
-Hook points come from each dictionary's metadata["hook_name"] (written by the trainer, or by
-`sae.load` when importing) unless `hook_names` gives them. Several dictionaries may sit at
-different hooks (each downstream one sees the spliced stream unless keep_error is on); two at
-the same hook are applied in the order given.
-
-Which positions are spliced (`mask`), by default the evaluator's rule: a position whose token is
-one the dictionary's data config excluded (`exclude_tokens` of the `dataset` recorded in its
-cfg.json, e.g. ["bos", "pad"]; `sae.text.DataConfig`'s default when none is recorded) keeps its
-original activation, so the CE of a spliced forward equals the evaluator's ce_sae on the same
-tokens (with keep_error=True, whose outputs are the clean model's anyway, every position is
-spliced so that attribution reaches every feature). `mask="all"` (or None) splices every
-position, BOS included; a [batch, pos] bool tensor splices only where True. Features
-(`.features`) are computed at every position either way.
+With `keep_error=True` the hook returns x.detach() + (x̂ − x̂.detach()): exactly x in value (the
+outputs are the clean model's, bit for bit) while gradients flow through the features. By default
+(`mask="auto"`) the positions whose token the dictionary's training excluded (its cfg.json
+`dataset.exclude_tokens`, else `DataConfig`'s default) keep their activation, as in the
+evaluator, so a spliced forward's CE is its `ce_sae`; the token ids are read by a pre-hook on the
+model's embedding. Features are recorded at every position either way.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from sae.errors import HookError, UserError
+from sae.models import check_hooks, model_device, stop_layer
+from sae.text import DataConfig, keep_mask
 
 
 def _name_of(d, i: int, n: int) -> str:
@@ -56,8 +31,6 @@ def _name_of(d, i: int, n: int) -> str:
         return str(name)
     imported = d.metadata.get("imported_from") if hasattr(d, "metadata") else None
     if imported:
-        from pathlib import Path
-
         return Path(imported).name
     return "dictionary" if n == 1 else f"dictionary_{i}"
 
@@ -80,7 +53,7 @@ def as_named(dictionaries) -> dict[str, Any]:
 
 
 def hook_of(d, override: str | None = None) -> str:
-    hook = override or d.metadata.get("hook_name") or getattr(getattr(d, "cfg", None), "hook_name", None)
+    hook = override or d.cfg.hook_name  # the metadata's, else the one the dictionary was configured with
     if not hook:
         raise UserError("the dictionary records no hook_name (metadata); pass hook_names={name: 'blocks.N.hook_...'}")
     return hook
@@ -90,8 +63,6 @@ def excluded_tokens_of(d) -> list[str]:
     """The `exclude_tokens` of the data config a dictionary records (cfg.json `dataset`), read as
     the evaluator reads it (eval.evaluate.data_config_for): a recorded list wins, otherwise
     `sae.text.DataConfig`'s default (["bos", "pad"])."""
-    from sae.text import DataConfig
-
     dataset = d.metadata.get("dataset") if hasattr(d, "metadata") else None
     if isinstance(dataset, Mapping) and dataset.get("exclude_tokens") is not None:
         exclude = dataset["exclude_tokens"]
@@ -122,8 +93,6 @@ class _ForwardTokens:
         self._masks = {}
 
     def keep(self, exclude: list[str], shape: torch.Size, hook_name: str) -> Tensor:
-        from sae.text import keep_mask
-
         tokens = self.tokens
         if tokens is None or tokens.dim() != 2 or tuple(tokens.shape) != tuple(shape):
             raise UserError(f"splice could not see the token ids of this forward at {hook_name} (activations "
@@ -165,34 +134,80 @@ class Splice:
         return _only_features(self.features)
 
 
-def _hook_fn(state: Splice, name: str, d, keep_error: bool, mask: Tensor | None, features_require_grad: bool,
-             record_errors: bool, forward_tokens: _ForwardTokens | None = None, exclude: list[str] | None = None):
-    def fn(x: Tensor, hook) -> Tensor:
-        m = mask
-        if exclude is not None and forward_tokens is not None:
-            m = forward_tokens.keep(exclude, x.shape[:2], hook.name)
-        p = d.W_enc
-        xd = x.to(device=p.device, dtype=p.dtype)
+@dataclass(eq=False)  # hashable by identity, like the function a hook usually is
+class _SpliceHook:
+    """One dictionary's forward hook: x -> x̂ (or x with the error kept) where the mask allows,
+    recording its features (and errors) in `state`."""
+
+    state: Splice
+    name: str
+    dictionary: Any
+    keep_error: bool
+    features_require_grad: bool
+    record_errors: bool
+    mask: Tensor | None = None  # [batch, pos] bool: splice only there (None: everywhere)
+    forward_tokens: _ForwardTokens | None = None  # with `exclude`: the mask comes from each forward's tokens
+    exclude: list[str] | None = None
+
+    def __call__(self, x: Tensor, hook) -> Tensor:
+        mask = self._mask(x, hook.name)
+        x_hat = self._reconstruct(x)
+        out = x.detach() + (x_hat - x_hat.detach()) if self.keep_error else x_hat  # keep_error: value exactly x
+        if mask is None:
+            return out
+        return torch.where(mask.to(x.device)[(...,) + (None,) * (x.dim() - 2)], out, x)
+
+    def _mask(self, x: Tensor, hook_name: str) -> Tensor | None:
+        mask = self.mask
+        if self.exclude is not None and self.forward_tokens is not None:
+            mask = self.forward_tokens.keep(self.exclude, x.shape[:2], hook_name)
+        if mask is not None and mask.shape != x.shape[:2]:
+            raise UserError(f"splice mask has shape {list(mask.shape)} but the activations at {hook_name} "
+                            f"are {list(x.shape[:2])} [batch, pos]")
+        return mask
+
+    def _reconstruct(self, x: Tensor) -> Tensor:
+        """x̂ in x's device and dtype, computed in the dictionary's."""
+        d = self.dictionary
+        xd = x.to(device=d.W_enc.device, dtype=d.W_enc.dtype)
         f = d.encode(xd)
-        if features_require_grad:
+        if self.features_require_grad:
             f = f.detach().requires_grad_(True)
         x_hat = d.decode(f)
-        state.features[name] = f
-        if record_errors:
-            state.errors[name] = (xd - x_hat).detach()
-        x_hat = x_hat.to(device=x.device, dtype=x.dtype)
-        if keep_error:
-            out = x.detach() + (x_hat - x_hat.detach())  # value exactly x; gradient through f
-        else:
-            out = x_hat
-        if m is not None:
-            if m.shape != x.shape[:2]:
-                raise UserError(f"splice mask has shape {list(m.shape)} but the activations at {hook.name} "
-                                f"are {list(x.shape[:2])} [batch, pos]")
-            out = torch.where(m.to(x.device)[(...,) + (None,) * (x.dim() - 2)], out, x)
-        return out
+        self.state.features[self.name] = f
+        if self.record_errors:
+            self.state.errors[self.name] = (xd - x_hat).detach()
+        return x_hat.to(device=x.device, dtype=x.dtype)
 
-    return fn
+
+def _hook_points(model, named: dict[str, Any], hook_names: Mapping[str, str] | str | None) -> dict[str, str]:
+    """{name: hook point} from `hook_names` or each dictionary's own; a HookError for a hook the
+    model does not have."""
+    if isinstance(hook_names, str):
+        if len(named) != 1:
+            raise UserError("hook_names as one string needs exactly one dictionary; give {name: hook}")
+        hook_names = {next(iter(named)): hook_names}
+    hooks = {name: hook_of(d, (hook_names or {}).get(name)) for name, d in named.items()}
+    missing = sorted(set(hooks.values()) - set(getattr(model, "hook_dict", {}) or {}))
+    if missing:
+        check_hooks(model, missing)  # raises a HookError with suggestions
+        raise HookError(f"model has no hook {missing[0]!r}")
+    return hooks
+
+
+def _positions(model, named: dict[str, Any], mask: Tensor | str | None,
+               keep_error: bool) -> tuple[Tensor | None, dict[str, list[str]], _ForwardTokens | None]:
+    """splice's `mask` -> (a fixed [batch, pos] mask or None, {name: excluded tokens}, the token
+    reader those exclusions need, or None)."""
+    if isinstance(mask, Tensor) or mask is None:
+        return mask, {}, None
+    if mask not in ("auto", "all"):
+        raise UserError(f"splice mask={mask!r}: use 'auto' (keep excluded tokens such as BOS unspliced), "
+                        f"'all', or a [batch, pos] bool tensor")
+    if mask == "all" or keep_error:  # with keep_error every output is the clean model's anyway
+        return None, {}, None
+    excluded = {name: excluded_tokens_of(d) for name, d in named.items()}
+    return None, excluded, (_ForwardTokens(model) if any(excluded.values()) else None)
 
 
 @contextlib.contextmanager
@@ -219,32 +234,13 @@ def splice(model, dictionaries, *, keep_error: bool = False, hook_names: Mapping
     `.excluded_tokens` names the tokens each dictionary leaves unspliced ({} when none are).
     """
     named = as_named(dictionaries)
-    if isinstance(hook_names, str):
-        if len(named) != 1:
-            raise UserError("hook_names as one string needs exactly one dictionary; give {name: hook}")
-        hook_names = {next(iter(named)): hook_names}
-    hooks = {name: hook_of(d, (hook_names or {}).get(name)) for name, d in named.items()}
-    missing = sorted(set(hooks.values()) - set(getattr(model, "hook_dict", {}) or {}))
-    if missing:
-        from sae.models import check_hooks
-
-        check_hooks(model, missing)  # raises a HookError with suggestions
-        raise HookError(f"model has no hook {missing[0]!r}")
-    state = Splice(named, hooks, keep_error)
-    forward_tokens = None
-    if isinstance(mask, str):
-        if mask not in ("auto", "all"):
-            raise UserError(f"splice mask={mask!r}: use 'auto' (keep excluded tokens such as BOS unspliced), "
-                            f"'all', or a [batch, pos] bool tensor")
-        if mask == "auto" and not keep_error:  # with keep_error every output is the clean model's anyway
-            state.excluded_tokens = {name: excluded_tokens_of(d) for name, d in named.items()}
-            if any(state.excluded_tokens.values()):
-                forward_tokens = _ForwardTokens(model)
-        mask = None
-    elif mask is not None and not isinstance(mask, Tensor):
+    hooks = _hook_points(model, named, hook_names)
+    if mask is not None and not isinstance(mask, (str, Tensor)):
         raise UserError("splice mask: 'auto', 'all', None or a [batch, pos] bool tensor")
-    fwd = [(hooks[name], _hook_fn(state, name, d, keep_error, mask, features_require_grad, record_errors,
-                                  forward_tokens, state.excluded_tokens.get(name) or None))
+    fixed_mask, excluded, forward_tokens = _positions(model, named, mask, keep_error)
+    state = Splice(named, hooks, keep_error, excluded_tokens=excluded)
+    fwd = [(hooks[name], _SpliceHook(state, name, d, keep_error, features_require_grad, record_errors, fixed_mask,
+                                     forward_tokens, excluded.get(name) or None))
            for name, d in named.items()]
     try:
         with model.hooks(fwd_hooks=fwd):
@@ -272,7 +268,8 @@ class FeatureActivations:
     def __getitem__(self, name: str) -> Tensor:
         return self.features[name]
 
-    def top_features(self, position: int, n: int = 10, name: str | None = None, batch: int = 0) -> list[tuple[int, float]]:
+    def top_features(self, position: int, n: int = 10, name: str | None = None,
+                     batch: int = 0) -> list[tuple[int, float]]:
         """[(feature id, activation)] of the n most active features at one token."""
         f = self.features[name] if name is not None else self.f
         vals, idx = f[batch, position].float().topk(min(n, f.shape[-1]))
@@ -296,14 +293,11 @@ def feature_activations(model, dictionaries, text: str | list[str] | Tensor, *, 
         tokens = text if text.dim() == 2 else text[None]
     else:
         tokens = model.to_tokens(text, prepend_bos=prepend_bos)
-    model_device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
-    tokens = tokens.to(model_device)
+    tokens = tokens.to(model_device(model))
     with splice(model, dictionaries, keep_error=keep_error, hook_names=hook_names) as s:
         if return_logits:
             logits = model(tokens, return_type="logits")
         else:  # stop after the last hooked block: nothing later is needed
-            from sae.models import stop_layer
-
             logits = model(tokens, return_type=None, stop_at_layer=stop_layer(list(s.hook_names.values())))
     str_tokens = [[model.tokenizer.decode([int(t)]) for t in row] for row in tokens.tolist()]
 

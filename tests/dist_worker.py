@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from cache_helpers import fail_after_shards
 from sae import distributed
 from sae.dictionaries import parse_dictionary_config
 from sae.synthetic import SyntheticFeatures
@@ -86,10 +87,11 @@ def run_harvest(model_dir: str, cache_dir: str, fail_rank: int = -1):
 
     model = TransformerBridge.boot_transformers(model_dir, device="cpu")
     tokens, keep = harvest_tokens()
-    fail = 1 if distributed.rank() == fail_rank else None
+    if distributed.rank() == fail_rank:
+        fail_after_shards(1)
     return harvest(model, tokens, keep, HARVEST_HOOKS, cache_dir, identity=HARVEST_IDENTITY,
                    contexts_per_shard=4, batch_contexts=4, progress=False,
-                   distributed=distributed.is_distributed(), _fail_after_shards=fail)
+                   distributed=distributed.is_distributed())
 
 
 def main(argv: list[str]) -> None:

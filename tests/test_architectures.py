@@ -11,8 +11,9 @@ import torch
 
 from sae.dictionaries import ARCHITECTURES, parse_dictionary_config
 from sae.dictionaries.jumprelu import heaviside_step, jumprelu
-from sae.dictionaries.registry import get_architecture, load_dictionary
+from sae.dictionaries.registry import get_architecture
 from sae.errors import ConfigError
+from sae.loading import load_dictionary
 from sae.sparse_ops import grouped_sum, selected_pre_acts, sparse_decode
 from sae.trainer import reset_optimizer_rows
 

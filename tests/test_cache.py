@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformer_lens.model_bridge import TransformerBridge
 
-from sae.cache import Manifest, harvest, load_shard, open_cache, verify_cache, verify_shard
-from sae.cache_reader import TOKEN_INDEX, CacheReader, ShuffledBatches, StreamingSource
-from sae.models import stop_layer
+import sae.cache as sc
+from cache_helpers import fail_after_shards
+from sae.cache import (TOKEN_INDEX, CacheReader, Manifest, ShuffledBatches, StreamingSource, harvest,
+                       load_shard, open_cache, verify_cache, verify_shard)
 from sae.errors import CacheError, HookError
+from sae.models import stop_layer
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.0.hook_mlp_out",
@@ -29,7 +34,6 @@ IDENT = {"model": "tiny", "dataset": "random", "model_dtype": "float32"}
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    from transformer_lens.model_bridge import TransformerBridge
     return TransformerBridge.boot_transformers(str(tiny_model_dir), device="cpu")
 
 
@@ -74,8 +78,7 @@ def test_harvest_equals_run_with_cache(model, data, cache):
     assert cache.complete and cache.n_shards == 8 and cache.n_tokens == int(keep.sum())
     assert cache.d_in == {h: 32 for h in HOOKS}
     got = all_rows(cache)
-    from safetensors.torch import load_file  # shards are plain safetensors files
-    plain = load_file(str(cache.shard_path(0)))
+    plain = load_file(str(cache.shard_path(0)))  # shards are plain safetensors files
     assert torch.equal(plain["acts." + HOOKS[0]], load_shard(cache, 0)[HOOKS[0]])
     assert torch.equal(got["tokens"], tokens.to(torch.int32))
     assert torch.equal(got["keep_mask"], keep)
@@ -135,11 +138,13 @@ def test_unknown_hook_is_named(model, data, tmp_path):
         harvest(model, tokens, keep, ["blocks.0.hook_resid_postt"], tmp_path / "c", identity=IDENT)
 
 
-def test_resume_after_injected_failure_equals_uninterrupted(model, data, cache, tmp_path):
+def test_resume_after_injected_failure_equals_uninterrupted(model, data, cache, tmp_path, monkeypatch):
     tokens, keep = data
-    with pytest.raises(RuntimeError, match="injected"):
-        harvest(model, tokens, keep, HOOKS, tmp_path / "c", identity=IDENT, contexts_per_shard=CPS,
-                batch_contexts=BC, progress=False, _fail_after_shards=3)
+    with monkeypatch.context() as patched:
+        fail_after_shards(3, patched.setattr)
+        with pytest.raises(RuntimeError, match="injected"):
+            harvest(model, tokens, keep, HOOKS, tmp_path / "c", identity=IDENT, contexts_per_shard=CPS,
+                    batch_contexts=BC, progress=False)
     partial = Manifest.load(tmp_path / "c")
     assert not partial.complete and [s.index for s in partial.shards] == [0, 1, 2]
     with pytest.raises(CacheError, match="incomplete.*run the harvest again"):
@@ -204,7 +209,6 @@ def test_resume_after_sigkill_equals_uninterrupted(model, data, cache, tiny_mode
 
 
 def copy_cache(m: Manifest, dest: Path) -> Path:
-    import shutil
     shutil.copytree(m.cache_dir, dest)
     return dest
 
@@ -273,6 +277,13 @@ def test_identity_mismatch_refuses_reuse(model, data, cache, tmp_path, change, f
         CacheReader(d, batch_size=8, identity={**cache.identity, field: "x"})
 
 
+def test_unsupported_cache_dtype_is_named_before_anything_is_written(model, data, tmp_path):
+    tokens, keep = data
+    with pytest.raises(CacheError, match="cache dtype 'float64' is not supported"):
+        harvest(model, tokens, keep, HOOKS, tmp_path / "c", identity=IDENT, dtype=torch.float64)
+    assert not (tmp_path / "c").exists()
+
+
 def test_refuses_foreign_directory(model, data, tmp_path):
     tokens, keep = data
     (tmp_path / "c").mkdir()
@@ -282,7 +293,6 @@ def test_refuses_foreign_directory(model, data, tmp_path):
 
 
 def test_complete_cache_is_reused_without_forward(model, data, cache, monkeypatch):
-    import sae.cache as sc
     tokens, keep = data
     monkeypatch.setattr(sc.ActivationCapture, "run", lambda *a, **k: pytest.fail("recomputed"))
     m = harvest(model, tokens, keep, HOOKS, cache.cache_dir, identity=IDENT, progress=False)
@@ -408,9 +418,9 @@ def test_reader_never_overwrites_a_batch_still_held(cache):
 
 
 def test_reader_never_reuses_a_group_that_is_still_held():
-    """Regression: a freshly allocated group was the pool's own tensor, so a group held only as the
-    prepared dict (prefetched, or mid-way through a straddling batch) looked free and the loader
-    thread could overwrite it while it was served."""
+    """A group held only as the prepared dict (prefetched, or mid-way through a straddling batch)
+    counts as in use: the pool hands out views, never its own tensors, so the loader thread cannot
+    overwrite a group while it is served."""
     rows = [100, 100, 100]
     src = ShuffledBatches(rows, lambda ch: {"h": torch.randn(sum(rows[c] for c in ch), 8)}, ["h"],
                           {"h": 8}, batch_size=10, seed=0, group_chunks=1, prefetch=False)

@@ -24,7 +24,7 @@ from dist_worker import run_harvest
 
 from sae import checkpoint as ckpt
 from sae import distributed
-from sae.cache_reader import TOKEN_INDEX, CacheReader
+from sae.cache import TOKEN_INDEX, CacheReader
 from sae.config import load_run_config
 from sae.dictionaries import get_architecture, parse_dictionary_config
 from sae.dictionaries.base import WHOLE_BATCH, BatchShards

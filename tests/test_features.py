@@ -12,9 +12,12 @@ import subprocess
 import pytest
 import torch
 
+from eval.__main__ import main
+from eval.evaluate import data_config_for, heldout_tokens
 from eval.features import choose_contexts, parse_ids, render_html, select_features
 from loading_helpers import HOOK, random_dictionary
 from sae.errors import UserError
+from sae.models import load_model
 
 CTX = 16
 
@@ -22,10 +25,6 @@ CTX = 16
 @pytest.fixture(scope="module")
 def page(tmp_path_factory, tiny_model_dir, tiny_text_file):
     """A dictionary folder, the features command run on it, and the brute-force truth."""
-    from eval.__main__ import main
-    from eval.evaluate import data_config_for, heldout_tokens
-    from sae.models import load_model
-
     root = tmp_path_factory.mktemp("features")
     d = random_dictionary("topk", k=8, metadata={
         "model_name": str(tiny_model_dir), "hook_name": HOOK, "context_size": CTX,
@@ -132,8 +131,6 @@ def test_selection_and_contexts():
 
 
 def test_cli_errors_are_one_line(page, capsys):
-    from eval.__main__ import main
-
     with pytest.raises(SystemExit) as e:
         main(["features", str(page["root"] / "dict"), "--features", "4000", "--tokens", "64", "--device", "cpu"])
     assert e.value.code == 2 and "out of range" in capsys.readouterr().err

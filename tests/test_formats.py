@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import sae
-from sae.loading import detect_format
 from loading_helpers import HOOK, VARIANTS, random_dictionary, random_inputs
 from sae import io
+from sae.convert import convert, main
 from sae.errors import UserError
+from sae.formats import saelens
+from sae.loading import detect_format, load_dictionary
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float rounding where a convention was folded into the weights
 
@@ -49,14 +51,12 @@ def _read_saelens(folder):
 
 @pytest.mark.parametrize("name,arch,hyper", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_saelens_export_then_import_is_identical(tmp_path, name, arch, hyper):
-    from sae.formats import saelens
-
     d = random_dictionary(arch, **hyper)
     x = random_inputs(d)
     saelens.export(d, tmp_path / "sl")
     assert detect_format(tmp_path / "sl") == "saelens"
     back = sae.load(tmp_path / "sl")
-    assert back.architecture == arch and back.cfg.hyperparameters == d.cfg
+    assert back.architecture == arch and back.cfg.hyperparameters == d.cfg.hyperparameters
     assert torch.equal(back.encode(x), d.encode(x)) and torch.equal(back(x), d(x))
 
     # what SAELens itself computes from those files
@@ -109,8 +109,6 @@ def test_saelens_files_written_by_saelens_import(tmp_path):
 
 
 def test_saelens_export_refuses_what_it_cannot_represent(tmp_path):
-    from sae.formats import saelens
-
     pruned = random_dictionary("topk", k=5).pruned(torch.arange(10), mode="after")
     with pytest.raises(UserError, match="shadow encoder"):
         saelens.export(pruned, tmp_path / "a")
@@ -125,8 +123,6 @@ def test_saelens_export_names_the_hub_model_not_our_aliases(tmp_path):
     """SAELens / Neuronpedia resolve model_name on the hub: the embedded model's alias becomes the
     hub id of its weights (alias kept in model_alias); the embedded Shakespeare has no hub id, and
     the cfg says so instead of passing 'shakespeare' off as one. Our importer restores both."""
-    from sae.formats import saelens
-
     dataset = {"source": "shakespeare", "context_size": 16, "exclude_tokens": ["bos", "pad"]}
     d = random_dictionary("topk", k=5, metadata={"hook_name": HOOK, "model_name": "smollm2-135m",
                                                  "context_size": 16, "dataset": dataset})
@@ -312,8 +308,6 @@ def test_sparsify_folder_loads_with_identical_outputs(tmp_path):
 # ---- python -m sae.convert ------------------------------------------------------------------
 
 def test_convert_cli_round_trip(tmp_path, capsys):
-    from sae.convert import main
-
     d = random_dictionary("batchtopk", k=5)
     d.save(tmp_path / "ours")
     freq = torch.rand(96)
@@ -338,8 +332,6 @@ def test_convert_cli_round_trip(tmp_path, capsys):
 
 
 def test_convert_a_run_folder(tmp_path):
-    from sae.convert import convert
-
     random_dictionary("topk", k=4).save(tmp_path / "run" / "a")
     random_dictionary("gated").save(tmp_path / "run" / "b")
     written = convert(tmp_path / "run", tmp_path / "out", "saelens")
@@ -356,8 +348,6 @@ def _run_with_a_shadow_pruned_topk(run):
 def test_convert_a_run_folder_skips_what_the_format_cannot_express(tmp_path, capsys):
     """A shadow-pruned TopK has no SAELens equivalent: it is skipped with one warning line naming
     its folder; the dictionaries before and after it are converted and the command succeeds."""
-    from sae.convert import convert, main
-
     _run_with_a_shadow_pruned_topk(tmp_path / "run")
     warned = []
     written = convert(tmp_path / "run", tmp_path / "out", "saelens", warn=warned.append)
@@ -374,8 +364,6 @@ def test_convert_a_run_folder_skips_what_the_format_cannot_express(tmp_path, cap
 
 
 def test_convert_fails_only_when_nothing_converts_and_names_the_folder(tmp_path, capsys):
-    from sae.convert import main
-
     pruned = random_dictionary("topk", k=4).pruned(torch.arange(10), mode="after")
     pruned.save(tmp_path / "run" / "only")
     with pytest.raises(SystemExit) as e:  # a run where nothing can be converted
@@ -391,17 +379,13 @@ def test_convert_fails_only_when_nothing_converts_and_names_the_folder(tmp_path,
 
 
 def test_the_evaluators_loader_reads_other_formats(tmp_path):
-    """`python -m eval` and train.py load through registry.load_dictionary: it takes every format."""
-    from pydantic import BaseModel
-
-    from sae.dictionaries.registry import load_dictionary
-    from sae.formats import saelens
-
+    """`python -m eval` and train.py load through load_dictionary: it takes every format."""
     d = random_dictionary("topk", k=8)
     x = random_inputs(d)
     saelens.export(d, tmp_path / "sl")
     back = load_dictionary(tmp_path / "sl")
-    assert isinstance(back.cfg, BaseModel) and back.cfg == d.cfg  # the plain Config, not the view
+    assert back.cfg.hyperparameters == d.cfg.hyperparameters
+    assert all(p.requires_grad for p in back.parameters())  # trainable, unlike sae.load's
     assert back.metadata["hook_name"] == HOOK
     assert torch.equal(back.encode(x), d.encode(x)) and torch.equal(back(x), d(x))
     (tmp_path / "empty").mkdir()
@@ -410,8 +394,6 @@ def test_the_evaluators_loader_reads_other_formats(tmp_path):
 
 
 def test_a_run_folder_given_to_the_evaluators_loader_names_its_dictionaries(tmp_path):
-    from sae.dictionaries.registry import load_dictionary
-
     random_dictionary("relu").save(tmp_path / "run" / "relu")
     with pytest.raises(UserError, match=r"holds several dictionaries \(relu\); give their folders"):
         load_dictionary(tmp_path / "run")

@@ -7,10 +7,14 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 import sae
 from loading_helpers import HOOK, VARIANTS, random_dictionary, random_inputs
+from sae.dictionaries.cfg_view import DictionaryCfg
 from sae.errors import UserError
+from sae.loading import load_dictionary
+from sae.trainer import train_dictionaries
 
 
 def _assert_identical(a, b, x):
@@ -30,17 +34,15 @@ def test_save_load_round_trip_is_exact(tmp_path, name, arch, hyper):
     d.save(tmp_path / name)
     loaded = sae.load(tmp_path / name)
     _assert_identical(d, loaded, x)
-    assert loaded.cfg.hyperparameters == d.cfg  # every hyperparameter comes back
+    assert loaded.cfg.hyperparameters == d.cfg.hyperparameters  # every hyperparameter comes back
     assert (loaded.encode(x) != 0).any() and (loaded.encode(x) == 0).any()  # a real sparse code
-    # and again through a second save of the loaded module (its cfg view saves like a Config)
+    # and again through a second save of the loaded module
     loaded.save(tmp_path / "again")
     _assert_identical(d, sae.load(tmp_path / "again" / "cfg.json"), x)
 
 
 def test_round_trip_of_a_trained_dictionary_with_input_scale(tmp_path):
     """A dictionary trained with activation normalisation (input_scale != 1, folded at save)."""
-    from sae.trainer import train_dictionaries
-
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(64, 16, generator=g) * 7 + 3 for _ in range(20)]
     cfg = sae.dictionaries.get_architecture("topk").Config(architecture="topk", name="t", d_sae=48, k=4)
@@ -93,6 +95,45 @@ def test_saebench_interface(tmp_path):
     assert torch.equal(loaded.decode(f), loaded(x))
 
 
+def test_cfg_is_the_same_view_however_the_dictionary_was_made(tmp_path):
+    """Made in this process, trained, loaded by sae.load or by load_dictionary: `cfg` is the
+    SAELens-style view over the pydantic Config, and gives the same answers."""
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(64, 16, generator=g) for _ in range(4)]
+    config = sae.dictionaries.get_architecture("topk").Config(architecture="topk", name="t", expansion_factor=3, k=4)
+    trained = train_dictionaries(data, [config], total_tokens=4 * 64, out_dir=tmp_path, progress=False,
+                                 metadata={"t": {"hook_name": HOOK, "model_name": "tiny"}})["t"]
+    made = random_dictionary("topk", k=5)
+    for d in (trained, made, sae.load(tmp_path / "t"), load_dictionary(tmp_path / "t")):
+        assert isinstance(d.cfg, DictionaryCfg)
+        assert isinstance(d.cfg.hyperparameters, sae.dictionaries.DictionaryConfig)
+    assert trained.cfg.hyperparameters is config  # the trainer's own Config, not a copy
+    assert (trained.cfg.d_sae, config.d_sae) == (48, None)  # the view's width is the module's
+    assert (trained.cfg.hook_name, trained.cfg.hook_layer, config.hook_name) == (HOOK, 0, None)
+    assert sae.load(tmp_path / "t").cfg.to_dict() == trained.cfg.to_dict()
+
+    made.cfg.k = 7  # a hyperparameter: set on the Config, validated
+    assert made.cfg.hyperparameters.k == 7 and made.encode_sparse(random_inputs(made))[0].shape[-1] == 7
+    with pytest.raises(ValidationError):
+        made.cfg.k = 0
+    made.cfg = made.cfg.hyperparameters.model_copy(update={"name": "renamed"})  # a new Config: wrapped
+    assert isinstance(made.cfg, DictionaryCfg) and made.cfg.name == "renamed" and made.cfg.k == 7
+    with pytest.raises(TypeError, match="DictionaryConfig"):
+        made.cfg = {"k": 3}
+    pruned = made.pruned(torch.arange(10))
+    assert isinstance(pruned.cfg, DictionaryCfg) and pruned.cfg.hyperparameters.d_sae == pruned.cfg.d_sae == 10
+
+
+def test_load_dictionary_is_trainable_and_sae_load_is_frozen(tmp_path):
+    random_dictionary("relu").save(tmp_path / "d")
+    frozen, trainable = sae.load(tmp_path / "d"), load_dictionary(tmp_path / "d")
+    assert not frozen.training and not trainable.training
+    assert not any(p.requires_grad for p in frozen.parameters())
+    x = random_inputs(trainable)
+    (trainable(x) - x).pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (trainable.W_enc, trainable.W_dec))
+
+
 def test_dtype_and_device_arguments(tmp_path):
     d = random_dictionary("jumprelu")
     d.save(tmp_path / "d")
@@ -126,26 +167,19 @@ def test_run_folder_gives_dictionaries_by_name(tmp_path):
     assert sae.load_run(run / "topk").keys() == {"topk"}
 
 
-def test_older_format_version_loads_and_newer_is_refused(tmp_path):
+def test_format_version_newer_or_missing_is_refused(tmp_path):
     d = random_dictionary("relu")
-    d.save(tmp_path / "v1")
-    cfg = json.loads((tmp_path / "v1" / "cfg.json").read_text())
+    d.save(tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "cfg.json").read_text())
     assert cfg["format_version"] == 1
-    # version 0: no format_version, metadata in a nested block, no hyperparameters (defaults)
-    v0 = {"architecture": "relu", "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "dtype": "float32",
-          "metadata": {"hook_name": HOOK, "model_name": "tiny"}}
-    (tmp_path / "v0").mkdir()
-    (tmp_path / "v0" / "cfg.json").write_text(json.dumps(v0))
-    (tmp_path / "v0" / "sae.safetensors").write_bytes((tmp_path / "v1" / "sae.safetensors").read_bytes())
-    old = sae.load(tmp_path / "v0")
-    x = random_inputs(d)
-    assert torch.equal(old(x), d(x))
-    assert old.metadata["hook_name"] == HOOK and old.cfg.model_name == "tiny"
-
     cfg["format_version"] = 99
-    (tmp_path / "v1" / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "d" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="newer version"):
-        sae.load(tmp_path / "v1")
+        sae.load(tmp_path / "d")
+    del cfg["format_version"]  # no file this library wrote lacks it
+    (tmp_path / "d" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="no format_version"):
+        sae.load(tmp_path / "d")
 
 
 def test_clear_errors(tmp_path):

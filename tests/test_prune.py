@@ -11,8 +11,9 @@ from eval.ablate import AblationResult, parse_thresholds, plot_ablation, point_l
 from eval.evaluate import compute_activation_means, evaluate_dictionaries, read_frequency
 from eval.prune import kill_mask_from_frequency, original_ids, prune_dictionary, save_pruned
 from eval_helpers import HOOK, RandomReLU, make_tokens
-from sae.dictionaries.registry import ARCHITECTURES, load_dictionary
+from sae.dictionaries.registry import ARCHITECTURES
 from sae.errors import UserError
+from sae.loading import load_dictionary
 from test_evaluate import save_test_dictionary
 
 

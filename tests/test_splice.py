@@ -8,16 +8,16 @@ import torch
 
 import sae
 from eval import metrics as M
-from eval.evaluate import evaluate_dictionaries
+from eval.evaluate import evaluate_dictionaries, heldout_tokens
 from eval_helpers import make_tokens
 from loading_helpers import HOOK, random_dictionary
 from sae.errors import HookError, UserError
+from sae.models import load_model
+from sae.text import DataConfig
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    from sae.models import load_model
-
     return load_model(str(tiny_model_dir))
 
 
@@ -53,9 +53,6 @@ def test_default_splice_keeps_the_dictionarys_excluded_tokens_like_the_evaluator
     """Without a mask, splice leaves the tokens the dictionary's data config excluded (here BOS, pad
     and the literal token 'the', recorded in its cfg.json) at their original activation, so a
     spliced forward's CE is the evaluator's ce_sae; mask="all" (or None) splices BOS too."""
-    from eval.evaluate import heldout_tokens
-    from sae.text import DataConfig
-
     data_cfg = DataConfig(source=str(tiny_text_file), context_size=16, exclude_tokens=["bos", "pad", "the"])
     tokens, keep = heldout_tokens(model, data_cfg, n_tokens=6 * 16)
     assert not keep[:, 0].any() and not keep[:, 1:].all()  # BOS and some 'the' are excluded

@@ -19,9 +19,9 @@ import torch
 import sae
 from sae import checkpoint as ckpt
 from sae.dictionaries import SparseDictionary, parse_dictionary_config
-from sae.dictionaries.registry import load_dictionary
 from sae.errors import ConfigError, TrainingDiverged
 from sae.io import load_tensors
+from sae.loading import load_dictionary
 from sae.synthetic import SyntheticFeatures, feature_recovery, fvu
 from sae.trainer import IterableSource, Trainer, dictionary_names, lr_factor, train_dictionaries
 

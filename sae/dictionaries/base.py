@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from sae import io
+from sae.dictionaries.cfg_view import DictionaryCfg
+from sae.dtypes import dtype_name
 from sae.errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -174,7 +176,7 @@ class SparseDictionary(nn.Module):
 
     def __init__(self, cfg: DictionaryConfig, d_in: int, metadata: dict[str, Any] | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg  # stored as the DictionaryCfg view (the setter below)
         self.d_in = d_in
         self.d_sae = cfg.resolve_d_sae(d_in)
         # Where the dictionary came from (model_name, hook_name, dataset, context_size, ...).
@@ -191,6 +193,18 @@ class SparseDictionary(nn.Module):
         self.kill_mask: Tensor | None = None  # [d_sae] bool, True = killed
         self.kill_mode: KillMode = "after"
         self.reset_parameters()
+
+    @property
+    def cfg(self) -> DictionaryCfg:
+        """The SAELens/SAEBench-style view (`cfg.d_in`, `cfg.hook_name`, `cfg.to_dict()`, ...); any
+        other name is a hyperparameter (`cfg.k`), and `cfg.hyperparameters` the pydantic Config."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, hyperparameters: DictionaryConfig) -> None:
+        if not isinstance(hyperparameters, DictionaryConfig):
+            raise TypeError(f"a dictionary's cfg is set from a DictionaryConfig, not {type(hyperparameters).__name__}")
+        self._cfg = DictionaryCfg(self, hyperparameters)
 
     # ---- initialisation -------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -364,7 +378,7 @@ class SparseDictionary(nn.Module):
                                "killed_feature_ids": killed.nonzero().flatten().tolist(),
                                "kept_feature_ids": keep_ids.tolist(),
                                "kill_mode": mode}
-        cfg = self.cfg.model_copy(update={"d_sae": int(keep_ids.numel()), "expansion_factor": None})
+        cfg = self.cfg.hyperparameters.model_copy(update={"d_sae": int(keep_ids.numel()), "expansion_factor": None})
         new = type(self)(cfg, self.d_in, metadata=metadata)
         new.prepare_for_weights(tensors)
         new.to(device=self.W_enc.device, dtype=self.W_enc.dtype)
@@ -412,9 +426,9 @@ class SparseDictionary(nn.Module):
             "architecture": self.architecture,
             "d_in": self.d_in,
             "d_sae": self.d_sae,
-            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.W_enc.dtype),
             **self.metadata,
-            "hyperparameters": self.cfg.model_dump(mode="json"),
+            "hyperparameters": self.cfg.hyperparameters.model_dump(mode="json"),
         }
 
     def save(self, directory: str | Path) -> Path:

@@ -1,30 +1,22 @@
-"""Other libraries' dictionary formats: detection, import (and SAELens export).
-
-Each importer turns a folder into an `Imported`: our architecture name, the tensors in our
-layout and names (`W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc`, `b_dec`, plus the
-architecture's extras), the hyperparameters our Config needs (e.g. `k`) and the metadata we
-keep in cfg.json (model_name, hook_name, context_size, ...). `sae.loading.build_dictionary`
-makes the module. Conventions that differ from ours are folded into the weights so that the
-imported dictionary computes the same function as the original:
+"""What the format readers share: `Imported` (a dictionary read from a folder, in our layout
+and names, which `sae.loading.build_dictionary` makes into a module) and the foldings that make
+another library's conventions compute the same function in ours:
 
 - input not centred on b_dec before encoding (SAELens `apply_b_dec_to_input: false`,
   dictionary_learning's JumpReluAutoEncoder / AutoEncoderNew): b_enc += b_dec @ W_enc;
 - a finetuning scale on the features before decoding (old SAELens): folded into W_dec rows;
 - negative JumpReLU thresholds: clamped to 0 (their ReLU makes those activations 0 anyway).
 
-Formats (see each module): `saelens` (cfg.json + sae_weights.safetensors), `dictionary_learning`
-(ae.pt + config.json; loaded with `torch.load(weights_only=True)` only), `sparsify`
-(cfg.json + sae.safetensors with encoder.weight / W_dec).
+One module per format (ours, saelens, dictionary_learning, sparsify), each with
+`detect(folder) -> bool` and `read(folder) -> Imported`; `sae.loading` picks one.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 OURS = "ours"
@@ -36,7 +28,7 @@ FORMATS = (OURS, SAELENS, DICTIONARY_LEARNING, SPARSIFY)
 
 @dataclass
 class Imported:
-    """A dictionary read from another library's files, in our layout."""
+    """A dictionary read from a folder (ours or another library's), in our layout and names."""
 
     architecture: str
     d_in: int
@@ -62,21 +54,6 @@ def clamp_threshold(t: Tensor) -> Tensor:
     """JumpReLU thresholds below 0 act like 0 when a ReLU follows (theirs) but not in ours
     (f = pre·1[pre > θ]); clamping makes both the same function."""
     return t.clamp(min=0.0)
-
-
-def dtype_name(value: Any) -> str | None:
-    """'torch.float32' / 'float32' / torch.float32 -> 'float32' (None stays None)."""
-    if value is None:
-        return None
-    name = str(value).removeprefix("torch.")
-    aliases = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-    return aliases.get(name, name)
-
-
-def dtype_of(name: str | None, default: torch.dtype = torch.float32) -> torch.dtype:
-    name = dtype_name(name)
-    dt = getattr(torch, name, None) if name else None
-    return dt if isinstance(dt, torch.dtype) else default
 
 
 _HOOK_PATTERNS = [
@@ -105,29 +82,3 @@ def guess_hook_name(name: str | None) -> str | None:
         if m:
             return template.format(*m.groups())
     return None
-
-
-def detect(directory: str | Path) -> str | None:
-    """Which format a dictionary folder is in (None: not a dictionary folder)."""
-    from sae.formats import dictionary_learning, saelens, sparsify
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    if saelens.detect(directory):
-        return SAELENS
-    if dictionary_learning.detect(directory):
-        return DICTIONARY_LEARNING
-    if sparsify.detect(directory):
-        return SPARSIFY
-    if (directory / "cfg.json").is_file() and (directory / "sae.safetensors").is_file():
-        return OURS
-    return None
-
-
-def read(directory: str | Path, fmt: str) -> Imported:
-    """Import a folder of another library's format (not ours: sae.loading reads that)."""
-    from sae.formats import dictionary_learning, saelens, sparsify
-
-    readers = {SAELENS: saelens.read, DICTIONARY_LEARNING: dictionary_learning.read, SPARSIFY: sparsify.read}
-    return readers[fmt](Path(directory))

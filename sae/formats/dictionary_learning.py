@@ -37,6 +37,7 @@ from torch import Tensor
 
 from sae import io
 from sae.errors import UserError
+from sae.dtypes import dtype_name
 from sae.formats import Imported, clamp_threshold, fold_input_centering, guess_hook_name
 
 WEIGHTS_FILE = "ae.pt"
@@ -111,15 +112,25 @@ def read(directory: Path) -> Imported:
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
     buffer = config.get("buffer") if isinstance(config.get("buffer"), dict) else {}
     cls = _dict_class(state, config, wpath)
-    s = {k: v.detach() for k, v in state.items()}
-    hyper: dict[str, Any] = {}
+    state = {k: v.detach() for k, v in state.items()}
+    arch, tensors = _our_tensors(cls, state, trainer)
+    hyper = {"k": _k_of(cls, state, trainer, wpath)} if arch in ("topk", "batchtopk") else {}
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
+    d_sae, d_in = tensors["W_dec"].shape
+    return Imported(architecture=arch, d_in=int(d_in), d_sae=int(d_sae), tensors=tensors, hyperparameters=hyper,
+                    metadata=_metadata(directory, cls, trainer, buffer),
+                    dtype=dtype_name(tensors["W_enc"].dtype))
 
-    def k_of() -> int:
-        k = s["k"].item() if "k" in s else trainer.get("k")
-        if k is None:
-            raise UserError(f"{wpath}: a {cls} without k (no `k` tensor, no trainer.k in config.json)")
-        return int(k)
 
+def _k_of(cls: str, state: dict[str, Tensor], trainer: dict[str, Any], wpath: Path) -> int:
+    k = state["k"].item() if "k" in state else trainer.get("k")
+    if k is None:
+        raise UserError(f"{wpath}: a {cls} without k (no `k` tensor, no trainer.k in config.json)")
+    return int(k)
+
+
+def _our_tensors(cls: str, s: dict[str, Tensor], trainer: dict[str, Any]) -> tuple[str, dict[str, Tensor]]:
+    """(our architecture, the state_dict in our names and conventions) for a dictionary_learning class."""
     if cls in ("AutoEncoder", "AutoEncoderNew"):
         t = {"W_enc": s["encoder.weight"].T, "b_enc": s["encoder.bias"], "W_dec": s["decoder.weight"].T}
         if cls == "AutoEncoder":
@@ -127,34 +138,32 @@ def read(directory: Path) -> Imported:
         else:
             t["b_dec"] = s["decoder.bias"]
             fold_input_centering(t)
-        arch = "relu"
-    elif cls == "GatedAutoEncoder":
-        W_enc = s["encoder.weight"].T
-        t = {"W_enc": W_enc, "b_enc": s["gate_bias"], "r_mag": s["r_mag"], "b_mag": s["mag_bias"],
-             "W_dec": s["decoder.weight"].T, "b_dec": s["decoder_bias"]}
-        arch = "gated"
-    elif cls == "JumpReluAutoEncoder":
+        return "relu", t
+    if cls == "GatedAutoEncoder":
+        return "gated", {"W_enc": s["encoder.weight"].T, "b_enc": s["gate_bias"], "r_mag": s["r_mag"],
+                         "b_mag": s["mag_bias"], "W_dec": s["decoder.weight"].T, "b_dec": s["decoder_bias"]}
+    if cls == "JumpReluAutoEncoder":
         t = {k: s[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
         t["threshold"] = clamp_threshold(s["threshold"])
         if not trainer.get("apply_b_dec_to_input", False):
             fold_input_centering(t)
-        arch = "jumprelu"
-    elif cls == "AutoEncoderTopK":
+        return "jumprelu", t
+    if cls == "MatryoshkaBatchTopKSAE":
+        t = {k: s[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    else:  # AutoEncoderTopK, BatchTopKSAE: nn.Linear encoder and decoder
         t = {"W_enc": s["encoder.weight"].T, "b_enc": s["encoder.bias"], "W_dec": s["decoder.weight"].T,
              "b_dec": s["b_dec"]}
-        arch, hyper = "topk", {"k": k_of()}
-    else:  # BatchTopKSAE, MatryoshkaBatchTopKSAE: inference uses the (scalar) threshold
-        if cls == "BatchTopKSAE":
-            t = {"W_enc": s["encoder.weight"].T, "b_enc": s["encoder.bias"], "W_dec": s["decoder.weight"].T,
-                 "b_dec": s["b_dec"]}
-        else:
-            t = {k: s[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
-        thr = s.get("threshold", torch.tensor(-1.0)).float().reshape(-1)
-        t["threshold"] = thr.expand(t["b_enc"].shape[0]).clone() if thr.numel() == 1 else thr
-        arch, hyper = "batchtopk", {"k": k_of()}
-    t = {k: v.contiguous().clone() for k, v in t.items()}
-    d_sae, d_in = t["W_dec"].shape
+    if cls == "AutoEncoderTopK":
+        return "topk", t
+    # BatchTopKSAE, MatryoshkaBatchTopKSAE: inference uses the (scalar) threshold
+    threshold = s.get("threshold", torch.tensor(-1.0)).float().reshape(-1)
+    t["threshold"] = threshold.expand(t["b_enc"].shape[0]).clone() if threshold.numel() == 1 else threshold
+    return "batchtopk", t
 
+
+def _metadata(directory: Path, cls: str, trainer: dict[str, Any], buffer: dict[str, Any]) -> dict[str, Any]:
+    """model_name, hook_name (from the submodule's or the folders' names), context_size, and where
+    the dictionary came from."""
     submodule = trainer.get("submodule_name")
     layer = trainer.get("layer")
     hook = guess_hook_name(submodule) or guess_hook_name(directory.parent.name) or guess_hook_name(directory.name)
@@ -169,5 +178,4 @@ def read(directory: Path) -> Imported:
         metadata["source_submodule"] = submodule or f"layer {layer}"
     if buffer.get("ctx_len"):
         metadata["context_size"] = int(buffer["ctx_len"])
-    return Imported(architecture=arch, d_in=int(d_in), d_sae=int(d_sae), tensors=t, hyperparameters=hyper,
-                    metadata=metadata, dtype=str(t["W_enc"].dtype).removeprefix("torch."))
+    return metadata

