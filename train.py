@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         run, dictionaries = load_run_config(args.config, args.overrides)
         if args.check:
             for d in dictionaries:
-                print(d.name, d.model_dump(exclude_defaults=True))
+                print(d.name, d.as_written().model_dump(exclude_defaults=True))
             return
         run_experiment(run, dictionaries)
 

@@ -48,7 +48,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any]) -> 
     path = directory / f"checkpoint-{step:010d}.pt"
     with io.atomic_path(path) as tmp:
         torch.save(state, tmp)
-    for old_step, old in _checkpoints(directory):
+    for _, old in _checkpoints(directory):
         if old != path:
             old.unlink(missing_ok=True)
     return path

@@ -1,60 +1,31 @@
-"""Train many sparse dictionaries from one stream of activation batches.
+"""Train many sparse dictionaries from one stream of activation batches: `train_dictionaries`.
 
-    from sae.trainer import train_dictionaries
-    from sae.dictionaries import parse_dictionary_config
-
-    configs = [parse_dictionary_config({"architecture": "topk", "k": 32, "expansion_factor": 8}),
-               parse_dictionary_config({"architecture": "relu", "l1_coefficient": 1.0, "d_sae": 4096})]
-    dictionaries = train_dictionaries(batches, configs, total_tokens=10_000_000, out_dir="runs/mine")
-
-`batches` is either a *batch source* (an object with `batches(start_step) -> Iterator[dict[hook_name,
-Tensor[batch, d_in]]]`, deterministic given its own seed, like the activation-cache reader) or any
-re-iterable collection of `[batch, d_in]` tensors (your own activations). Every step draws ONE batch
-and every dictionary takes one optimiser step on it (the batch of its `hook_name`): a sweep of
-twelve dictionaries costs one pass over the data.
-
-The loop, per step and per dictionary (see `_Slot.step`):
+`source` is a batch source (`batches(start_step) -> Iterator[dict[hook_name, Tensor[batch, d_in]]]`,
+deterministic given its own seed, like the activation-cache reader) or a re-iterable collection of
+`[batch, d_in]` tensors. Every step draws ONE batch and every dictionary takes one optimiser step on
+it (its hook's tensor): a sweep costs one pass over the data. A step (`_Slot.step`):
 
     lr = base_lr · warm-up · decay-to-0           (from the step alone: nothing to save)
-    out = dictionary.training_loss(x, progress, dead_mask)   (bf16 autocast if asked)
+    out = dictionary.training_loss(x, progress, dead_mask, shards)   (bf16 autocast if asked)
     out.loss.backward(); dictionary.before_optimizer_step()   (e.g. unit-norm projection)
     clip_grad_norm_; adam.step(); dictionary.after_optimizer_step()
-    tracker.update(features fired)                 (tokens since each feature last fired)
+    tracker.update(features fired)
 
-Nothing in a step reads a value back to the host: statistics accumulate on the device and are read
-every `log_every` steps (progress bar, wandb) and before every checkpoint, which is also when a
-non-finite loss is noticed (`TrainingDiverged`, naming the dictionary and the step; the last good
-checkpoint is never overwritten by a diverged state).
+Nothing in a step reads a value back to the host: statistics stay on the device until they are
+logged (`log_every` steps) or a checkpoint is due, which is also when a non-finite loss is noticed.
+A checkpoint holds everything the next step depends on, so resuming is bit-identical on CPU.
 
-Checkpoints (`checkpoint_every_tokens`, into `out_dir/checkpoints/`) hold every dictionary's
-weights and buffers, Adam state, dead-feature tracker, resampling generator, the step, the global
-RNG states and the config fingerprint. Calling `train_dictionaries` again with the same arguments
-after a crash (SIGKILL included) resumes from the latest one; on CPU with fixed seeds the result is
-bit-identical to an uninterrupted run. A checkpoint made by different configs is refused.
-
-At the end each dictionary is folded to raw-activation units and saved to
-`out_dir/<name>/sae.safetensors` + `cfg.json` (architecture, d_in, d_sae, dtype, the metadata
-you pass, hyperparameters, tokens_trained, library_version), and the checkpoints are removed.
-
-Under torchrun (an initialised torch.distributed group of several ranks; see sae.distributed),
-every rank calls `train_dictionaries` with the same arguments and a batch source yielding the same
-global batches, and `placement` chooses how they share the work:
-
-* "data_parallel" (default): each rank steps on its contiguous slice of every batch, gradients
-  are averaged, whole-batch statistics are reduced, and rank 0 alone writes the checkpoints
-  (`out_dir/checkpoints/`) and the dictionaries; every rank resumes from rank 0's checkpoint.
-* "dictionary_per_rank": each rank trains the dictionaries `sae.distributed.assign_dictionaries`
-  gives it, on whole batches, checkpoints them in `out_dir/checkpoints/rank-<r>/` and saves them
-  itself; it returns only its own dictionaries.
+Under torchrun, `placement` "data_parallel" gives each rank its shard of every batch (gradients
+averaged; the losses get `sae.distributed.RankShards` for whole-batch statistics; rank 0 writes),
+and "dictionary_per_rank" gives each rank its share of the dictionaries (it trains, checkpoints in
+`checkpoints/rank-<r>/` and saves them itself).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +37,12 @@ from torch import Tensor
 import sae
 from sae import checkpoint as ckpt
 from sae import distributed as dist
-from sae.dictionaries.base import DictionaryConfig, SparseDictionary, geometric_median, unit_norm_scale
+from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
+                                   geometric_median, unit_norm_scale)
 from sae.dictionaries.naming import dictionary_names
 from sae.dictionaries.registry import get_architecture
 from sae.errors import ConfigError, TrainingDiverged, UserError
+from sae.progress import token_bar
 
 DEFAULT_HOOK = "activations"  # the hook key of batches given as plain tensors
 CHECKPOINT_FORMAT = 1
@@ -185,10 +158,9 @@ class FeatureTracker:
         self.tokens_since_fired = state["tokens_since_fired"].to(self.tokens_since_fired.device)
         self.window.counts = state["window_counts"].to(self.window.counts.device)
         self.window.tokens = int(state["window_tokens"])
-        if "period_counts" in state:  # checkpoints written before low-frequency resampling lack it
-            self.period.counts = state["period_counts"].to(self.period.counts.device)
-            self.period.tokens = int(state["period_tokens"])
-            self.resampled = int(state["resampled"])
+        self.period.counts = state["period_counts"].to(self.period.counts.device)
+        self.period.tokens = int(state["period_tokens"])
+        self.resampled = int(state["resampled"])
 
 
 def reset_optimizer_rows(optimizer: torch.optim.Optimizer, dictionary: SparseDictionary, ids: Tensor) -> None:
@@ -228,41 +200,52 @@ class _Slot:
         self.stat_steps = 0
 
     def step(self, x: Tensor, step: int, total_steps: int, autocast_dtype: torch.dtype | None,
-             data_parallel: bool = False) -> None:
-        """One optimiser step on x. data_parallel: x is this rank's slice of the batch; gradients
-        and feature counts are reduced over the ranks (see sae.distributed)."""
-        d, cfg = self.dictionary, self.cfg
-        lr = d.lr * lr_factor(step, total_steps, cfg.lr_warmup_fraction, cfg.lr_decay_fraction)
+             shards: BatchShards) -> None:
+        """One optimiser step on x, one of `shards` of the batch (gradients and feature counts
+        are reduced over all of them)."""
+        self._set_lr(step, total_steps)
+        out = self._loss(x, step / total_steps, autocast_dtype, shards)
+        self._optimizer_step(out.loss, shards)
+        counts, n_rows = shards.sum(out.counts()), x.shape[0] * shards.count
+        self.tracker.update(counts, n_rows)
+        self._accumulate_stats(x, out, counts, n_rows, step)
+
+    def _set_lr(self, step: int, total_steps: int) -> None:
+        cfg = self.cfg
+        lr = self.dictionary.lr * lr_factor(step, total_steps, cfg.lr_warmup_fraction, cfg.lr_decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        dead = self.tracker.dead_mask(cfg.dead_after_tokens)
+
+    def _loss(self, x: Tensor, progress: float, autocast_dtype: torch.dtype | None,
+              shards: BatchShards) -> TrainStep:
+        dead = self.tracker.dead_mask(self.cfg.dead_after_tokens)
         with torch.autocast(device_type=x.device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
-            out = d.training_loss(x, step / total_steps, dead)
+            return self.dictionary.training_loss(x, progress, dead, shards)
+
+    def _optimizer_step(self, loss: Tensor, shards: BatchShards) -> None:
+        d = self.dictionary
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if data_parallel:
+        loss.backward()
+        if shards.count > 1:
             dist.average_gradients(list(d.parameters()))
         d.before_optimizer_step()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(d.parameters(), cfg.grad_clip)
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(d.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         d.after_optimizer_step()
-        counts = out.counts()
-        n_rows = x.shape[0]
-        if data_parallel:
-            counts = dist.all_reduce(counts)
-            n_rows *= dist.world_size()
-        self.tracker.update(counts, n_rows)
-        with torch.no_grad():
-            loss = out.loss.detach().double()
-            self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss),
-                                        torch.full_like(self.bad_step, step), self.bad_step)
-            xs = d.scale_input(x).double()
-            self.stats["loss"] += loss
-            self.stats["sse"] += (out.x_hat.detach().double() - xs).pow(2).sum()
-            self.stats["var"] += (xs - xs.mean(dim=0)).pow(2).sum()
-            self.stats["l0"] += counts.double().sum() / n_rows
+
+    @torch.no_grad()
+    def _accumulate_stats(self, x: Tensor, out: TrainStep, counts: Tensor, n_rows: int, step: int) -> None:
+        """Window sums for logging, and the first step whose loss was not finite (on the device)."""
+        loss = out.loss.detach().double()
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss),
+                                    torch.full_like(self.bad_step, step), self.bad_step)
+        xs = self.dictionary.scale_input(x).double()
+        self.stats["loss"] += loss
+        self.stats["sse"] += (out.x_hat.detach().double() - xs).pow(2).sum()
+        self.stats["var"] += (xs - xs.mean(dim=0)).pow(2).sum()
+        self.stats["l0"] += counts.double().sum() / n_rows
         self.stat_steps += 1
 
 
@@ -278,25 +261,11 @@ class Trainer:
                  progress: bool = True, log_every: int | None = None,
                  histogram_every_tokens: int | None = None, keep_checkpoint: bool = False,
                  placement: str | None = None):
-        if not configs:
-            raise ConfigError("no dictionaries to train")
-        if total_tokens <= 0:
-            raise ConfigError(f"total_tokens must be positive, got {total_tokens}")
-        if checkpoint_every_tokens is not None and out_dir is None:
-            raise ConfigError("checkpoint_every_tokens needs an out_dir to write checkpoints into")
+        _check_arguments(configs, total_tokens, out_dir, checkpoint_every_tokens)
         self.configs = list(configs)
         self.names = dictionary_names(self.configs)
         all_names = list(self.names)
-        # Several processes (torchrun): see sae.distributed. None on one process.
-        if placement is not None and placement not in dist.PLACEMENTS:
-            raise ConfigError(f"placement must be one of {', '.join(dist.PLACEMENTS)}, not {placement!r}")
-        self.world, self.rank = dist.world_size(), dist.rank()
-        self.placement = (placement or "data_parallel") if self.world > 1 else None
-        if self.placement == "dictionary_per_rank":
-            owners = dist.assign_dictionaries(self.configs, self.world, d_in)
-            mine = [i for i, owner in enumerate(owners) if owner == self.rank]
-            self.configs = [self.configs[i] for i in mine]
-            self.names = [self.names[i] for i in mine]
+        self._place(placement, d_in)
         self.total_tokens = int(total_tokens)
         self.d_in = d_in
         self.device = torch.device(device)
@@ -320,11 +289,27 @@ class Trainer:
         self._wandb_run = None
         self._wandb_id: str | None = None
         self._last_checkpoint: Path | None = None
+        self._histogram_tokens = 0  # tokens_seen when the frequency histograms were last logged
+
+    def _place(self, placement: str | None, d_in: int | Mapping[str, int] | None) -> None:
+        """Several processes (torchrun; see sae.distributed): how they share the work. None on one."""
+        if placement is not None and placement not in dist.PLACEMENTS:
+            raise ConfigError(f"placement must be one of {', '.join(dist.PLACEMENTS)}, not {placement!r}")
+        self.world, self.rank = dist.world_size(), dist.rank()
+        self.placement = (placement or "data_parallel") if self.world > 1 else None
+        # what the losses reduce whole-batch statistics over: this rank's shard and the others'
+        self.shards = dist.RankShards() if self.data_parallel else WHOLE_BATCH
+        if self.placement == "dictionary_per_rank":
+            owners = dist.assign_dictionaries(self.configs, self.world, d_in)
+            mine = [i for i, owner in enumerate(owners) if owner == self.rank]
+            self.configs = [self.configs[i] for i in mine]
+            self.names = [self.names[i] for i in mine]
 
     # -- fingerprint of what determines the result --------------------------------------------
     def fingerprint(self) -> str:
-        return json.dumps({"names": self.names, "configs": [c.model_dump(mode="json") for c in self.configs],
-                           "total_tokens": self.total_tokens}, sort_keys=True)
+        configs = [c.as_written().model_dump(mode="json") for c in self.configs]
+        return json.dumps({"names": self.names, "configs": configs, "total_tokens": self.total_tokens},
+                          sort_keys=True)
 
     @property
     def checkpoint_dir(self) -> Path | None:
@@ -436,7 +421,6 @@ class Trainer:
         else:
             self._last_checkpoint = self.checkpoint_dir / f"checkpoint-{self.step:010d}.pt"
 
-
     def _find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
         if self.checkpoint_dir is None:
             return None
@@ -495,7 +479,7 @@ class Trainer:
         mode = self.wandb_cfg.get("mode", "disabled")
         if mode == "disabled" or not dist.is_main():
             return
-        import wandb
+        import wandb  # here, not at the top: importing wandb takes seconds
 
         if self._wandb_id is None:
             self._wandb_id = wandb.util.generate_id()
@@ -509,7 +493,7 @@ class Trainer:
     def _log(self, stats: dict[str, dict[str, float]], histograms: bool) -> None:
         if self._wandb_run is None:
             return
-        import wandb
+        import wandb  # imported by _start_wandb already
 
         row: dict[str, Any] = {"tokens": self.tokens_seen}
         for name, st in stats.items():
@@ -528,89 +512,125 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self, source: Any) -> dict[str, SparseDictionary]:
         """Train every dictionary on `source` (see module docstring); returns {name: dictionary}."""
-        from sae.progress import token_bar
-
         if self.slots:
             raise RuntimeError("a Trainer trains once; make a new one")
         if not self.configs:  # dictionary_per_rank with more ranks than dictionaries
             dist.barrier()
             return {}
-        source = as_batch_source(source)
-        found = self._find_checkpoint()
-        if found is not None:
-            self._last_checkpoint, state = found
-            start_step = int(state["step"])
-        else:
-            state, start_step = None, 0
-        if self.data_parallel:
-            steps = dist.all_gather(torch.tensor([start_step])).tolist()
-            if len(set(steps)) > 1:
-                raise UserError(f"the ranks found different checkpoints to resume from (steps {steps}): "
-                                f"every rank must see the same out_dir {self.out_dir}")
-        batches = source.batches(start_step)
-        batch = next(batches, None)
-        if batch is None:
-            raise UserError("the batch source yielded no batches")
-        self._build(batch)
-        if self.data_parallel:
-            self._check_same_batches(batch)
-        if state is not None:
-            self._load_state(state)
-            del state
-        else:
-            self._init_from_data(batch)  # data parallel: the whole batch, on every rank alike
-            self.batch_size = int(batch[self.slots[0].hook].shape[0])
-            self.total_steps = math.ceil(self.total_tokens / self.batch_size)
-        hist_every = self.histogram_every_tokens or max(self.total_tokens // 20, 1)
-        last_hist_tokens = self.tokens_seen
+        first, rest = self._start(as_batch_source(source))
         bar = None
         try:
             self._start_wandb()
             # whole batches: the last one may run past total_tokens
             bar = token_bar(self.total_steps * self.batch_size, desc="train", initial=self.tokens_seen,
                             enabled=self.progress)
-            while self.tokens_seen < self.total_tokens:
-                if batch is None:
-                    batch = next(batches, None)
-                    if batch is None:
-                        warnings.warn(f"the batch source ran out after {self.tokens_seen:,} of "
-                                      f"{self.total_tokens:,} tokens; saving what was trained")
-                        break
+            for batch in self._batches_to_train(first, rest):
                 self._train_step(batch)
-                batch = None
                 bar.update(self.tokens_seen - bar.n)
                 if self.step % self.log_every == 0 or self.tokens_seen >= self.total_tokens:
-                    self._check_finite()
-                    stats = self._read_stats()
-                    bar.set_postfix_str(self._postfix(stats), refresh=False)
-                    histograms = self.tokens_seen - last_hist_tokens >= hist_every
-                    self._log(stats, histograms)
-                    if histograms:
-                        for s in self.slots:
-                            s.tracker.window.restart()
-                        last_hist_tokens = self.tokens_seen
+                    self._log_window(bar)
                 if self._checkpoint_due():
                     self._save_checkpoint()
             self._check_finite()
-            result = self._finish()
-            dist.barrier()
-            if self.placement == "dictionary_per_rank" and self.rank == 0 and not self.keep_checkpoint \
-                    and self.out_dir is not None:
-                ckpt.remove_checkpoints(ckpt.checkpoint_dir(self.out_dir))
-            return result
+            return self._finish()
         finally:
-            if bar is not None:
-                bar.close()
-            if self._wandb_run is not None:
-                self._wandb_run.finish()
-                self._wandb_run = None
+            self._close(bar)
+
+    def _start(self, source: BatchSource) -> tuple[Mapping[str, Tensor], Iterator[Mapping[str, Tensor]]]:
+        """Build the dictionaries and resume them from the latest checkpoint, or initialise them
+        from the first batch; returns (the first batch to train on, the batches after it)."""
+        found = self._find_checkpoint()
+        state, start_step = None, 0
+        if found is not None:
+            self._last_checkpoint, state = found
+            start_step = int(state["step"])
+        if self.data_parallel:
+            self._check_same_start(start_step)
+        rest = source.batches(start_step)
+        first = next(rest, None)
+        if first is None:
+            raise UserError("the batch source yielded no batches")
+        self._build(first)
+        if self.data_parallel:
+            self._check_same_batches(first)
+        if state is not None:
+            self._load_state(state)
+        else:
+            self._init_from_data(first)  # data parallel: the whole batch, on every rank alike
+            self.batch_size = int(first[self.slots[0].hook].shape[0])
+            self.total_steps = math.ceil(self.total_tokens / self.batch_size)
+        self._histogram_tokens = self.tokens_seen
+        return first, rest
+
+    def _batches_to_train(self, first: Mapping[str, Tensor],
+                          rest: Iterator[Mapping[str, Tensor]]) -> Iterator[Mapping[str, Tensor]]:
+        """`first`, then the batches of `rest`, until total_tokens have been trained on."""
+        batch: Mapping[str, Tensor] | None = first
+        while self.tokens_seen < self.total_tokens:
+            if batch is None:
+                batch = next(rest, None)
+                if batch is None:
+                    warnings.warn(f"the batch source ran out after {self.tokens_seen:,} of "
+                                  f"{self.total_tokens:,} tokens; saving what was trained")
+                    return
+            yield batch
+            batch = None
+
+    def _train_step(self, batch: Mapping[str, Tensor]) -> None:
+        """Every dictionary's optimiser step on this batch (data parallel: on this rank's shard)."""
+        B = int(batch[self.slots[0].hook].shape[0])
+        shard = self._own_shard(batch, B)
+        for s in self.slots:
+            s.step(shard[s.hook], self.step, self.total_steps, self.autocast_dtype, self.shards)
+        self.tokens_seen += B
+        self.step += 1
+        for s in self.slots:
+            every = s.dictionary.resample_every_tokens()
+            if every and self.tokens_seen < self.total_tokens and self._crossed(every, B):
+                # data parallel: the whole batch, identically on every rank
+                x = batch[s.hook].to(self.device, torch.float32) if self.data_parallel else shard[s.hook]
+                self._resample(s, x)
+
+    def _own_shard(self, batch: Mapping[str, Tensor], B: int) -> dict[str, Tensor]:
+        """{hook: this process's rows of the batch, on the training device} (data parallel: its
+        contiguous slice; otherwise the whole batch)."""
+        lo, hi = 0, B
+        if self.data_parallel:
+            dist.check_batch_divisible(B)
+            lo, hi = self.rank * B // self.world, (self.rank + 1) * B // self.world
+        hooks = dict.fromkeys(s.hook for s in self.slots)
+        return {h: batch[h][lo:hi].to(self.device, torch.float32, non_blocking=True) for h in hooks}
+
+    def _crossed(self, every: int, batch_size: int) -> bool:
+        """Whether the last batch took tokens_seen past a multiple of `every`."""
+        return self.tokens_seen // every > (self.tokens_seen - batch_size) // every
 
     def _checkpoint_due(self) -> bool:
         every = self.checkpoint_every_tokens
         if not every or self.tokens_seen >= self.total_tokens:
             return False
-        B = self.batch_size or 1
-        return self.tokens_seen // every > (self.tokens_seen - B) // every
+        return self._crossed(every, self.batch_size or 1)
+
+    def _log_window(self, bar: Any) -> None:
+        """Read the window's statistics (one host sync), show and log them; frequency histograms
+        every `histogram_every_tokens`."""
+        self._check_finite()
+        stats = self._read_stats()
+        bar.set_postfix_str(self._postfix(stats), refresh=False)
+        every = self.histogram_every_tokens or max(self.total_tokens // 20, 1)
+        histograms = self.tokens_seen - self._histogram_tokens >= every
+        self._log(stats, histograms)
+        if histograms:
+            for s in self.slots:
+                s.tracker.window.restart()
+            self._histogram_tokens = self.tokens_seen
+
+    def _check_same_start(self, start_step: int) -> None:
+        """Data parallel: every rank must resume from the same checkpoint."""
+        steps = dist.all_gather(torch.tensor([start_step])).tolist()
+        if len(set(steps)) > 1:
+            raise UserError(f"the ranks found different checkpoints to resume from (steps {steps}): "
+                            f"every rank must see the same out_dir {self.out_dir}")
 
     def _check_same_batches(self, batch: Mapping[str, Tensor]) -> None:
         """Data parallel: every rank must draw the same global batches (same source and seed)."""
@@ -619,27 +639,6 @@ class Trainer:
         if not torch.equal(sums.min(dim=0).values, sums.max(dim=0).values):
             raise UserError("data-parallel ranks drew different batches: give every rank the same batch "
                             "source with the same seed (each rank trains on its slice of every batch)")
-
-    def _train_step(self, batch: Mapping[str, Tensor]) -> None:
-        xs: dict[str, Tensor] = {}
-        B = int(batch[self.slots[0].hook].shape[0])
-        lo, hi = 0, B
-        if self.data_parallel:  # this rank's contiguous slice of the global batch
-            dist.check_batch_divisible(B)
-            lo, hi = self.rank * B // self.world, (self.rank + 1) * B // self.world
-        with dist.data_parallel_step() if self.data_parallel else contextlib.nullcontext():
-            for s in self.slots:
-                if s.hook not in xs:
-                    xs[s.hook] = batch[s.hook][lo:hi].to(self.device, torch.float32, non_blocking=True)
-                s.step(xs[s.hook], self.step, self.total_steps, self.autocast_dtype, self.data_parallel)
-        self.tokens_seen += B
-        self.step += 1
-        for s in self.slots:
-            every = s.dictionary.resample_every_tokens()
-            if every and self.tokens_seen < self.total_tokens and \
-                    self.tokens_seen // every > (self.tokens_seen - B) // every:
-                x = xs[s.hook] if not self.data_parallel else batch[s.hook].to(self.device, torch.float32)
-                self._resample(s, x)  # data parallel: the whole batch, identically on every rank
 
     def _resample(self, s: _Slot, x: Tensor) -> None:
         dead = s.tracker.dead_mask(s.dictionary.resample_dead_tokens() or s.cfg.dead_after_tokens)
@@ -653,25 +652,49 @@ class Trainer:
             s.tracker.reset(ids)
             s.tracker.resampled += int(ids.numel())
 
+    # -- the end ------------------------------------------------------------------------------------------
     def _finish(self) -> dict[str, SparseDictionary]:
-        result = {}
-        for s in self.slots:
-            d = s.dictionary
-            d.fold_input_scale()
-            d.eval()
-            d.metadata.update(self.metadata.get(s.name, {}))
-            d.metadata.setdefault("hook_name", s.hook if s.hook != DEFAULT_HOOK else None)
-            d.metadata["tokens_trained"] = self.tokens_seen
-            d.metadata["lr_used"] = d.lr  # the hyperparameters keep lr: null when it was the default
-            if d.resample_every_tokens():
-                d.metadata["features_resampled"] = s.tracker.resampled
-            d.metadata["library_version"] = sae.__version__
-            if self.out_dir is not None and self.writes:
-                d.save(self.out_dir / s.name)
-            result[s.name] = d
+        """Fold, annotate and save every dictionary; then the checkpoints go."""
+        result = {s.name: self._finished_dictionary(s) for s in self.slots}
         if self.out_dir is not None and not self.keep_checkpoint and self.writes:
             ckpt.remove_checkpoints(self.checkpoint_dir)
+        dist.barrier()
+        if self.placement == "dictionary_per_rank" and self.rank == 0 and not self.keep_checkpoint \
+                and self.out_dir is not None:  # every rank has removed its own folder in it
+            ckpt.remove_checkpoints(ckpt.checkpoint_dir(self.out_dir))
         return result
+
+    def _finished_dictionary(self, s: _Slot) -> SparseDictionary:
+        d = s.dictionary
+        d.fold_input_scale()
+        d.eval()
+        d.metadata.update(self.metadata.get(s.name, {}))
+        d.metadata.setdefault("hook_name", s.hook if s.hook != DEFAULT_HOOK else None)
+        d.metadata["tokens_trained"] = self.tokens_seen
+        d.metadata["lr_used"] = d.lr  # the hyperparameters keep lr: null when it was the default
+        if d.resample_every_tokens():
+            d.metadata["features_resampled"] = s.tracker.resampled
+        d.metadata["library_version"] = sae.__version__
+        if self.out_dir is not None and self.writes:
+            d.save(self.out_dir / s.name)
+        return d
+
+    def _close(self, bar: Any) -> None:
+        if bar is not None:
+            bar.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def _check_arguments(configs: Sequence[DictionaryConfig], total_tokens: int, out_dir: str | Path | None,
+                     checkpoint_every_tokens: int | None) -> None:
+    if not configs:
+        raise ConfigError("no dictionaries to train")
+    if total_tokens <= 0:
+        raise ConfigError(f"total_tokens must be positive, got {total_tokens}")
+    if checkpoint_every_tokens is not None and out_dir is None:
+        raise ConfigError("checkpoint_every_tokens needs an out_dir to write checkpoints into")
 
 
 def train_dictionaries(source: Any, configs: Sequence[DictionaryConfig], *, total_tokens: int,

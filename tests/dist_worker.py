@@ -80,6 +80,7 @@ def harvest_tokens(n_ctx: int = 40, T: int = 16):
 
 
 def run_harvest(model_dir: str, cache_dir: str, fail_rank: int = -1):
+    # imported here: the training workers need neither, and transformer_lens takes seconds to import
     from transformer_lens.model_bridge import TransformerBridge
 
     from sae.cache import harvest

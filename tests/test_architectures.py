@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sae.dictionaries import ARCHITECTURES, parse_dictionary_config
+from sae.dictionaries.jumprelu import heaviside_step, jumprelu
 from sae.dictionaries.registry import get_architecture
 from sae.errors import ConfigError
 from sae.loading import load_dictionary
@@ -158,16 +159,26 @@ def test_batchtopk_uses_threshold_at_inference_and_batch_selection_in_training()
     x = inputs(200)
     pre = d.pre_acts(x)
     torch.testing.assert_close(d.encode(x), torch.where((pre > d.threshold) & (pre > 0), pre, 0.0))
+    # training mode: the k·200 largest pre-activations of the whole batch, not k per token
     d.train()
     f = d.encode(x)
-    assert int((f != 0).sum()) == d.cfg.k * 200 or (f != 0).sum() <= d.cfg.k * 200
+    n = d.cfg.k * 200
+    assert int((pre > 0).sum()) > n  # (so all n selected entries are positive)
+    top = pre.detach().flatten().topk(n).indices
+    expected = torch.zeros(pre.numel()).index_put_((top,), pre.detach().flatten()[top]).view_as(pre)
+    torch.testing.assert_close(f, expected)
+    assert int((f != 0).sum()) == n
+    per_token = (f != 0).sum(dim=1)
+    assert per_token.min() < d.cfg.k < per_token.max()
+    # a training step selects the same entries and sets the threshold to the smallest of them
     d.threshold.fill_(-1.0)
     d.threshold_updates.zero_()
     out = d.training_loss(x, 0.0, None)
-    sel = out.x_hat  # noqa: F841 - the step ran; the threshold is now the smallest selected activation
-    flat = pre.detach().relu().flatten()
-    smallest = flat.topk(d.cfg.k * 200).values.min()
+    assert torch.equal(out.counts(), (expected != 0).sum(dim=0).float())
+    assert float(out.metrics["l0"]) == pytest.approx(n / 200)
+    smallest = pre.detach().flatten().topk(n).values.min()
     torch.testing.assert_close(d.threshold, torch.full_like(d.threshold, float(smallest)), rtol=1e-4, atol=1e-4)
+    assert int(d.threshold_updates) == 1
 
 
 def _grads(d, x, dead):
@@ -197,6 +208,48 @@ def test_sparse_kernels_give_the_dense_gradients(arch):
     assert torch.equal(out_s.feature_counts, out_d.feature_counts)
 
 
+def _dense_topk_loss(d, x, dead, batch_selection):
+    """TopK's training loss written out densely, in float64, from the paper's definitions:
+    FVU of the top-k reconstruction plus aux_coefficient × AuxK (the residual reconstructed from
+    each token's top aux_k dead latents, scaled by min(n_dead / aux_k, 1), over the same variance)."""
+    p = {n: t.detach().double().requires_grad_(True) for n, t in
+         [("W_enc", d.W_enc), ("b_enc", d.b_enc), ("W_dec", d.W_dec), ("b_dec", d.b_dec)]}
+    xs = x.double() * float(d.input_scale)
+    pre = (xs - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    keep = torch.zeros_like(pre, dtype=torch.bool)
+    if batch_selection:  # BatchTopK: the k·B largest of the whole batch
+        keep.view(-1)[pre.detach().flatten().topk(d.cfg.k * x.shape[0]).indices] = True
+    else:
+        keep.scatter_(1, pre.detach().topk(d.cfg.k, dim=1).indices, True)
+    x_hat = (torch.relu(pre) * keep) @ p["W_dec"] + p["b_dec"]
+    variance = (xs - xs.mean(dim=0)).pow(2).sum()
+    fvu = (xs - x_hat).pow(2).sum() / variance
+    n_dead, aux_k = int(dead.sum()), d.cfg.aux_k
+    dead_pre = pre.detach().masked_fill(~dead, -torch.inf)
+    aux_keep = torch.zeros_like(keep).scatter_(1, dead_pre.topk(min(aux_k, n_dead), dim=1).indices, True)
+    e = (xs - x_hat).detach()
+    e_hat = (torch.relu(pre) * aux_keep) @ p["W_dec"]
+    aux = min(n_dead / aux_k, 1.0) * (e - e_hat).pow(2).sum() / variance
+    (fvu + d.cfg.aux_coefficient * aux).backward()
+    return aux.detach(), {n: t.grad for n, t in p.items()}
+
+
+@pytest.mark.parametrize("n_dead", [5, 20])  # fewer dead latents than aux_k (scale 5/8), and more
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_auxk_loss_and_gradients_match_a_dense_computation(arch, sparse, n_dead):
+    x = inputs(96)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(7))[:n_dead]] = True
+    d = make(arch, sparse=sparse, aux_k=8, aux_coefficient=0.5).train()
+    out, grads = _grads(d, x, dead)
+    aux, expected = _dense_topk_loss(d, x, dead, batch_selection=arch == "batchtopk")
+    assert float(aux) > 0.01  # the term is really there
+    torch.testing.assert_close(out.metrics["aux_loss"].double(), aux, rtol=1e-5, atol=0)
+    for name, g in expected.items():
+        torch.testing.assert_close(grads[name].double(), g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_sparse_ops_gradcheck():
     g = torch.Generator().manual_seed(0)
     B, d_in, d_sae, k = 5, 4, 7, 3
@@ -222,8 +275,6 @@ def test_sparse_ops_gradcheck():
 
 def test_jumprelu_straight_through_gradients():
     d = make("jumprelu", bandwidth=0.5, l0_coefficient=1.0, sparsity_warmup_fraction=0.0).train()
-    from sae.dictionaries.jumprelu import heaviside_step, jumprelu
-
     z = torch.tensor([[0.1, 0.9, 1.1, 2.0]], requires_grad=True)
     theta = torch.tensor([1.0, 1.0, 1.0, 1.0], requires_grad=True)
     jumprelu(z, theta, 0.5).sum().backward()
@@ -309,3 +360,20 @@ def test_a_bfloat16_dictionary_takes_float32_activations(arch):
     # (threshold architectures may flip a feature sitting on its threshold: compare as a whole)
     with torch.no_grad():
         assert float((low(x).float() - d(x)).norm() / d(x).norm()) < 0.05
+
+
+def test_relu_recipe_defaults_are_resolved_in_the_config():
+    classic = parse_dictionary_config({"architecture": "relu", "d_sae": 8})
+    assert (classic.l1_coefficient, classic.sparsity_warmup_fraction, classic.normalize_decoder) == (1.0, 0.0, True)
+    april = parse_dictionary_config({"architecture": "relu", "d_sae": 8, "recipe": "april2024",
+                                     "l1_coefficient": 2.0, "sparsity_warmup_fraction": None})
+    assert (april.l1_coefficient, april.sparsity_warmup_fraction, april.normalize_decoder) == (2.0, 0.05, False)
+    classic.recipe = "april2024"  # what its author left out follows the recipe
+    assert (classic.l1_coefficient, classic.sparsity_warmup_fraction, classic.normalize_decoder) == (5.0, 0.05, False)
+    # the recipe's fixed parts: the april2024 dictionary starts with decoder rows of norm 0.1 and lr 5e-5
+    d = get_architecture("relu")(classic, D_IN)
+    torch.testing.assert_close(d.W_dec.norm(dim=1), torch.full((8,), 0.1))
+    assert d.lr == 5e-5 and not d.unit_norm_decoder
+    # as written: what names and checkpoint fingerprints are built from
+    assert april.as_written().model_dump(exclude_defaults=True) == {
+        "d_sae": 8, "recipe": "april2024", "l1_coefficient": 2.0}

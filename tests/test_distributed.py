@@ -8,19 +8,32 @@ two hook points, 24 steps of 128 rows, a checkpoint every 8 steps)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from dist_worker import run_harvest
 
 from sae import checkpoint as ckpt
+from sae import distributed
+from sae.cache import TOKEN_INDEX, CacheReader
+from sae.config import load_run_config
+from sae.dictionaries import get_architecture, parse_dictionary_config
+from sae.dictionaries.base import WHOLE_BATCH, BatchShards
+from sae.dictionaries.batchtopk import batch_topk_flat, whole_batch_top
+from sae.dictionaries.topk import batch_variance
 from sae.distributed import free_port
 from sae.io import load_tensors
+from pipeline import run_experiment
+from sae.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_worker.py"
@@ -135,9 +148,6 @@ def test_distributed_harvest_equals_single_process_and_resumes(tiny_model_dir, t
     mtimes = {n: (cache / n).stat().st_mtime_ns for n in written}
     # resume (here in this process: a distributed harvest resumes with any number of ranks);
     # and a single-process harvest from scratch as the reference
-    sys.path.insert(0, str(REPO / "tests"))
-    from dist_worker import run_harvest
-
     m = run_harvest(str(tiny_model_dir), str(cache))
     assert {n: (cache / n).stat().st_mtime_ns for n in written} == mtimes  # kept, not redone
     assert m.complete
@@ -150,8 +160,6 @@ def test_distributed_harvest_equals_single_process_and_resumes(tiny_model_dir, t
     # same shards, byte for byte (sha256), so the same tokens and activations
     assert [(s["index"], s["sha256"], s["n_tokens"]) for s in two["shards"]] == \
         [(s["index"], s["sha256"], s["n_tokens"]) for s in one["shards"]]
-    from sae.cache import TOKEN_INDEX, CacheReader
-
     rows = CacheReader(cache, batch_size=64, with_index=True, prefetch=False)
     idx = torch.cat([b[TOKEN_INDEX] for b, _ in zip(rows.batches(0), range(rows.tokens_per_epoch // 64))])
     assert idx.unique().numel() == idx.numel() == (rows.tokens_per_epoch // 64) * 64
@@ -190,26 +198,23 @@ def test_torchrun_train_py_then_evaluate_without_it(tiny_model_dir, tiny_text_fi
     assert not (run_dir / ckpt.CHECKPOINT_DIR).exists()
     assert r.stdout.count("saved 3 dictionaries") == 1  # rank 0 alone reports
     # evaluation afterwards, one process, same YAML: nothing is retrained
-    from sae.config import load_run_config
-    from pipeline import run_experiment
-
     run, dictionaries = load_run_config(config, ["eval.enabled=true"])
     results = run_experiment(run, dictionaries)
     assert set(results) == {"topk", "relu", "topk2"}
     assert "already trained" in capsys.readouterr().out
-    for name in ("topk", "relu", "topk2"):
+    # FVU measured on the 120 held-out tokens (CPU): trained topk 0.487, relu 0.474, topk2 0.649;
+    # the same dictionaries untrained (lr 1e-12) 0.718, 0.839, 0.818; predicting the mean: 1
+    bars = {"topk": 0.6, "relu": 0.6, "topk2": 0.75}
+    for name, bar in bars.items():
         metrics = json.loads((run_dir / name / "eval.json").read_text())
-        assert metrics["tokens_evaluated"] > 0 and 0 <= metrics["fvu"] < 1.5
+        assert metrics["tokens_evaluated"] > 0 and 0 <= metrics["fvu"] < bar, (name, metrics["fvu"])
     # the finished run relaunched under torchrun: found complete, nothing trained or evaluated again
     r = launch(config, "eval.enabled=true", script=REPO / "train.py")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("is complete with this config") == 1 and "evaluating" not in r.stdout
 
 
-def test_assignment_balances_and_one_process_helpers_are_no_ops():
-    from sae import distributed
-    from sae.dictionaries import parse_dictionary_config
-
+def test_assignment_balances_the_ranks_largest_first():
     cfgs = [parse_dictionary_config({"architecture": "topk", "d_sae": d, "hook_name": h})
             for d, h in [(4096, "a"), (1024, "a"), (1024, "b"), (2048, "b"), (512, "a")]]
     owners = distributed.assign_dictionaries(cfgs, 2, {"a": 64, "b": 64})
@@ -217,12 +222,81 @@ def test_assignment_balances_and_one_process_helpers_are_no_ops():
     load = [sum(c.d_sae for c, o in zip(cfgs, owners) if o == r) for r in (0, 1)]
     assert sorted(load) == [4096, 4608]  # largest first onto the least-loaded rank (8704 in all)
     assert distributed.assign_dictionaries(cfgs, 1) == [0] * 5
-    # without a launcher: rank 0 of 1, and the batch statistics are the plain ones
-    assert (distributed.rank(), distributed.world_size(), distributed.batch_shards()) == (0, 1, 1)
-    x = torch.randn(16, 4)
-    with distributed.data_parallel_step():
-        assert torch.equal(distributed.batch_variance(x), (x - x.mean(dim=0)).pow(2).sum())
-        assert distributed.batch_topk_threshold(x, 5) == x.flatten().topk(5).values.min()
+    # without a launcher: rank 0 of 1, and the trainer gives the losses the whole batch
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
+    trainer = Trainer(cfgs, total_tokens=64, progress=False, placement="data_parallel")
+    assert trainer.placement is None and trainer.shards is WHOLE_BATCH
+
+
+class ThreadShards(BatchShards):
+    """`count` shards of a batch, each worked on by its own thread of this process; a reduction
+    waits for every shard's value (what sae.distributed.RankShards does across processes)."""
+
+    def __init__(self, index: int, board: list, barrier: threading.Barrier):
+        self.count, self.index, self.board, self.barrier = len(board), index, board, barrier
+
+    def _everyone(self, t: torch.Tensor) -> list[torch.Tensor]:
+        self.board[self.index] = t.detach().clone()
+        self.barrier.wait()
+        values = list(self.board)
+        self.barrier.wait()  # nobody writes the next reduction's value before all have read this one
+        return values
+
+    def sum(self, t):
+        return torch.stack(self._everyone(t)).sum(dim=0)
+
+    def min(self, t):
+        return torch.stack(self._everyone(t)).amin(dim=0)
+
+    def max(self, t):
+        return torch.stack(self._everyone(t)).amax(dim=0)
+
+    def gather(self, t):
+        return torch.cat(self._everyone(t))
+
+
+def on_shards(fn, x: torch.Tensor, count: int) -> list:
+    """fn(shard of x, shards) for each of `count` contiguous shards, concurrently, in shard order."""
+    board, barrier = [None] * count, threading.Barrier(count, timeout=60)
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(fn, part, ThreadShards(i, board, barrier)) for i, part in enumerate(x.chunk(count))]
+        return [f.result() for f in futures]
+
+
+def test_whole_batch_statistics_from_shards_equal_the_whole_batchs():
+    """What the losses compute from their shard and the reductions equals what one process
+    computes from the whole batch: TopK's variance, BatchTopK's selection and threshold, and
+    (gradients averaged over the shards) the gradients themselves."""
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(96, 16, generator=g) + 1
+    whole = (x - x.mean(dim=0)).pow(2).sum()
+    for part in on_shards(batch_variance, x, 3):
+        torch.testing.assert_close(part, whole, rtol=1e-6, atol=0)
+    pre = torch.randn(96, 40, generator=g)
+    picked = on_shards(lambda p, shards: whole_batch_top(p, 4, shards), pre, 2)
+    flat = torch.cat([picked[0], picked[1] + pre[:48].numel()])
+    assert torch.equal(flat, batch_topk_flat(pre, 4 * 96))
+    for arch in ("topk", "batchtopk"):
+        cfg = parse_dictionary_config({"architecture": arch, "d_sae": 48, "k": 3, "aux_k": 6})
+        reference = get_architecture(arch)(cfg, 16).train()
+        with torch.no_grad():
+            reference.b_dec.copy_(x.mean(dim=0))
+        dead = torch.arange(48) % 4 == 0
+        copies = [copy.deepcopy(reference) for _ in range(2)]
+
+        def step(part, shards):
+            d = copies[shards.index]
+            d.training_loss(part, 0.5, dead, shards).loss.backward()
+            return d
+
+        shard_dicts = on_shards(step, x, 2)
+        reference.training_loss(x, 0.5, dead).loss.backward()
+        for name, p in reference.named_parameters():
+            mean_grad = sum(d.get_parameter(name).grad for d in shard_dicts) / 2
+            torch.testing.assert_close(mean_grad, p.grad, rtol=1e-4, atol=1e-6, msg=f"{arch}.{name}")
+        if arch == "batchtopk":
+            for d in shard_dicts:
+                torch.testing.assert_close(d.threshold, reference.threshold, rtol=1e-6, atol=0)
 
 
 def test_torchrun_train_py_data_parallel_equals_one_process(tiny_model_dir, tiny_text_file, tmp_path):

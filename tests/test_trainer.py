@@ -18,7 +18,7 @@ import torch
 
 import sae
 from sae import checkpoint as ckpt
-from sae.dictionaries import parse_dictionary_config
+from sae.dictionaries import SparseDictionary, parse_dictionary_config
 from sae.errors import ConfigError, TrainingDiverged
 from sae.io import load_tensors
 from sae.loading import load_dictionary
@@ -121,6 +121,15 @@ def test_plain_iterable_sweep_writes_dictionaries_with_metadata(tmp_path):
             assert torch.equal(loaded.weights()[k], t)
         torch.testing.assert_close(loaded(x), d(x))
     assert not (tmp_path / ckpt.CHECKPOINT_DIR).exists()
+
+
+def test_names_are_built_from_what_was_written():
+    """ReLU's recipe defaults are resolved in the config, but a name says only what differs in
+    what was written (as the library always named them)."""
+    configs = [parse_dictionary_config({"architecture": "relu", "d_sae": 32}),
+               parse_dictionary_config({"architecture": "relu", "d_sae": 32, "recipe": "april2024"})]
+    assert configs[0].l1_coefficient != configs[1].l1_coefficient
+    assert dictionary_names(configs) == ["relu-recipe=classic", "relu-recipe=april2024"]
 
 
 def test_duplicate_names_are_refused():
@@ -279,7 +288,6 @@ def test_resampling_low_frequency_features_reinitialises_exactly_those(monkeypat
     """resample_min_frequency (the dual of pruning high-frequency features): at a resampling, the
     features that fired on fewer than that fraction of the period's tokens are re-initialised, and
     no others but the dead ones (silent for resample_dead_tokens = half the period by default)."""
-    from sae.dictionaries.base import SparseDictionary
     d_in, d_sae, B, P = 8, 48, 64, 4  # P batches per resampling period
     g = torch.Generator().manual_seed(0)
     offset = 2.0 * torch.randn(d_in, generator=g)  # spreads the features' firing rates over (0, 1)

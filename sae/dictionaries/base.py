@@ -2,9 +2,8 @@
 
 A dictionary maps an activation `x [..., d_in]` to feature activations
 `f = activation(pre_acts(x)) [..., d_sae]` and back to `x_hat = f @ W_dec + b_dec`.
-Architectures differ only in `activation` (ReLU, TopK, JumpReLU, ...), in their training
-loss and in what they do after an optimiser step; each one is a subclass in its own file,
-registered under its `architecture` string (see `registry.py`).
+Architectures differ in `activation`, in their training loss and in what they do around an
+optimiser step; each is a subclass in its own file, registered under its `architecture`.
 
 Weights follow the SAELens layout so that export is a rename: `W_enc [d_in, d_sae]`,
 `W_dec [d_sae, d_in]`, `b_enc [d_sae]`, `b_dec [d_in]`.
@@ -12,6 +11,7 @@ Weights follow the SAELens layout so that export is a rename: `W_enc [d_in, d_sa
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +91,44 @@ class DictionaryConfig(BaseModel):
             self.check_for_width(d_in)
         except ValueError as e:
             raise ConfigError(f"dictionary {name or self.name!r}: {e}") from None
+
+    def as_written(self) -> "DictionaryConfig":
+        """This config with every field its author left out at its declared default, not at the
+        value a validator resolved it to (ReLU's recipe defaults). Dictionary names and checkpoint
+        fingerprints are built from it: they say what was asked for, as short as it was asked."""
+        return type(self).model_construct(**{k: getattr(self, k) for k in self.model_fields_set})
+
+
+def penalty_warmup(progress: float, fraction: float) -> float:
+    """Linear 0 -> 1 over the first `fraction` of training (1 throughout when fraction = 0)."""
+    return 1.0 if fraction <= 0 else min(1.0, progress / fraction)
+
+
+class BatchShards:
+    """The parts a training batch is split into, and sums, minima and maxima over all of them.
+
+    Data parallel training gives each process one shard (`sae.distributed.RankShards`) and
+    averages the gradients over them, so a loss that is a ratio of whole-batch sums (TopK's FVU)
+    is `count · local_sum / whole_batch_denominator`. This default is the whole batch in one
+    shard: every reduction returns its input."""
+
+    count: int = 1
+
+    def sum(self, t: Tensor) -> Tensor:
+        return t
+
+    def min(self, t: Tensor) -> Tensor:
+        return t
+
+    def max(self, t: Tensor) -> Tensor:
+        return t
+
+    def gather(self, t: Tensor) -> Tensor:
+        """[count · n, ...]: every shard's t (the same shape on each), in shard order."""
+        return t
+
+
+WHOLE_BATCH = BatchShards()
 
 
 @dataclass
@@ -234,11 +272,14 @@ class SparseDictionary(nn.Module):
         the last resampling (None: dead features only)."""
         return None
 
-    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None) -> TrainStep:
+    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None,
+                      shards: BatchShards = WHOLE_BATCH) -> TrainStep:
         """One step's loss on raw x [batch, d_in], computed in normalised units (x·input_scale).
 
         progress in [0, 1] is the fraction of training done (for penalty warm-ups);
-        dead_mask [d_sae] bool marks features the trainer considers dead (for AuxK), or None.
+        dead_mask [d_sae] bool marks features the trainer considers dead (for AuxK), or None;
+        x is one of `shards` of the batch (losses built from whole-batch statistics reduce over
+        them; per-token means need nothing).
         """
         raise NotImplementedError
 
@@ -384,8 +425,6 @@ class SparseDictionary(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         folded = self
         if float(self.input_scale) != 1.0:
-            import copy
-
             folded = copy.deepcopy(self)
             folded.fold_input_scale()
         io.save_tensors(directory / WEIGHTS_FILE, folded.weights())
@@ -419,14 +458,18 @@ class SparseDictionary(nn.Module):
         """device of the weights (SAEBench reads `sae.device`)."""
         return self.W_enc.device
 
+    def max_active(self) -> int | None:
+        """The most features any token can activate, when the architecture fixes it (TopK: k)."""
+        return None
+
     def encode_sparse(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
         """x [..., d_in] -> (values [..., k], indices [..., k]) of the k largest feature
-        activations, largest first. k defaults to the architecture's `k` (TopK) or, for the
-        others, to the largest number of active features of any row of this x; rows with fewer
+        activations, largest first. k defaults to `max_active()` or, when the architecture fixes
+        none, to the largest number of active features of any row of this x; rows with fewer
         active features are padded with value 0 (their padding indices mean nothing)."""
         f = self.encode(x)
         if k is None:
-            k = getattr(self.cfg, "k", None) if self.architecture == "topk" else None
+            k = self.max_active()
         if k is None:
             k = int((f != 0).sum(dim=-1).max()) if f.numel() else 0
         k = max(0, min(int(k), self.d_sae))

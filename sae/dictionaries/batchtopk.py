@@ -3,18 +3,15 @@ the whole batch are kept (a token may use more or fewer than k latents); at infe
 (`module.eval()`) a learned threshold replaces the batch selection:
 f_i = pre_i if pre_i > threshold else 0.
 
-The threshold is an exponential moving average (`threshold_beta`, 0.999; a plain running mean
-over the first 1/(1-beta) batches) of the smallest selected positive activation of each training
-batch; it is saved as `threshold` [d_sae] (one
-value repeated, so the file reads like a JumpReLU dictionary's and slices like one when pruned),
-in pre-activation units (which folding the input scale leaves unchanged).
+The threshold is an exponential moving average (`threshold_beta`; a plain running mean over the
+first 1/(1-beta) batches) of the smallest selected positive activation of each training batch,
+saved as `threshold` [d_sae] (one value repeated, so the file reads like a JumpReLU dictionary's
+and slices like one when pruned), in pre-activation units (which folding leaves unchanged).
+Loss, AuxK, unit-norm decoder, sparse kernels and lr are TopK's (`TopKStyleDictionary`).
 
-Everything else (AuxK, unit-norm decoder, sparse kernels, lr) is TopK's.
-
-Killing features: at inference the threshold acts on each latent alone, so the two meanings
-("before": masked before selection; "after": zeroed after it) give identical outputs, and a
-pruned dictionary just drops the killed latents (no shadow encoder is needed). In training mode
-the batch selection is shared, so "before" frees slots for other latents and "after" does not.
+Killing features: at inference the threshold acts on each latent alone, so "before" and "after"
+give identical outputs and a pruned dictionary just drops the killed latents (no shadow encoder).
+In training mode the batch selection is shared: "before" frees slots for other latents.
 """
 
 from __future__ import annotations
@@ -25,10 +22,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae import distributed
-from sae.dictionaries.base import KillMode, SparseDictionary, TrainStep
+from sae.dictionaries.base import BatchShards
 from sae.dictionaries.registry import register
-from sae.dictionaries.topk import TopKConfig, TopKDictionary
+from sae.dictionaries.topk import TopKConfig, TopKStyleDictionary
 
 
 class BatchTopKConfig(TopKConfig):
@@ -54,12 +50,34 @@ def batch_topk_flat(pre: Tensor, n: int) -> Tensor:
     return pre.flatten().topk(n, sorted=False).indices.sort().values
 
 
+def batch_topk_threshold(values: Tensor, n: int, shards: BatchShards) -> Tensor:
+    """The n-th largest of the whole batch's values, given this shard's `values` (any shape)."""
+    flat = values.detach().flatten()
+    local = flat.topk(min(n, flat.numel()), sorted=False).values
+    # every shard sends the same number of candidates (padded with -inf)
+    count = int(shards.max(torch.tensor([local.numel()])).item())
+    if local.numel() < count:
+        local = torch.cat([local, local.new_full((count - local.numel(),), -torch.inf)])
+    local = shards.gather(local)
+    return local.topk(min(n, local.numel()), sorted=False).values.min()
+
+
+def whole_batch_top(pre: Tensor, n_per_row: int, shards: BatchShards) -> Tensor:
+    """Flat indices (ascending) into this shard's pre [B, d] of its entries among the top
+    n_per_row · (rows of every shard) of the whole batch."""
+    B = pre.shape[0]
+    if shards.count == 1:
+        return batch_topk_flat(pre, n_per_row * B)
+    cut = batch_topk_threshold(pre, n_per_row * B * shards.count, shards)
+    return (pre.flatten() >= cut).nonzero().flatten()
+
+
 @register
-class BatchTopKDictionary(TopKDictionary):
+class BatchTopKDictionary(TopKStyleDictionary):
     architecture = "batchtopk"
     Config = BatchTopKConfig
     cfg: BatchTopKConfig
-    feature_dims = {**SparseDictionary.feature_dims, "threshold": 0}
+    feature_dims = {**TopKStyleDictionary.feature_dims, "threshold": 0}
 
     def __init__(self, cfg, d_in, metadata=None):
         super().__init__(cfg, d_in, metadata)
@@ -71,11 +89,6 @@ class BatchTopKDictionary(TopKDictionary):
     def weights(self) -> dict[str, Tensor]:
         return {**super().weights(), "threshold": self.threshold}
 
-    @torch.no_grad()
-    def pruned(self, keep_ids: Tensor, mode: KillMode = "after") -> SparseDictionary:
-        # Both meanings coincide at inference (see the module docstring): no shadow encoder.
-        return SparseDictionary.pruned(self, keep_ids, mode)
-
     def activation(self, pre: Tensor) -> Tensor:
         if not self.training:
             return torch.where((pre > self.threshold) & (pre > 0), pre, torch.zeros_like(pre))
@@ -85,33 +98,23 @@ class BatchTopKDictionary(TopKDictionary):
         out[idx] = torch.relu(flat_pre.flatten()[idx])
         return out.view_as(pre)
 
-    def encode(self, x: Tensor) -> Tensor:
-        return SparseDictionary.encode(self, x)
+    def _select(self, xs: Tensor, pre: Tensor, shards: BatchShards) -> tuple[Tensor, Tensor, Tensor]:
+        """The whole batch's top k·B (valid where positive); also folds the smallest positive
+        selected activation of the whole batch into the inference threshold."""
+        flat = whole_batch_top(pre, self.cfg.k, shards)
+        rows, cols = flat // self.d_sae, flat % self.d_sae
+        selected = pre[rows, cols]
+        valid = selected > 0
+        self._update_threshold(shards.min(torch.where(valid, selected, torch.inf).min()))
+        return rows, cols, valid
 
-    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None) -> TrainStep:
-        from sae import sparse_ops
-
-        xs = self.scale_input(x)
-        B = xs.shape[0]
-        with torch.no_grad():
-            pre = sparse_ops.dense_pre_acts_no_grad(xs, self.W_enc, self.b_enc, self.b_dec).float()
-            shards = distributed.batch_shards()
-            if shards == 1:
-                flat = batch_topk_flat(pre, self.cfg.k * B)
-            else:  # data parallel: the top k·B of the whole batch, B = every rank's rows
-                cut = distributed.batch_topk_threshold(pre, self.cfg.k * B * shards)
-                flat = (pre.flatten() >= cut).nonzero().flatten()
-            rows, cols = flat // self.d_sae, flat % self.d_sae
-            sel = pre[rows, cols]
-            valid = sel > 0
-            smallest = distributed.batch_min(torch.where(valid, sel, torch.inf).min())
-            # EMA with the warm-up of a running mean: beta_eff = min(beta, n / (n + 1)).
-            n = self.threshold_updates.to(torch.float32)
-            beta = torch.clamp(n / (n + 1), max=self.cfg.threshold_beta)
-            t = self.threshold
-            new = beta * t + (1 - beta) * smallest
-            ok = torch.isfinite(new)  # a batch with no positive selection leaves it as it was
-            t.copy_(torch.where(ok, new, t))
-            self.threshold_updates += ok.all().to(torch.long)
-        x_hat, counts, l0 = self._decode_selected(xs, pre, rows, cols, valid)
-        return self._loss(xs, x_hat, pre, counts, l0, dead_mask)
+    @torch.no_grad()
+    def _update_threshold(self, smallest: Tensor) -> None:
+        """EMA with the warm-up of a running mean: beta_eff = min(beta, n / (n + 1))."""
+        n = self.threshold_updates.to(torch.float32)
+        beta = torch.clamp(n / (n + 1), max=self.cfg.threshold_beta)
+        t = self.threshold
+        new = beta * t + (1 - beta) * smallest
+        ok = torch.isfinite(new)  # a batch with no positive selection leaves it as it was
+        t.copy_(torch.where(ok, new, t))
+        self.threshold_updates += ok.all().to(torch.long)

@@ -21,9 +21,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae.dictionaries.base import DictionaryConfig, SparseDictionary, TrainStep
+from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
+                                   penalty_warmup)
 from sae.dictionaries.registry import register
-from sae.dictionaries.relu import penalty_warmup
 
 
 class GatedConfig(DictionaryConfig):
@@ -77,7 +77,8 @@ class GatedDictionary(SparseDictionary):
             f = f.masked_fill(kill, 0.0)
         return f
 
-    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None) -> TrainStep:
+    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None,
+                      shards: BatchShards = WHOLE_BATCH) -> TrainStep:
         xs = self.scale_input(x)
         gate, mag = self._paths(xs)
         f = (gate > 0).to(mag.dtype) * torch.relu(mag)

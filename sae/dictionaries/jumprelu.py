@@ -23,9 +23,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae.dictionaries.base import DictionaryConfig, SparseDictionary, TrainStep
+from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
+                                   penalty_warmup)
 from sae.dictionaries.registry import register
-from sae.dictionaries.relu import penalty_warmup
 
 
 class JumpReLUConfig(DictionaryConfig):
@@ -108,7 +108,8 @@ class JumpReLUDictionary(SparseDictionary):
         super().after_optimizer_step()
         self.threshold.clamp_(min=0.0)
 
-    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None) -> TrainStep:
+    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None,
+                      shards: BatchShards = WHOLE_BATCH) -> TrainStep:
         xs = self.scale_input(x)
         pre = torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc)
         theta = self.threshold.to(pre.dtype)

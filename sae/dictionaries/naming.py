@@ -39,7 +39,8 @@ def check_unique(names: Sequence[str]) -> None:
 def dictionary_names(configs: Sequence[Any]) -> list[str]:
     """Each DictionaryConfig's `name`, or its architecture plus the settings in which it differs
     from the other configs of that architecture (e.g. `relu-l1_coefficient=0.001`); unique."""
-    dumps = [c.model_dump(exclude={"name"}) for c in configs]
+    # as written: recipe defaults a config resolves itself do not enter the name
+    dumps = [c.as_written().model_dump(exclude={"name"}) for c in configs]
     names = []
     for cfg, dump in zip(configs, dumps):
         if cfg.name:

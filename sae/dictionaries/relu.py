@@ -1,14 +1,13 @@
 """`relu`: the standard sparse autoencoder, f = ReLU((x - b_dec) W_enc + b_enc), with an L1 penalty.
 
-Two recipes (`recipe:` key):
+Two recipes (`recipe:` key), each a row of `RECIPES`:
 
 * `classic` (Towards Monosemanticity, dictionary_learning's standard trainer): loss
-  ‖x - x̂‖² + λ Σ_i f_i; decoder rows kept at unit norm by projection (the gradient component
-  parallel to each row is removed before the step, rows renormalised after it); optional
-  dead-feature resampling every `resample_every_tokens` (see `SparseDictionary.resample`).
+  ‖x - x̂‖² + λ Σ_i f_i; decoder rows kept at unit norm by projection; optional dead-feature
+  resampling every `resample_every_tokens` (see `SparseDictionary.resample`).
 * `april2024` (Anthropic, "Circuits Updates, April 2024"): loss ‖x - x̂‖² + λ Σ_i f_i ‖W_dec,i‖,
-  no norm constraint, decoder rows initialised at norm 0.1, λ warmed up over the first
-  `sparsity_warmup_fraction` of training (default 5%), no resampling.
+  no norm constraint, decoder rows initialised at norm 0.1, λ warmed up over the first 5% of
+  training, no resampling.
 
 ‖x - x̂‖² is summed over dimensions and averaged over tokens, in normalised units
 (E‖x‖² = d_in when `normalize_activations` is on), so λ means the same at every d_in.
@@ -16,22 +15,42 @@ Two recipes (`recipe:` key):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from sae.dictionaries.base import DictionaryConfig, SparseDictionary, TrainStep
+from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
+                                   penalty_warmup)
 from sae.dictionaries.registry import register
+
+
+class Recipe(NamedTuple):
+    l1_coefficient: float  # default λ
+    sparsity_warmup_fraction: float  # default λ warm-up
+    normalize_decoder: bool  # default: decoder rows kept at unit norm
+    decoder_init_norm: float  # norm of the decoder rows at initialisation (encoder = decoder transpose)
+    lr: float  # default learning rate
+    l1_times_decoder_norm: bool  # penalty Σ f_i ‖W_dec,i‖ instead of Σ f_i
+
+
+RECIPES = {
+    "classic": Recipe(l1_coefficient=1.0, sparsity_warmup_fraction=0.0, normalize_decoder=True,
+                      decoder_init_norm=1.0, lr=1e-3, l1_times_decoder_norm=False),
+    "april2024": Recipe(l1_coefficient=5.0, sparsity_warmup_fraction=0.05, normalize_decoder=False,
+                        decoder_init_norm=0.1, lr=5e-5, l1_times_decoder_norm=True),
+}
+# The config fields a recipe gives a default to (left out or null: the recipe's value).
+RECIPE_FIELDS = ("l1_coefficient", "sparsity_warmup_fraction", "normalize_decoder")
 
 
 class ReLUConfig(DictionaryConfig):
     architecture: Literal["relu"] = "relu"
     recipe: Literal["classic", "april2024"] = "classic"
-    l1_coefficient: float | None = Field(None, ge=0)  # None: 1.0 (classic) or 5.0 (april2024)
-    sparsity_warmup_fraction: float | None = Field(None, ge=0, le=1)  # None: 0 (classic) or 0.05 (april2024)
-    normalize_decoder: bool | None = None  # None: True for classic, False for april2024
+    l1_coefficient: float | None = Field(None, ge=0)  # None: the recipe's (classic 1.0, april2024 5.0)
+    sparsity_warmup_fraction: float | None = Field(None, ge=0, le=1)  # None: the recipe's (0, 0.05)
+    normalize_decoder: bool | None = None  # None: the recipe's (classic True, april2024 False)
     # Dead-feature resampling (classic recipe); None = off. A feature is resampled when it has
     # not fired for `resample_dead_tokens` (None: half the resampling period), or, with
     # `resample_min_frequency`, when it fired on fewer than that fraction of the tokens since the
@@ -48,10 +67,17 @@ class ReLUConfig(DictionaryConfig):
             raise ValueError("resample_min_frequency needs resample_every_tokens (how often to resample)")
         return self
 
-
-def penalty_warmup(progress: float, fraction: float) -> float:
-    """Linear 0 -> 1 over the first `fraction` of training (1 throughout when fraction = 0)."""
-    return 1.0 if fraction <= 0 else min(1.0, progress / fraction)
+    @model_validator(mode="after")
+    def _resolve_recipe_defaults(self) -> "ReLUConfig":
+        # Re-resolved at every validation (assignments included), so a field its author left out
+        # follows a later change of recipe. Written into __dict__ (setattr would validate again),
+        # and a field given as null counts as left out (see `as_written`).
+        recipe = RECIPES[self.recipe]
+        for key in RECIPE_FIELDS:
+            if key not in self.model_fields_set or getattr(self, key) is None:
+                self.__dict__[key] = getattr(recipe, key)
+                self.model_fields_set.discard(key)
+        return self
 
 
 @register
@@ -61,30 +87,14 @@ class ReLUDictionary(SparseDictionary):
     cfg: ReLUConfig
 
     @property
-    def april(self) -> bool:
-        return self.cfg.recipe == "april2024"
-
-    @property
-    def l1_coefficient(self) -> float:
-        if self.cfg.l1_coefficient is not None:
-            return self.cfg.l1_coefficient
-        return 5.0 if self.april else 1.0
-
-    @property
-    def warmup_fraction(self) -> float:
-        if self.cfg.sparsity_warmup_fraction is not None:
-            return self.cfg.sparsity_warmup_fraction
-        return 0.05 if self.april else 0.0
-
-    @property
-    def unit_norm_decoder(self) -> bool:
-        return (not self.april) if self.cfg.normalize_decoder is None else self.cfg.normalize_decoder
+    def recipe(self) -> Recipe:
+        return RECIPES[self.cfg.recipe]
 
     def init_decoder_norm(self) -> float:
-        return 0.1 if self.cfg.recipe == "april2024" else 1.0
+        return self.recipe.decoder_init_norm
 
     def default_lr(self) -> float:
-        return 5e-5 if self.april else 1e-3
+        return self.recipe.lr
 
     def resample_every_tokens(self) -> int | None:
         return self.cfg.resample_every_tokens
@@ -100,15 +110,16 @@ class ReLUDictionary(SparseDictionary):
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
 
-    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None) -> TrainStep:
+    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None,
+                      shards: BatchShards = WHOLE_BATCH) -> TrainStep:
         xs = self.scale_input(x)
         f = self.activation(torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc))
         x_hat = f @ self.W_dec + self.b_dec
         sse = (x_hat.float() - xs.float()).pow(2).sum(dim=-1).mean()
-        if self.april:
+        if self.recipe.l1_times_decoder_norm:
             l1 = (f.float() * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
         else:
             l1 = f.float().sum(dim=-1).mean()  # f >= 0
-        lam = self.l1_coefficient * penalty_warmup(progress, self.warmup_fraction)
+        lam = self.cfg.l1_coefficient * penalty_warmup(progress, self.cfg.sparsity_warmup_fraction)
         loss = sse + lam * l1
         return TrainStep(loss=loss, x_hat=x_hat, f=f, metrics={"sse": sse.detach(), "l1_penalty": l1.detach()})

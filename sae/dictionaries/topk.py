@@ -1,15 +1,14 @@
-"""`topk`: f = TopK_k(ReLU-free pre-activations), then ReLU (Gao et al. 2024, "Scaling and
-evaluating sparse autoencoders"), with the AuxK loss on dead latents.
+"""`topk`: f = TopK_k(pre-activations), then ReLU (Gao et al. 2024, "Scaling and evaluating
+sparse autoencoders"), with the AuxK loss on dead latents; and `TopKStyleDictionary`, what TopK
+and BatchTopK share:
 
 * Loss: ‖x - x̂‖² / Σ‖x - x̄‖² over the batch (the batch FVU), plus `aux_coefficient` (1/32) ×
   the AuxK loss: the residual e = x - x̂ is reconstructed from the top `aux_k` (default d_in/2)
   pre-activations of the dead latents (silent for `dead_after_tokens`), scaled by
   min(n_dead / aux_k, 1), normalised by the same variance.
-* Decoder rows at unit norm (projection), encoder = decoder transpose at init, b_dec from the
-  data, lr default 2e-4 / √(d_sae / 16384).
-* Training uses the sparse kernels of `sae.sparse_ops` (`sparse: true`, the default): the
-  decoder is an `embedding_bag` over the k selected latents and the encoder backward touches
-  only them. `sparse: false` runs the dense formulation (same maths; for checking).
+* Decoder rows at unit norm (projection), lr default 2e-4 / √(d_sae / 16384).
+* Training decodes only the selected latents with the kernels of `sae.sparse_ops`
+  (`sparse: true`, the default); `sparse: false` runs the dense formulation (same maths).
 
 Killing features (`set_killed`), the two meanings of the METRICS page:
 
@@ -32,8 +31,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from sae import distributed, sparse_ops
-from sae.dictionaries.base import DictionaryConfig, KillMode, SparseDictionary, TrainStep
+from sae import sparse_ops
+from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, KillMode, SparseDictionary,
+                                   TrainStep)
 from sae.dictionaries.registry import register
 
 
@@ -67,17 +67,22 @@ def _row_major_coords(idx: Tensor) -> tuple[Tensor, Tensor]:
     return rows, idx.reshape(-1)
 
 
-@register
-class TopKDictionary(SparseDictionary):
-    architecture = "topk"
+def batch_variance(x: Tensor, shards: BatchShards) -> Tensor:
+    """Σ over the whole batch of ‖x - x̄‖² (x̄ the whole batch's mean), from this shard's x [rows, d]."""
+    if shards.count == 1:
+        return (x - x.mean(dim=0)).pow(2).sum()
+    with torch.no_grad():  # sums over the shards in float64
+        n = shards.sum(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+        mean = (shards.sum(x.double().sum(dim=0)) / n).to(x.dtype)
+        return shards.sum((x - mean).pow(2).sum().double()).to(x.dtype)
+
+
+class TopKStyleDictionary(SparseDictionary):
+    """A dictionary whose training keeps a selected set of (token, latent) pairs (`_select`) and
+    decodes only those; the loss is the batch FVU plus AuxK on the dead latents."""
+
     Config = TopKConfig
     cfg: TopKConfig
-
-    def __init__(self, cfg, d_in, metadata=None):
-        super().__init__(cfg, d_in, metadata)
-        # Optional shadow encoder of killed latents (pruned in mode "after"); buffers, never trained.
-        self.register_buffer("W_enc_shadow", None)
-        self.register_buffer("b_enc_shadow", None)
 
     def default_lr(self) -> float:
         return 2e-4 / math.sqrt(self.d_sae / 16384)
@@ -85,6 +90,98 @@ class TopKDictionary(SparseDictionary):
     @property
     def aux_k(self) -> int:
         return self.cfg.aux_k if self.cfg.aux_k is not None else max(1, self.d_in // 2)
+
+    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None,
+                      shards: BatchShards = WHOLE_BATCH) -> TrainStep:
+        xs = self.scale_input(x)
+        with torch.no_grad():
+            pre = sparse_ops.dense_pre_acts_no_grad(xs, self.W_enc, self.b_enc, self.b_dec).float()
+            rows, cols, valid = self._select(xs, pre, shards)
+        x_hat, counts, l0 = self._decode_selected(xs, pre, rows, cols, valid)
+        return self._loss(xs, x_hat, pre, counts, l0, dead_mask, shards)
+
+    def _select(self, xs: Tensor, pre: Tensor, shards: BatchShards) -> tuple[Tensor, Tensor, Tensor]:
+        """The latents kept for this shard, from its detached pre-activations pre [B, d_sae]:
+        flat (rows, cols, valid), rows ascending; the kept pairs with valid False decode to 0."""
+        raise NotImplementedError
+
+    def _decode_selected(self, xs, pre, rows, cols, valid):
+        """x̂ from the selected (rows, cols); returns (x_hat, feature counts, mean L0)."""
+        B = xs.shape[0]
+        if self.cfg.sparse:
+            vals = sparse_ops.selected_pre_acts(pre[rows, cols], xs, self.W_enc, self.b_enc, self.b_dec,
+                                                rows, cols)
+            vals = torch.relu(vals) * valid
+            x_hat = sparse_ops.sparse_decode(vals, rows, cols, self.W_dec, B) + self.b_dec
+        else:
+            pre_g = torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc)
+            vals = torch.relu(pre_g[rows, cols]) * valid
+            f = torch.zeros_like(pre_g).index_put_((rows, cols), vals, accumulate=True)
+            x_hat = f @ self.W_dec + self.b_dec
+        fired = (vals.detach() > 0).to(xs.dtype)
+        counts = torch.zeros(self.d_sae, dtype=xs.dtype, device=xs.device).index_add_(0, cols, fired)
+        return x_hat, counts, fired.sum() / B
+
+    def _loss(self, xs, x_hat, pre, counts, l0, dead_mask, shards: BatchShards) -> TrainStep:
+        err = xs.float() - x_hat.float()
+        sse = err.pow(2).sum()
+        variance = batch_variance(xs.float(), shards).clamp_min(1e-12)
+        fvu = sse / variance
+        loss = fvu
+        metrics = {"fvu": fvu.detach(), "sse": (sse / xs.shape[0]).detach(), "l0": l0}
+        if dead_mask is not None and self.cfg.aux_coefficient > 0:
+            aux = self._aux_loss(xs, err.detach(), pre, dead_mask, variance)
+            if aux is not None:
+                loss = loss + self.cfg.aux_coefficient * aux
+                metrics["aux_loss"] = aux.detach()
+        # each shard holds its part of the sums, and the gradients are averaged over the shards
+        loss = loss * shards.count
+        return TrainStep(loss=loss, x_hat=x_hat, f=None, metrics=metrics, feature_counts=counts)
+
+    def _aux_loss(self, xs, e, pre, dead_mask, variance) -> Tensor | None:
+        """AuxK: reconstruct the residual e from the top aux_k dead latents' pre-activations."""
+        picked = self._top_dead(pre, dead_mask)
+        if picked is None:
+            return None
+        rows, cols, scale = picked
+        valid = dead_mask[cols]
+        vals = sparse_ops.selected_pre_acts(pre[rows, cols].masked_fill(~valid, 0.0), xs, self.W_enc,
+                                            self.b_enc, self.b_dec, rows, cols)
+        vals = torch.relu(vals) * valid
+        e_hat = sparse_ops.sparse_decode(vals, rows, cols, self.W_dec, xs.shape[0])
+        return scale * (e - e_hat.float()).pow(2).sum() / variance
+
+    def _top_dead(self, pre: Tensor, dead_mask: Tensor):
+        """Each row's top aux_k dead latents as flat (rows, cols) and the AuxK scale
+        min(n_dead / aux_k, 1); None when no latent is dead (known on CPU only). Pairs of rows
+        with fewer dead latents than slots have dead_mask[cols] False."""
+        if pre.device.type == "cpu":  # host syncs cost nothing on CPU: skip the work when none is dead
+            dead_ids = dead_mask.nonzero().flatten()
+            n_dead = dead_ids.numel()
+            if n_dead == 0:
+                return None
+            _, sub = pre[:, dead_ids].topk(min(self.aux_k, n_dead), dim=1, sorted=False)
+            rows, cols = _row_major_coords(dead_ids[sub])
+            return rows, cols, min(n_dead / self.aux_k, 1.0)
+        # no host sync: masked selection over all latents
+        masked = pre.masked_fill(~dead_mask, -torch.inf)
+        _, idx = masked.topk(min(self.aux_k, self.d_sae), dim=1, sorted=False)
+        rows, cols = _row_major_coords(idx)
+        return rows, cols, (dead_mask.sum() / self.aux_k).clamp(max=1.0)
+
+
+@register
+class TopKDictionary(TopKStyleDictionary):
+    architecture = "topk"
+
+    def __init__(self, cfg, d_in, metadata=None):
+        super().__init__(cfg, d_in, metadata)
+        # Optional shadow encoder of killed latents (pruned in mode "after"); buffers, never trained.
+        self.register_buffer("W_enc_shadow", None)
+        self.register_buffer("b_enc_shadow", None)
+
+    def max_active(self) -> int:
+        return self.cfg.k
 
     # ---- shadow encoder ---------------------------------------------------------------------
     @property
@@ -162,81 +259,12 @@ class TopKDictionary(SparseDictionary):
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
     # ---- training -------------------------------------------------------------------------
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Selection on detached pre-activations [B, d_sae + n_shadow] -> flat (rows, cols,
-        valid) with rows ascending; `valid` is False for shadow latents (cols clamped to 0)."""
-        _, idx = self._topk(pre)
+    def _select(self, xs: Tensor, pre: Tensor, shards: BatchShards) -> tuple[Tensor, Tensor, Tensor]:
+        """Each row's top k among its latents and its shadow latents (which are not valid: they
+        take a slot and decode to nothing; their cols are clamped to 0)."""
+        shadow = self.shadow_pre_acts(xs)
+        full = pre if shadow is None else torch.cat([pre, shadow.float()], dim=-1)
+        _, idx = self._topk(full)
         rows, cols = _row_major_coords(idx)
         valid = cols < self.d_sae
         return rows, torch.where(valid, cols, 0), valid
-
-    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None) -> TrainStep:
-        xs = self.scale_input(x)
-        B = xs.shape[0]
-        with torch.no_grad():
-            pre = sparse_ops.dense_pre_acts_no_grad(xs, self.W_enc, self.b_enc, self.b_dec).float()
-            shadow = self.shadow_pre_acts(xs)
-            full = pre if shadow is None else torch.cat([pre, shadow.float()], dim=-1)
-            rows, cols, valid = self._select(full)
-        x_hat, counts, l0 = self._decode_selected(xs, pre, rows, cols, valid)
-        return self._loss(xs, x_hat, pre, counts, l0, dead_mask)
-
-    def _decode_selected(self, xs, pre, rows, cols, valid):
-        """x̂ from the selected (rows, cols); returns (x_hat, feature counts, mean L0)."""
-        B = xs.shape[0]
-        if self.cfg.sparse:
-            vals = sparse_ops.selected_pre_acts(pre[rows, cols], xs, self.W_enc, self.b_enc, self.b_dec,
-                                                rows, cols)
-            vals = torch.relu(vals) * valid
-            x_hat = sparse_ops.sparse_decode(vals, rows, cols, self.W_dec, B) + self.b_dec
-        else:
-            pre_g = torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc)
-            vals = torch.relu(pre_g[rows, cols]) * valid
-            f = torch.zeros_like(pre_g).index_put_((rows, cols), vals, accumulate=True)
-            x_hat = f @ self.W_dec + self.b_dec
-        fired = (vals.detach() > 0).to(xs.dtype)
-        counts = torch.zeros(self.d_sae, dtype=xs.dtype, device=xs.device).index_add_(0, cols, fired)
-        return x_hat, counts, fired.sum() / B
-
-    def _loss(self, xs, x_hat, pre, counts, l0, dead_mask) -> TrainStep:
-        B = xs.shape[0]
-        err = xs.float() - x_hat.float()
-        sse = err.pow(2).sum()
-        # Σ‖x - x̄‖² of the whole batch (over every rank's slice in data-parallel training)
-        variance = distributed.batch_variance(xs.float()).clamp_min(1e-12)
-        fvu = sse / variance
-        loss = fvu
-        metrics = {"fvu": fvu.detach(), "sse": (sse / B).detach(), "l0": l0}
-        if dead_mask is not None and self.cfg.aux_coefficient > 0:
-            aux = self._aux_loss(xs, err.detach(), pre, dead_mask, variance)
-            if aux is not None:
-                loss = loss + self.cfg.aux_coefficient * aux
-                metrics["aux_loss"] = aux.detach()
-        # data parallel: gradients are averaged over the ranks, each holding a share of the sums
-        if distributed.batch_shards() > 1:
-            loss = loss * distributed.batch_shards()
-        return TrainStep(loss=loss, x_hat=x_hat, f=None, metrics=metrics, feature_counts=counts)
-
-    def _aux_loss(self, xs, e, pre, dead_mask, variance) -> Tensor | None:
-        """AuxK: reconstruct the residual e from the top aux_k dead latents' pre-activations."""
-        if xs.device.type == "cpu":  # host syncs cost nothing on CPU: skip the work when none is dead
-            dead_ids = dead_mask.nonzero().flatten()
-            n_dead = dead_ids.numel()
-            if n_dead == 0:
-                return None
-            k_aux = min(self.aux_k, n_dead)
-            _, sub = pre[:, dead_ids].topk(k_aux, dim=1, sorted=False)
-            rows, cols = _row_major_coords(dead_ids[sub])
-            scale = min(n_dead / self.aux_k, 1.0)
-        else:  # no host sync: masked selection over all latents
-            k_aux = min(self.aux_k, self.d_sae)
-            masked = pre.masked_fill(~dead_mask, -torch.inf)
-            _, idx = masked.topk(k_aux, dim=1, sorted=False)
-            rows, cols = _row_major_coords(idx)
-            scale = (dead_mask.sum() / self.aux_k).clamp(max=1.0)
-        valid = dead_mask[cols]
-        vals = sparse_ops.selected_pre_acts(pre[rows, cols].masked_fill(~valid, 0.0), xs, self.W_enc,
-                                            self.b_enc, self.b_dec, rows, cols)
-        vals = torch.relu(vals) * valid
-        e_hat = sparse_ops.sparse_decode(vals, rows, cols, self.W_dec, xs.shape[0])
-        return scale * (e - e_hat.float()).pow(2).sum() / variance
