@@ -47,10 +47,12 @@ from sae.trainer import train_dictionaries  # noqa: E402
 
 VENVS = BENCH / ".venvs"
 TORCH_PIN = "torch==2.13.0"  # the CPU wheel on this machine's disk: pip never pulls a CUDA build
-PEERS = {  # peer -> (PyPI requirement, worker script)
-    "sae-lens": ("sae-lens", "peer_saelens.py"),
-    "dictionary-learning": ("dictionary-learning", "peer_dictionary_learning.py"),
-    "eai-sparsify": ("eai-sparsify", "peer_sparsify.py"),
+PEERS = {  # peer -> (PyPI requirements, worker script, packages to remove after)
+    "sae-lens": (["sae-lens"], "peer_saelens.py", []),
+    # its nnsight 0.3 needs transformers 4; the torchvision pip brings is built for another torch
+    "dictionary-learning": (["dictionary-learning", "transformers<5"], "peer_dictionary_learning.py",
+                            ["torchvision"]),
+    "eai-sparsify": (["eai-sparsify"], "peer_sparsify.py", []),
 }
 
 
@@ -210,13 +212,15 @@ def peer_python(peer: str) -> Path:
 def setup_peers(peers: list[str]) -> None:
     """Create benchmarks/.venvs/<peer> for each peer: CPU torch first, then the peer from PyPI."""
     for peer in peers:
-        requirement, _ = PEERS[peer]
+        requirements, _, remove = PEERS[peer]
         venv = VENVS / peer
         print(f"setting up {peer} in {venv}", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(peer_python(peer)), "-m", "pip", "install", "-q"]
-        subprocess.run(pip + [TORCH_PIN], check=True)
-        subprocess.run(pip + [requirement, TORCH_PIN], check=True)
+        pip = [str(peer_python(peer)), "-m", "pip"]
+        subprocess.run(pip + ["install", "-q", TORCH_PIN], check=True)
+        subprocess.run(pip + ["install", "-q", *requirements, TORCH_PIN], check=True)  # torch stays pinned
+        if remove:
+            subprocess.run(pip + ["uninstall", "-y", "-q", *remove], check=True)
 
 
 def peer_runs(args: argparse.Namespace, peer: str) -> list[Run]:
