@@ -185,14 +185,14 @@ def train_ours(runs: list[Run], truth: GroundTruth, heldout: torch.Tensor, steps
 # Each peer's architectures under its own names, with sweep values spanning the same L0 range.
 PEER_SWEEPS = {
     "sae-lens": {
-        "standard": Sweep("relu", {}, "l1_coefficient", [1.0, 2.0, 5.0]),
+        "standard": Sweep("relu", {}, "l1_coefficient", [0.5, 1.0, 2.0, 5.0]),
         "topk": Sweep("topk", {}, "k", [16, 32, 64]),
         "batchtopk": Sweep("batchtopk", {}, "k", [16, 32, 64]),
         "jumprelu": Sweep("jumprelu", {}, "l0_coefficient", [0.3, 1.0, 3.0]),
         "gated": Sweep("gated", {}, "l1_coefficient", [1.0, 2.0, 5.0]),
     },
     "dictionary-learning": {
-        "standard": Sweep("relu", {}, "l1_penalty", [0.03, 0.1, 0.3]),
+        "standard": Sweep("relu", {}, "l1_penalty", [0.03, 0.1, 0.3, 1.0]),
         "topk": Sweep("topk", {}, "k", [16, 32, 64]),
         "batchtopk": Sweep("batchtopk", {}, "k", [16, 32, 64]),
         "jumprelu": Sweep("jumprelu", {}, "target_l0", [20, 40, 80]),
@@ -360,6 +360,17 @@ def write_results(runs: list[Run], spec: GroundTruthSpec, truth: GroundTruth, ar
     print(f"\nwrote {out}/results.json, frontier.md, frontier.png", file=sys.stderr)
 
 
+def merged_runs(paths: list[Path]) -> list[Run]:
+    """The runs of several results.json files (ours first), for one table and one plot."""
+    runs = []
+    for path in paths:
+        for raw in json.loads(path.read_text())["runs"]:
+            keys = ("library", "label", "family", "knob", "value", "config")
+            metrics = {k: v for k, v in raw.items() if k not in keys}
+            runs.append(Run(*(raw[k] for k in keys), metrics=metrics))
+    return sorted(runs, key=lambda r: r.library != "ours")
+
+
 # ---- command line ---------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -380,6 +391,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the sweep's knob takes a list: relu-classic:l1_coefficient=[1,2]")
     p.add_argument("--seed", type=int, default=0, help="seed of the ground truth and its batches")
     p.add_argument("--out", type=Path, default=Path("runs/quality"), help="output folder")
+    p.add_argument("--peers-only", action="store_true",
+                   help="train only the peers (for the families of --architectures), none of ours")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS_JSON",
+                   help="no training: tabulate and plot the runs of these results.json files together")
     p.add_argument("--setup-peers", action="store_true", help="create the peers' environments and exit")
     args = p.parse_args(argv)
     if args.quick:
@@ -399,9 +414,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     spec = make_spec(args)
     truth = GroundTruth(spec)
+    if args.merge:
+        write_results(merged_runs(args.merge), spec, truth, args, args.out)
+        return
     heldout = truth.heldout()
     d_sae = d_sae_for(spec)
-    runs = our_runs(args, d_sae)
+    runs = [] if args.peers_only else our_runs(args, d_sae)
     train_ours(runs, truth, heldout, args.steps)
     for peer in installed_peers(args.peers):
         mine = peer_runs(args, peer)
