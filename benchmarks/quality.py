@@ -225,11 +225,13 @@ def setup_peers(peers: list[str]) -> None:
 
 def peer_runs(args: argparse.Namespace, peer: str) -> list[Run]:
     families = {FAMILY_OF_OURS[label] for label in args.architectures}
+    overrides = parse_overrides(args.set)
     runs = []
     for arch, sweep in PEER_SWEEPS[peer].items():
         if sweep.family not in families:
             continue
-        for value in sweep.values:
+        values = overrides.get(f"{peer} {arch}", {}).get(sweep.knob, sweep.values)
+        for value in values if isinstance(values, list) else [values]:
             value = scaled(sweep.knob, value, args.size)
             runs.append(Run(peer, f"{peer} {arch}", sweep.family, sweep.knob, value,
                             {"architecture": arch, sweep.knob: value}))
@@ -388,7 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: each library's own default)")
     p.add_argument("--set", action="append", default=[], metavar="SWEEP:KEY=VALUE",
                    help="override a key of our sweep SWEEP (or 'all'), e.g. relu-classic:grad_clip=null; "
-                        "the sweep's knob takes a list: relu-classic:l1_coefficient=[1,2]")
+                        "the sweep's knob takes a list: relu-classic:l1_coefficient=[1,2]; a peer's sweep "
+                        "takes its knob's values: 'sae-lens topk:k=[32]'")
     p.add_argument("--seed", type=int, default=0, help="seed of the ground truth and its batches")
     p.add_argument("--out", type=Path, default=Path("runs/quality"), help="output folder")
     p.add_argument("--peers-only", action="store_true",
@@ -401,9 +404,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.size = "quick"
     if args.steps is None:
         args.steps = SIZES[args.size][2]
-    bad = [s for s in args.set if s.partition(":")[0] not in (*OURS, "all")]
+    peer_labels = [f"{peer} {arch}" for peer, sweeps in PEER_SWEEPS.items() for arch in sweeps]
+    bad = [s for s in args.set if s.partition(":")[0] not in (*OURS, "all", *peer_labels)]
     if bad:
-        p.error(f"--set {bad[0]!r}: the part before ':' must be one of {', '.join(OURS)} or 'all'")
+        p.error(f"--set {bad[0]!r}: the part before ':' must be one of {', '.join(OURS)}, 'all', "
+                f"or a peer's sweep ('{peer_labels[0]}': its knob's values only)")
     return args
 
 

@@ -34,6 +34,30 @@ VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
         "april lr=1e-3 b_dec=0": ("relu-april2024", {"lr": 1e-3, "b_dec_init": "zeros"}, None),
         "classic raw": ("relu-classic", {"normalize_activations": False}, None),
         "classic no clip": ("relu-classic", {"grad_clip": None}, None),
+        "classic lr=3e-3": ("relu-classic", {"lr": 3e-3}, None),
+        "classic lr=1e-2": ("relu-classic", {"lr": 1e-2}, None),
+        "classic enc=0.1": ("relu-classic", {"encoder_init_norm": 0.1}, None),
+        "classic enc=0.1 lr=3e-3": ("relu-classic", {"encoder_init_norm": 0.1, "lr": 3e-3}, None),
+        "april lr=3e-3": ("relu-april2024", {"lr": 3e-3}, None),
+        "april lr=1e-2": ("relu-april2024", {"lr": 1e-2}, None),
+        "classic raw lr=3e-3": ("relu-classic", {"normalize_activations": False, "lr": 3e-3}, None),
+        "april raw lr=3e-3": ("relu-april2024", {"normalize_activations": False, "lr": 3e-3}, None),
+    },
+    "batchtopk": {
+        "default": ("batchtopk", {}, None),
+        "lr=8e-3": ("batchtopk", {"lr": 8e-3}, None),
+    },
+    "jumprelu": {
+        "default": ("jumprelu", {}, None),
+        "lr=7e-3 theta=0.5 (1280)": ("jumprelu", {"lr": 7e-3, "threshold_init": 0.5}, [1.0, 10.0]),
+        "lr=7e-3": ("jumprelu", {"lr": 7e-3}, None),
+        "lr=7e-3 theta=0.5": ("jumprelu", {"lr": 7e-3, "threshold_init": 0.5}, None),
+    },
+    "gated": {
+        "default": ("gated", {}, None),
+        "lr=1e-2 (1280)": ("gated", {"lr": 1e-2}, [1.0, 4.0]),
+        "lr=3e-3": ("gated", {"lr": 3e-3}, None),
+        "lr=1e-2": ("gated", {"lr": 1e-2}, None),
     },
     "topk": {
         "default": ("topk", {}, None),
@@ -42,6 +66,11 @@ VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
         "no clip": ("topk", {"grad_clip": None}, None),
         "raw": ("topk", {"normalize_activations": False}, None),
         "b_dec=0": ("topk", {"b_dec_init": "zeros"}, None),
+        "lr=4e-3": ("topk", {"lr": 4e-3}, None),
+        "lr=8e-3": ("topk", {"lr": 8e-3}, None),
+        "lr=1.6e-2": ("topk", {"lr": 1.6e-2}, None),
+        "lr=8e-3 decay=0.5": ("topk", {"lr": 8e-3, "lr_decay_fraction": 0.5}, None),
+        "lr=8e-3 beta2=0.99": ("topk", {"lr": 8e-3, "adam_betas": [0.9, 0.99]}, None),
     },
 }
 
