@@ -162,12 +162,16 @@ class SparseDictionary(nn.Module):
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         with torch.no_grad():
             self.W_dec.copy_(W_dec * self.init_decoder_norm())
-            self.W_enc.copy_((W_dec * self.init_decoder_norm()).T)
+            self.W_enc.copy_((W_dec * self.init_encoder_norm()).T)
             self.b_enc.zero_()
             self.b_dec.zero_()
 
     def init_decoder_norm(self) -> float:
         return 1.0
+
+    def init_encoder_norm(self) -> float:
+        """Norm of the encoder columns at init (the decoder rows' transpose, rescaled)."""
+        return self.init_decoder_norm()
 
     def default_lr(self) -> float:
         return 1e-3

@@ -32,6 +32,7 @@ class ReLUConfig(DictionaryConfig):
     l1_coefficient: float | None = Field(None, ge=0)  # None: 1.0 (classic) or 5.0 (april2024)
     sparsity_warmup_fraction: float | None = Field(None, ge=0, le=1)  # None: 0 (classic) or 0.05 (april2024)
     normalize_decoder: bool | None = None  # None: True for classic, False for april2024
+    encoder_init_norm: float | None = Field(None, gt=0)  # None: the decoder's init norm (1 classic, 0.1 april2024)
     # Dead-feature resampling (classic recipe); None = off. A feature is resampled when it has
     # not fired for `resample_dead_tokens` (None: half the resampling period), or, with
     # `resample_min_frequency`, when it fired on fewer than that fraction of the tokens since the
@@ -82,6 +83,11 @@ class ReLUDictionary(SparseDictionary):
 
     def init_decoder_norm(self) -> float:
         return 0.1 if self.cfg.recipe == "april2024" else 1.0
+
+    def init_encoder_norm(self) -> float:
+        if self.cfg.encoder_init_norm is not None:
+            return self.cfg.encoder_init_norm
+        return self.init_decoder_norm()
 
     def default_lr(self) -> float:
         return 5e-5 if self.april else 1e-3
