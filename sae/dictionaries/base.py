@@ -450,6 +450,11 @@ def geometric_median(x: Tensor, iterations: int = 100, eps: float = 1e-6) -> Ten
     return median
 
 
+def width_scaled_lr(lr_at_16k: float, d_sae: int) -> float:
+    """A default lr that falls as 1/√d_sae: lr_at_16k at 16,384 features (Gao et al.'s law)."""
+    return lr_at_16k / math.sqrt(d_sae / 16384)
+
+
 def unit_norm_scale(x: Tensor) -> float:
     """The s with E‖s·x‖² = d_in, from a sample x [n, d_in]."""
     return math.sqrt(x.shape[1] / x.float().pow(2).sum(dim=1).mean().item())

@@ -27,7 +27,6 @@ the pruned dictionary encodes exactly like the original with the kill mask in mo
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -35,7 +34,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from sae import distributed, sparse_ops
-from sae.dictionaries.base import DictionaryConfig, KillMode, SparseDictionary, TrainStep
+from sae.dictionaries.base import DictionaryConfig, KillMode, SparseDictionary, TrainStep, width_scaled_lr
 from sae.dictionaries.registry import register
 
 
@@ -82,7 +81,7 @@ class TopKDictionary(SparseDictionary):
         self.register_buffer("b_enc_shadow", None)
 
     def default_lr(self) -> float:
-        return 2e-3 / math.sqrt(self.d_sae / 16384)
+        return width_scaled_lr(2e-3, self.d_sae)
 
     @property
     def aux_k(self) -> int:
