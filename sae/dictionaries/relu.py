@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from sae.dictionaries.base import DictionaryConfig, SparseDictionary, TrainStep
+from sae.dictionaries.base import DictionaryConfig, SparseDictionary, TrainStep, width_scaled_lr
 from sae.dictionaries.registry import register
 
 
@@ -90,7 +90,9 @@ class ReLUDictionary(SparseDictionary):
         return self.init_decoder_norm()
 
     def default_lr(self) -> float:
-        return 5e-5 if self.april else 1e-3
+        # both recipes: 2.5e-3 / √(d_sae / 16384); the old 1e-3 (classic) and 5e-5 (april2024)
+        # trained ~10x too slowly (benchmarks/quality_ablations.py relu); `lr:` sets them again
+        return width_scaled_lr(2.5e-3, self.d_sae)
 
     def resample_every_tokens(self) -> int | None:
         return self.cfg.resample_every_tokens
