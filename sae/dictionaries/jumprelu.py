@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae.dictionaries.base import DictionaryConfig, SparseDictionary, TrainStep
+from sae.dictionaries.base import DictionaryConfig, SparseDictionary, TrainStep, width_scaled_lr
 from sae.dictionaries.registry import register
 from sae.dictionaries.relu import penalty_warmup
 
@@ -92,7 +92,8 @@ class JumpReLUDictionary(SparseDictionary):
         self.threshold = nn.Parameter(torch.full((self.d_sae,), float(cfg.threshold_init)))
 
     def default_lr(self) -> float:
-        return 7e-4
+        # was 7e-4: ~10x too slow (benchmarks/quality_ablations.py jumprelu)
+        return width_scaled_lr(1.75e-3, self.d_sae)
 
     def weights(self) -> dict[str, Tensor]:
         return {**super().weights(), "threshold": self.threshold}
