@@ -66,15 +66,16 @@ class Sweep:
     values: list[float]
 
 
-# Our sweeps. The knob values span L0 of roughly 20-120 at 128 steps on this data.
+# Our sweeps, set on --size medium with the default lrs (roughly L0 5-120 there; 15-130 at full size
+# needs other values: use --set SWEEP:KNOB=[...]).
 OURS = {
     "relu-classic": Sweep("relu", {"architecture": "relu", "recipe": "classic"}, "l1_coefficient",
                           [0.5, 1.0, 2.0]),
     "relu-april2024": Sweep("relu", {"architecture": "relu", "recipe": "april2024"}, "l1_coefficient",
-                            [2.0, 5.0, 10.0]),
+                            [0.5, 1.0, 2.0, 4.0]),
     "topk": Sweep("topk", {"architecture": "topk"}, "k", [16, 32, 64]),
     "batchtopk": Sweep("batchtopk", {"architecture": "batchtopk"}, "k", [16, 32, 64]),
-    "jumprelu": Sweep("jumprelu", {"architecture": "jumprelu"}, "l0_coefficient", [0.03, 0.1, 0.3]),
+    "jumprelu": Sweep("jumprelu", {"architecture": "jumprelu"}, "l0_coefficient", [0.1, 0.3, 1.0]),
     "gated": Sweep("gated", {"architecture": "gated"}, "l1_coefficient", [0.5, 1.0, 2.0]),
 }
 
@@ -192,7 +193,7 @@ PEER_SWEEPS = {
         "gated": Sweep("gated", {}, "l1_coefficient", [1.0, 2.0, 5.0]),
     },
     "dictionary-learning": {
-        "standard": Sweep("relu", {}, "l1_penalty", [0.03, 0.1, 0.3, 1.0]),
+        "standard": Sweep("relu", {}, "l1_penalty", [0.03, 0.1, 0.3, 1.0, 2.0, 4.0]),
         "topk": Sweep("topk", {}, "k", [16, 32, 64]),
         "batchtopk": Sweep("batchtopk", {}, "k", [16, 32, 64]),
         "jumprelu": Sweep("jumprelu", {}, "target_l0", [20, 40, 80]),
@@ -272,26 +273,27 @@ def installed_peers(wanted: list[str]) -> list[str]:
 
 
 # ---- reporting ---------------------------------------------------------------------------------------
-def fvu_at(runs: list[Run], l0: float) -> float | None:
-    """FVU of a sweep at this L0, interpolated linearly in log L0 (None outside its range)."""
-    points = sorted((r.metrics["l0"], r.metrics["fvu"]) for r in runs if r.metrics)
-    for (l0_a, f_a), (l0_b, f_b) in zip(points, points[1:]):
+def metric_at(runs: list[Run], l0: float, key: str = "fvu") -> float | None:
+    """A sweep's metric at this L0, interpolated linearly in log L0 (None outside its L0 range)."""
+    points = sorted((r.metrics["l0"], r.metrics[key]) for r in runs if r.metrics and r.metrics["l0"] > 0)
+    for (l0_a, m_a), (l0_b, m_b) in zip(points, points[1:]):
         if l0_a <= l0 <= l0_b and l0_b > l0_a:
             t = (math.log(l0) - math.log(l0_a)) / (math.log(l0_b) - math.log(l0_a))
-            return f_a + t * (f_b - f_a)
-    exact = [f for x, f in points if abs(x - l0) <= 0.02 * l0]
+            return m_a + t * (m_b - m_a)
+    exact = [m for x, m in points if abs(x - l0) <= 0.02 * l0]
     return exact[0] if exact else None
 
 
-def best_peer(run: Run, peers: dict[str, list[Run]]) -> tuple[str, float] | None:
-    """The lowest peer FVU of this run's family at this run's L0: (peer label, fvu)."""
+def best_peer(run: Run, peers: dict[str, list[Run]], same_family: bool = True) -> tuple[str, float, float] | None:
+    """The peer sweep with the lowest FVU at this run's L0 (of this run's family, or of any):
+    (label, its FVU, its MMCS there)."""
     best = None
     for label, sweep in peers.items():
-        if sweep[0].family != run.family:
+        if same_family and sweep[0].family != run.family:
             continue
-        fvu = fvu_at(sweep, run.metrics["l0"])
+        fvu = metric_at(sweep, run.metrics["l0"])
         if fvu is not None and (best is None or fvu < best[1]):
-            best = (label, fvu)
+            best = (label, fvu, metric_at(sweep, run.metrics["l0"], "mmcs"))
     return best
 
 
@@ -302,21 +304,32 @@ def group(runs: list[Run]) -> dict[str, list[Run]]:
     return out
 
 
+def versus(m: dict[str, float], peer: tuple[str, float, float] | None) -> str:
+    if peer is None:
+        return "| | "
+    return f"{peer[0]} ({peer[1]:.3f}, {peer[2]:.2f}) | {100 * (m['fvu'] / peer[1] - 1):+.1f}% | {m['mmcs'] - peer[2]:+.2f}"
+
+
 def table(runs: list[Run], steps: int) -> str:
+    """Every run; ours beside the best peer of the same architecture family at the same L0 (FVU
+    and MMCS interpolated in log L0 along the peer's sweep; blank outside its L0 range) and
+    beside the best peer of any architecture."""
     peers = {label: rs for label, rs in group(runs).items() if rs[0].library != "ours"}
-    lines = [f"Held-out metrics after {steps} steps (d_sae {runs[0].config.get('d_sae', '')})."
-             if runs else "", "",
-             "| dictionary | knob | lr | L0 | FVU | MMCS | MMCS dense | best peer at this L0 | FVU vs it |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    lines = [f"Held-out metrics after {steps} steps (d_sae {runs[0].config.get('d_sae', '')}); peer columns: "
+             "the best peer sweep at this L0 (its FVU, MMCS) and our FVU and MMCS relative to it." if runs else "", "",
+             "| dictionary | knob | lr | L0 | FVU | MMCS | MMCS dense | best peer, same architecture | FVU | MMCS "
+             "| best peer, any architecture | FVU | MMCS |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
     for run in runs:
         m = run.metrics
         if not m:
-            lines.append(f"| {run.label} | {run.knob}={run.value:g} | | failed | | | | | |")
+            lines.append(f"| {run.label} | {run.knob}={run.value:g} | | failed | | | | | | | | | |")
             continue
-        versus = best_peer(run, peers) if run.library == "ours" else None
-        peer_cols = f"{versus[0]} ({versus[1]:.3f}) | {100 * (m['fvu'] / versus[1] - 1):+.1f}%" if versus else "| "
+        ours = run.library == "ours"
+        same = versus(m, best_peer(run, peers)) if ours else "| | "
+        anyarch = versus(m, best_peer(run, peers, same_family=False)) if ours else "| | "
         lines.append(f"| {run.label} | {run.knob}={run.value:g} | {m.get('lr', float('nan')):.2g} | "
-                     f"{m['l0']:.1f} | {m['fvu']:.3f} | {m['mmcs']:.3f} | {m['mmcs_dense']:.3f} | {peer_cols} |")
+                     f"{m['l0']:.1f} | {m['fvu']:.3f} | {m['mmcs']:.3f} | {m['mmcs_dense']:.3f} | {same} | {anyarch} |")
     return "\n".join(lines)
 
 
@@ -327,19 +340,24 @@ def plot(runs: list[Run], path: Path, steps: int) -> None:
     import matplotlib.pyplot as plt
 
     families = sorted({r.family for r in runs})
-    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.8), squeeze=False)
-    for ax, family in zip(axes[0], families):
+    cols = min(3, len(families))
+    rows = math.ceil(len(families) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(families):]:
+        ax.set_visible(False)
+    for ax, family in zip(axes.flat, families):
         for label, rs in group([r for r in runs if r.family == family and r.metrics]).items():
             pts = sorted((r.metrics["l0"], r.metrics["fvu"]) for r in rs)
             ours = rs[0].library == "ours"
             ax.plot(*zip(*pts), marker="o" if ours else "s", linestyle="-" if ours else "--",
                     linewidth=2 if ours else 1, label=label)
         ax.set_xscale("log")
+        ax.set_ylim(0, 1.1)  # a peer that failed to train sits above, out of view
         ax.set_title(family)
         ax.set_xlabel("L0")
+        ax.set_ylabel("FVU (held out)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("FVU (held out)")
     fig.suptitle(f"L0-FVU frontier, {steps} steps (ours: solid; peers: dashed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
