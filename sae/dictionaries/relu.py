@@ -90,9 +90,10 @@ class ReLUDictionary(SparseDictionary):
         return self.init_decoder_norm()
 
     def default_lr(self) -> float:
-        # both recipes: 2.5e-3 / √(d_sae / 16384); the old 1e-3 (classic) and 5e-5 (april2024)
-        # trained ~10x too slowly (benchmarks/quality_ablations.py relu); `lr:` sets them again
-        return width_scaled_lr(2.5e-3, self.d_sae)
+        # both recipes: 1.25e-3 / √(d_sae / 16384); the old 1e-3 (classic) and 5e-5 (april2024)
+        # trained far too slowly (benchmarks/quality_ablations.py relu); twice this loses feature
+        # recovery in long runs (tests/test_trainer.py); `lr:` sets any value
+        return width_scaled_lr(1.25e-3, self.d_sae)
 
     def resample_every_tokens(self) -> int | None:
         return self.cfg.resample_every_tokens
