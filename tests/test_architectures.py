@@ -280,8 +280,9 @@ def test_resampling_reinitialises_dead_features_and_resets_adam_rows():
 
 
 def test_topk_default_lr_scales_with_width():
-    d = make("topk", d_sae=64)
-    assert math.isclose(d.lr, 2e-3 / math.sqrt(64 / 16384))
+    d = make("topk", d_sae=1024)
+    assert math.isclose(d.lr, 2e-3 / math.sqrt(1024 / 16384))
+    assert make("topk", d_sae=64).lr == 2e-2  # capped: the law would give 0.032
     assert make("topk", d_sae=64, lr=1e-3).lr == 1e-3
 
 

@@ -450,9 +450,13 @@ def geometric_median(x: Tensor, iterations: int = 100, eps: float = 1e-6) -> Ten
     return median
 
 
+MAX_DEFAULT_LR = 2e-2  # the largest lr the defaults were measured at (d_sae 256-4096)
+
+
 def width_scaled_lr(lr_at_16k: float, d_sae: int) -> float:
-    """A default lr that falls as 1/√d_sae: lr_at_16k at 16,384 features (Gao et al.'s law)."""
-    return lr_at_16k / math.sqrt(d_sae / 16384)
+    """A default lr that falls as 1/√d_sae: lr_at_16k at 16,384 features (Gao et al.'s law),
+    capped at MAX_DEFAULT_LR for tiny dictionaries, where the law would give 0.1 and more."""
+    return min(lr_at_16k / math.sqrt(d_sae / 16384), MAX_DEFAULT_LR)
 
 
 def unit_norm_scale(x: Tensor) -> float:
