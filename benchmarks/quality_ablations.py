@@ -36,6 +36,7 @@ VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
         "classic no clip": ("relu-classic", {"grad_clip": None}, None),
         "classic lr=3e-3": ("relu-classic", {"lr": 3e-3}, None),
         "classic lr=1e-2": ("relu-classic", {"lr": 1e-2}, None),
+        "classic lr=5e-3": ("relu-classic", {"lr": 5e-3}, None),
         "classic enc=0.1": ("relu-classic", {"encoder_init_norm": 0.1}, None),
         "classic enc=0.1 lr=3e-3": ("relu-classic", {"encoder_init_norm": 0.1, "lr": 3e-3}, None),
         "april lr=3e-3": ("relu-april2024", {"lr": 3e-3}, None),
@@ -46,6 +47,8 @@ VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
     "batchtopk": {
         "default": ("batchtopk", {}, None),
         "lr=8e-3": ("batchtopk", {"lr": 8e-3}, None),
+        "beta=0.99": ("batchtopk", {"threshold_beta": 0.99}, None),
+        "beta=0.9": ("batchtopk", {"threshold_beta": 0.9}, None),
     },
     "jumprelu": {
         "default": ("jumprelu", {}, None),
