@@ -72,8 +72,9 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any]) -> 
 def load_latest(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that loads, or None when there is none.
 
-    A file that fails to load (it cannot happen through `save_checkpoint`, but disks fail) is
-    reported and skipped in favour of an older one.
+    Its tensors are memory-mapped (a sweep's checkpoints are all opened before the first one is
+    needed). A file that fails to load (it cannot happen through `save_checkpoint`, but disks
+    fail) is reported and skipped in favour of an older one.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -81,7 +82,7 @@ def load_latest(directory: str | Path, map_location: str | torch.device = "cpu")
     _remove_stale_temporaries(directory)
     for _, path in _checkpoints(directory):
         try:
-            return path, torch.load(path, map_location=map_location, weights_only=True)
+            return path, torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to an older one
             warnings.warn(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); trying an older one")
     return None
