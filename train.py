@@ -6,8 +6,9 @@
 Everything the run writes goes to <output_dir>/<run_name>/ (default runs/<run_name>/):
 config.yaml (the resolved config), cache/ (activations), one folder per dictionary
 (sae.safetensors, cfg.json, eval.json, frequency histogram), summary.md/.json.
-Re-running the same command resumes: the cache continues from its last complete shard and
-training from its last checkpoint; finished steps are not redone.
+Re-running the same command resumes: the cache continues from its last complete shard and each
+dictionary from its last checkpoint; finished steps are not redone. Exit status 3: the run
+finished, but some dictionaries diverged (the last line names them).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     from sae.errors import cli_errors
 
     with cli_errors("train.py"):
-        from pipeline import run_experiment
+        from pipeline import DIVERGED_STATUS, diverged_dictionaries, run_experiment
         from sae.config import load_run_config
 
         run, dictionaries = load_run_config(args.config, args.overrides)
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(d.name, d.as_written().model_dump(exclude_defaults=True))
             return
         run_experiment(run, dictionaries)
+        if diverged_dictionaries(run, dictionaries):  # the last line said how many
+            sys.exit(DIVERGED_STATUS)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,24 @@ SUMMARY_COLUMNS: list[tuple[str, str, str]] = [
     ("dense>1e-1", "dense_1e-1", "d"),
 ]
 
-# The per-dictionary summary row of summary.json.
+# The per-dictionary summary row of summary.json (and its "status": "trained" or "diverged").
 SUMMARY_KEYS = ["name", "architecture", "hook", "d_in", "d_sae", "l0", "mse", "fvu", "explained_variance",
                 "loss_recovered", "loss_recovered_mean_ablation", "ce_clean", "ce_sae", "ce_zero", "ce_mean",
                 "kl_sae", "dead", "dense_1e-2", "dense_1e-1", "frac_alive", "tokens_evaluated"]
+
+# The table of the dictionaries whose training diverged (their rows hold no metrics).
+DIVERGED_COLUMNS: list[tuple[str, str, str]] = [
+    ("dictionary", "name", "s"),
+    ("hook", "hook", "s"),
+    ("d_sae", "d_sae", "d"),
+    ("lr", "lr", ".3g"),
+    ("diverged at step", "step", "d"),
+    ("weights saved of step", "restored_step", "d"),
+    ("last window losses", "loss_tail", "losses"),
+]
+DIVERGED_NOTE = ("\nDiverged: the training loss became NaN or inf (first at the step given); the dictionary "
+                 "stopped training there and its folder holds its weights of the last check that found them "
+                 "finite, with `status: diverged` in cfg.json. Not evaluated.\n\n")
 
 
 def fmt(value: Any, spec: str) -> str:
@@ -44,6 +58,8 @@ def fmt(value: Any, spec: str) -> str:
         return str(int(value))
     if spec == "pct":
         return f"{100.0 * value:.1f}"
+    if spec == "losses":  # [[step, loss], ...]: the losses ('nan' and 'inf' are strings)
+        return ", ".join(v if isinstance(v, str) else f"{v:.3g}" for _, v in value)
     return format(value, spec)
 
 
@@ -92,11 +108,16 @@ def print_results(results: Mapping[str, Any] | Iterable[Any]) -> None:
           f"ce_clean = {fmt(first.get('ce_clean'), '.4f')}", flush=True)
 
 
-def summary_markdown(results: Mapping[str, Any] | Iterable[Any], title: str = "") -> str:
+def summary_markdown(results: Mapping[str, Any] | Iterable[Any], title: str = "",
+                     diverged: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     items = list(results.values()) if isinstance(results, Mapping) else list(results)
     head = f"# {title}\n\n" if title else ""
+    return head + _evaluated_markdown(items) + _diverged_markdown(diverged or {})
+
+
+def _evaluated_markdown(items: list[Any]) -> str:
     if not items:
-        return head + "No dictionaries were evaluated.\n"
+        return "No dictionaries were evaluated.\n"
     tokens = sorted({int(_metrics(r)["tokens_evaluated"]) for r in items})
     ce = sorted({str(_metrics(r).get("hook")): _metrics(r).get("ce_clean") for r in items}.items())
     note = (f"\nEvaluated on {', '.join(map(str, tokens))} held-out tokens (never trained on). "
@@ -104,17 +125,36 @@ def summary_markdown(results: Mapping[str, Any] | Iterable[Any], title: str = ""
             "% loss rec. = 100 × (ce_ablated − ce_sae) / (ce_ablated − ce_clean) with the hook's "
             "activation zero-ablated or mean-ablated (training mean). Dead = never fired on these tokens. "
             "Clean CE: " + ", ".join(fmt(v, ".4f") for _, v in ce) + ".\n")
-    return head + results_table(items, markdown=True) + note
+    return results_table(items, markdown=True) + note
+
+
+def _diverged_markdown(diverged: Mapping[str, Mapping[str, Any]]) -> str:
+    if not diverged:
+        return ""
+    rows = [{"name": name, **record} for name, record in diverged.items()]
+    return DIVERGED_NOTE + results_table(rows, markdown=True, columns=DIVERGED_COLUMNS)
+
+
+def diverged_row(name: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """summary.json's row of a diverged dictionary: no metrics, its divergence record instead."""
+    described = ("architecture", "hook", "d_in", "d_sae", "lr")
+    return {**{k: None for k in SUMMARY_KEYS}, "name": name, "status": "diverged",
+            **{k: record.get(k) for k in described},
+            "divergence": {k: v for k, v in record.items() if k not in described}}
 
 
 def write_summary(run_dir: str | Path, results: Mapping[str, Any] | Iterable[Any],
-                  title: str | None = None, extra: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+                  title: str | None = None, extra: Mapping[str, Any] | None = None,
+                  diverged: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Path, Path]:
     """runs/<run>/summary.md and summary.json: one row per dictionary (L0, MSE, FVU, percent loss
-    recovered against both baselines, dead and dense counts, ...)."""
+    recovered against both baselines, dead and dense counts, ...), and one for each in `diverged`
+    ({name: {architecture, hook, d_in, d_sae, lr, step, tokens, restored_step, loss_tail}})."""
     run_dir = Path(run_dir)
     items = list(results.values()) if isinstance(results, Mapping) else list(results)
-    md = summary_markdown(items, title=title if title is not None else run_dir.name)
-    rows = [{k: _metrics(r).get(k) for k in SUMMARY_KEYS} for r in items]
+    diverged = diverged or {}
+    md = summary_markdown(items, title=title if title is not None else run_dir.name, diverged=diverged)
+    rows = [{**{k: _metrics(r).get(k) for k in SUMMARY_KEYS}, "status": "trained"} for r in items]
+    rows += [diverged_row(name, record) for name, record in diverged.items()]
     payload = {"dictionaries": rows, **dict(extra or {})}
     io.write_text(run_dir / SUMMARY_MD, md)
     io.write_json(run_dir / SUMMARY_JSON, jsonable(payload))

@@ -2,9 +2,13 @@
 harvest (or stream) the training activations, train every dictionary in one pass, save each one's
 training mean x̄, evaluate on held-out text, prune and ablate, write the summary.
 
-Re-running the same command resumes every step (see resume.py for what is reused). Under
-torchrun every rank runs the same steps; rank 0 alone writes the config and the means and
-evaluates, once every dictionary is saved.
+Re-running the same command resumes every step (see resume.py for what is reused), also after
+the sweep was edited: dictionaries already trained are reused, the others trained (each resumes
+from its own checkpoint when it has one), and only what has no evaluation yet is evaluated. A
+dictionary whose loss became NaN/inf is saved with status "diverged" and the others go on; the
+last line says how many diverged (`train.py` then exits with status 3). Under torchrun every rank
+runs the same steps; rank 0 alone writes the config and the means and evaluates, once every
+dictionary is saved.
 """
 
 from __future__ import annotations
@@ -15,15 +19,19 @@ from typing import Any
 
 import torch
 
+from eval import report
 from eval.outputs import eval_info
 from eval.run import check_prune_config, evaluate_run
-from pipeline.resume import completed_run, dictionary_metadata, finished_dictionaries
+from pipeline.resume import (Saved, check_same_run, completed_run, dictionary_metadata, divergence_summary,
+                             diverged_dictionaries, kept_evaluations, pruned_names, same_evaluation,
+                             saved_dictionaries, to_evaluate)
+
+DIVERGED_STATUS = 3  # train.py's exit status when dictionaries diverged (and the others finished)
 from sae import distributed as dist
 from sae import io
 from sae.cache import CacheReader, StreamingSource, harvest
 from sae.config import RunConfig, dump_run_config
 from sae.dictionaries import DictionaryConfig, SparseDictionary
-from sae.errors import ConfigError
 from sae.means import MEAN_TOKENS, means_from_cache, means_from_model, read_mean, save_mean
 from sae.models import check_hooks, hook_d_in, load_model, resolve_device
 from sae.text import keep_mask, load_contexts
@@ -52,10 +60,10 @@ class _Loaded:
 
 
 def run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str, Any]:
-    """Harvest, train, save, evaluate and prune as `run` says; returns {name: EvalResult} (or
-    {name: dictionary} when evaluation is disabled, or {name: eval.json dict} when the same config
-    already ran to the end and nothing is redone). Under torchrun, ranks other than 0 return
-    the dictionaries they trained once training is over."""
+    """Harvest, train, save, evaluate and prune as `run` says; returns {name: EvalResult or its
+    eval.json dict} of the evaluated dictionaries (eval.json as an earlier run wrote it for those
+    not evaluated again), or {name: dictionary} when evaluation is disabled. Under torchrun, ranks
+    other than 0 return the dictionaries they trained once training is over."""
     started = dist.init_from_env(run.distributed.backend, run.distributed.timeout_minutes)
     try:
         return _run_experiment(run, configs)
@@ -68,19 +76,52 @@ def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str
     done = completed_run(run, configs)
     if done is not None:
         _print_summary(run)
+        _say_diverged(run, configs)
         return done
+    check_same_run(run, configs)  # before anything is written
+    to_train = _to_train(run, configs, saved_dictionaries(run, configs))
+    same_eval = same_evaluation(run)  # (config.yaml is rewritten next)
     _start(run)
     loaded = _load_model(run, configs)
     # Read now so that too little held-out text fails before the harvest and training, not after.
     heldout = _tokens(run, loaded.model, "heldout", run.eval_tokens) if run.eval.enabled and dist.is_main() else None
-    trained = finished_dictionaries(run, configs)
-    if trained is None:
-        trained = _train(run, configs, loaded)
-    else:
-        say(f"every dictionary is already trained in {run.run_dir}; evaluating")
-    if not dist.is_main() or not run.eval.enabled:  # rank 0 alone evaluates and prunes
+    trained = _train(run, to_train, loaded) if to_train else {}
+    if not dist.is_main():  # rank 0 alone evaluates and prunes
         return trained
-    return _evaluate(run, configs, loaded, trained, heldout)
+    saved = saved_dictionaries(run, configs)  # now with every rank's
+    dictionaries = {n: trained[n] if n in trained else s.dictionary for n, s in saved.items()}
+    if run.eval.enabled:
+        reusable = {c.name for c in configs if c not in to_train} if same_eval else set()
+        dictionaries = _evaluate(run, configs, loaded, dictionaries, heldout, reusable)
+    _say_diverged(run, configs)
+    return dictionaries
+
+
+def _to_train(run: RunConfig, configs: list[DictionaryConfig], saved: dict[str, Saved]) -> list[DictionaryConfig]:
+    """The dictionaries to train: those not saved yet, and those that diverged with other settings.
+    One line says what happens to each one an earlier run saved."""
+    to_train = [c for c in configs if c.name not in saved or (saved[c.name].diverged and saved[c.name].changed)]
+    if not to_train:
+        say(f"every dictionary is already trained in {run.run_dir}" + ("; evaluating" if run.eval.enabled else ""))
+        return []
+    for name, s in saved.items():
+        if not s.diverged:
+            say(f"{name}: already trained, reused")
+        elif s.changed:
+            say(f"{name}: trains again: it diverged with other settings ({'; '.join(s.changed)})")
+        else:
+            say(f"{name}: diverged at step {s.dictionary.metadata['divergence']['step']} in an earlier run: "
+                f"skipped (change its settings, e.g. a lower lr, or delete its folder to train it again)")
+    return to_train
+
+
+def _say_diverged(run: RunConfig, configs: list[DictionaryConfig]) -> None:
+    """The run's last line when dictionaries diverged (train.py then exits with DIVERGED_STATUS)."""
+    diverged = diverged_dictionaries(run, configs)
+    if diverged:
+        names = ", ".join(f"{name} (step {record['step']})" for name, record in diverged.items())
+        say(f"{len(diverged)} of {len(configs)} dictionaries diverged: {names}; each folder holds its last good "
+            f"weights with status: diverged, the others finished")
 
 
 def _print_summary(run: RunConfig) -> None:
@@ -122,23 +163,19 @@ def _tokens(run: RunConfig, model, split: str, n_tokens: int) -> tuple[torch.Ten
 
 
 def _train(run: RunConfig, configs: list[DictionaryConfig], loaded: _Loaded) -> dict[str, SparseDictionary]:
-    """Train every dictionary in one pass over the training activations; rank 0 then saves each
-    one's x̄. Returns the dictionaries (on ranks other than 0: those this rank trained)."""
+    """Train these dictionaries in one pass over the training activations (one per group resuming
+    at the same step); rank 0 then saves each one's x̄. Returns the dictionaries this rank trained."""
     tokens, keep = _tokens(run, loaded.model, "train", run.train_tokens)
     source = _batch_source(run, loaded.model, tokens, keep, _hooks_needed(run, configs, loaded.d_in))
     trained = _train_dictionaries(run, configs, loaded, source)
     if not dist.is_main():
         return trained
-    if len(trained) < len(configs):  # dictionary_per_rank: the others' are on disk by now
-        trained = finished_dictionaries(run, configs)
-        if trained is None:
-            raise ConfigError(f"some dictionaries of {run.run_dir} were not saved by their ranks")
     if run.harvest.mode == "stream":
         hook_means = _streamed_means(run, loaded.model, tokens, keep)
     else:
         hook_means = means_from_cache(run.cache_dir, list(run.hooks))
     _save_means(run, configs, hook_means)
-    say(f"saved {len(trained)} dictionaries under {run.run_dir}/")
+    say(f"saved {len(configs)} dictionaries under {run.run_dir}/")
     return trained
 
 
@@ -178,7 +215,8 @@ def _train_dictionaries(run: RunConfig, configs: list[DictionaryConfig], loaded:
         wandb={"mode": run.wandb.mode, "project": run.wandb.project, "entity": run.wandb.entity,
                "name": run.run_name},
         autocast_dtype=autocast_dtype(run, loaded.device), log_every=run.train.log_every_steps,
-        placement=run.distributed.placement if dist.is_distributed() else None)
+        placement=run.distributed.placement if dist.is_distributed() else None,
+        stop_on_divergence=run.train.stop_on_divergence)
 
 
 def _streamed_means(run: RunConfig, model, tokens: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -205,12 +243,41 @@ def _training_means(run: RunConfig, configs: list[DictionaryConfig], model) -> d
 
 
 def _evaluate(run: RunConfig, configs: list[DictionaryConfig], loaded: _Loaded,
-              trained: dict[str, SparseDictionary], heldout: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
-    """Evaluate, prune and ablate on the held-out tokens; write every output and the summary."""
-    means = _training_means(run, configs, loaded.model)
-    tokens, keep = heldout
-    say(f"evaluating on {int(keep.sum()):,} held-out tokens")
-    dictionaries = {name: d.to(loaded.device) for name, d in trained.items()}
-    return evaluate_run(loaded.model, dictionaries, {name: run.run_dir / name for name in dictionaries},
-                        run.run_dir, tokens, keep, means, batch_size=run.eval.batch_contexts, prune=run.prune,
-                        info=eval_info(run.data))
+              dictionaries: dict[str, SparseDictionary], heldout: tuple[torch.Tensor, torch.Tensor],
+              reusable: set[str]) -> dict[str, Any]:
+    """Evaluate, prune and ablate on the held-out tokens what has no evaluation yet (`reusable`: the
+    dictionaries whose earlier evaluation holds, if they have one); write the summary of all, with
+    a row for each diverged dictionary."""
+    diverged = {n: divergence_summary(d) for n, d in dictionaries.items() if d.metadata.get("status") == "diverged"}
+    names = [c.name for c in configs if c.name in dictionaries and c.name not in diverged]
+    now = to_evaluate(run, names, reusable)
+    results: dict[str, Any] = {}
+    if now:
+        means = _training_means(run, [c for c in configs if c.name in now], loaded.model)
+        tokens, keep = heldout
+        say(f"evaluating {len(now)} dictionaries on {int(keep.sum()):,} held-out tokens")
+        results = evaluate_run(loaded.model, {n: dictionaries[n].to(loaded.device) for n in now},
+                               {n: run.run_dir / n for n in now}, run.run_dir, tokens, keep, means,
+                               batch_size=run.eval.batch_contexts, prune=_prune_for(run.prune, now, diverged),
+                               info=eval_info(run.data))
+    kept = [n for n in names if n not in now]
+    if kept:
+        say(f"kept the evaluations of {', '.join(kept)} (made with these settings on the same weights)")
+    everything = {**kept_evaluations(run, kept), **results}
+    everything = {n: everything[n] for n in [*names, *pruned_names(run.prune, names)] if n in everything}
+    report.write_summary(run.run_dir, everything, diverged=diverged)
+    return everything
+
+
+def _prune_for(prune: Any, names: list[str], diverged: dict[str, Any]) -> Any:
+    """The `prune:` block restricted to the dictionaries evaluated now (its ablation only when all
+    of its dictionaries are)."""
+    if prune is None:
+        return None
+    ablation = prune.ablation
+    group = [ablation.dictionary, *ablation.compare] if ablation is not None else []
+    if any(n in diverged for n in group):
+        say(f"prune.ablation skipped: {', '.join(n for n in group if n in diverged)} diverged")
+    keep_ablation = ablation is not None and all(n in names for n in group)
+    return prune.model_copy(update={"dictionaries": [p for p in prune.dictionaries if p in names],
+                                    "ablation": ablation if keep_ablation else None})

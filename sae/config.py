@@ -44,6 +44,9 @@ class TrainConfig(_Strict):
     checkpoint_every_tokens: int | None = Field(None, description="None: a checkpoint every ~10% of training")
     autocast: Literal["auto", "bfloat16", "float16", "none"] = Field("auto", description="auto: bf16 on CUDA, none on CPU")
     log_every_steps: int = Field(50, ge=1, description="steps between progress-bar stats, wandb logs and NaN checks")
+    stop_on_divergence: bool = Field(
+        False, description="false: a dictionary whose loss becomes NaN/inf is saved with status: diverged and "
+                           "the others train on; true: the whole run stops there (exit status 2)")
 
 
 class EvalConfig(_Strict):

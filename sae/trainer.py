@@ -12,13 +12,22 @@ it (its hook's tensor): a sweep costs one pass over the data. A step (`_Slot.ste
     tracker.update(features fired)
 
 Nothing in a step reads a value back to the host: statistics stay on the device until they are
-logged (`log_every` steps) or a checkpoint is due, which is also when a non-finite loss is noticed.
-A checkpoint holds everything the next step depends on, so resuming is bit-identical on CPU.
+logged (`log_every` steps) or a checkpoint is due, which is also when a non-finite loss (or
+weight) is noticed. A dictionary found so leaves the run: its weights of the last check that found
+them finite are saved with status "diverged", and the others train on (`stop_on_divergence`
+stops everything instead).
+
+Each dictionary checkpoints on its own (`out_dir/checkpoints/<name>/`, see sae.checkpoint), with
+everything its next step depends on and the settings it was trained with, so resuming is
+bit-identical on CPU and a sweep whose entries changed resumes the unchanged dictionaries and
+restarts the others. Dictionaries that resume at different steps (or start at 0) train in separate
+passes over the batches, each from its own step: every dictionary sees exactly the batches an
+uninterrupted run of it would have seen.
 
 Under torchrun, `placement` "data_parallel" gives each rank its shard of every batch (gradients
 averaged; the losses get `sae.distributed.RankShards` for whole-batch statistics; rank 0 writes),
-and "dictionary_per_rank" gives each rank its share of the dictionaries (it trains, checkpoints in
-`checkpoints/rank-<r>/` and saves them itself).
+and "dictionary_per_rank" gives each rank its share of the dictionaries (it trains, checkpoints
+and saves them itself; a dictionary's checkpoint resumes on whichever rank owns it next).
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from sae.errors import ConfigError, TrainingDiverged, UserError
 from sae.progress import token_bar
 
 DEFAULT_HOOK = "activations"  # the hook key of batches given as plain tensors
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 1: one file for every dictionary (refused)
 _BDEC_INIT_ROWS = 16384  # rows of the first batch used to initialise b_dec and the input scale
 
 
@@ -68,7 +77,7 @@ class IterableSource:
 
     def batches(self, start_step: int = 0) -> Iterator[Mapping[str, Tensor]]:
         it = iter(self.data)
-        if start_step > 0 and it is self.data:
+        if (start_step > 0 or self.iterations) and it is self.data:
             raise UserError("cannot resume from a one-shot iterator: pass a re-iterable collection "
                             "(a list, or an object whose __iter__ restarts), or a batch source "
                             "with batches(start_step), or delete the checkpoint to start over")
@@ -180,6 +189,8 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer, dictionary: SparseDic
 
 # ---- one dictionary being trained -----------------------------------------------------------------
 _STAT_KEYS = ("loss", "sse", "var", "l0")
+LOSS_TAIL = 8  # window-average losses a divergence record keeps
+_NO_BAD_STEP = 2 ** 62  # bad_step while every loss was finite (ranks agree on the earliest by a min)
 
 
 @dataclass
@@ -191,13 +202,34 @@ class _Slot:
     optimizer: torch.optim.Optimizer
     tracker: FeatureTracker
     generator: torch.Generator
+    fingerprint: dict[str, Any]  # what its result depends on besides the batches (Trainer.fingerprint)
     stats: dict[str, Tensor] = field(default_factory=dict)
     stat_steps: int = 0
-    bad_step: Tensor | None = None  # first step with a non-finite loss (-1: none), on device
+    bad_step: Tensor | None = None  # first step with a non-finite loss (_NO_BAD_STEP: none), on device
+    loss_tail: list[tuple[int, float]] = field(default_factory=list)  # (step, window-average loss)
+    good: dict[str, Tensor] = field(default_factory=dict)  # its weights when last found finite
+    good_at: tuple[int, int] = (0, 0)  # (step, tokens trained) of `good`
+    divergence: dict[str, Any] | None = None  # set when it diverged: it trains no more
+    last_checkpoint: Path | None = None
 
     def zero_stats(self, device: torch.device) -> None:
         self.stats = {k: torch.zeros((), dtype=torch.float64, device=device) for k in _STAT_KEYS}
         self.stat_steps = 0
+
+    def remember_good(self, step: int, tokens: int) -> None:
+        """Keep a copy of the weights (checked finite) to fall back on should it diverge later."""
+        for k, v in self.dictionary.state_dict().items():
+            kept = self.good.get(k)
+            if kept is not None and kept.shape == v.shape and kept.dtype == v.dtype:
+                kept.copy_(v)
+            else:
+                self.good[k] = v.detach().clone()
+        self.good_at = (step, tokens)
+
+    def nonfinite_weights(self) -> Tensor:
+        """1 (on the device, no host sync) when any weight or buffer is NaN or inf, else 0."""
+        floats = [t for t in self.dictionary.state_dict().values() if t.is_floating_point()]
+        return torch.stack([~torch.isfinite(t).all() for t in floats]).any().long()
 
     def step(self, x: Tensor, step: int, total_steps: int, autocast_dtype: torch.dtype | None,
              shards: BatchShards) -> None:
@@ -239,14 +271,21 @@ class _Slot:
     def _accumulate_stats(self, x: Tensor, out: TrainStep, counts: Tensor, n_rows: int, step: int) -> None:
         """Window sums for logging, and the first step whose loss was not finite (on the device)."""
         loss = out.loss.detach().double()
-        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss),
-                                    torch.full_like(self.bad_step, step), self.bad_step)
+        self.bad_step = torch.where(torch.isfinite(loss), self.bad_step, self.bad_step.clamp(max=step))
         xs = self.dictionary.scale_input(x).double()
         self.stats["loss"] += loss
         self.stats["sse"] += (out.x_hat.detach().double() - xs).pow(2).sum()
         self.stats["var"] += (xs - xs.mean(dim=0)).pow(2).sum()
         self.stats["l0"] += counts.double().sum() / n_rows
         self.stat_steps += 1
+
+
+def _loss_value(loss: float) -> float | str:
+    """A loss as JSON can hold it: 'nan' and 'inf' as strings."""
+    return loss if math.isfinite(loss) else str(loss)
+
+
+Found = tuple[Path, dict[str, Any]]  # a checkpoint to resume from: (path, state)
 
 
 # ---- the trainer ------------------------------------------------------------------------------------
@@ -260,11 +299,11 @@ class Trainer:
                  wandb: Mapping[str, Any] | None = None, autocast_dtype: torch.dtype | None = None,
                  progress: bool = True, log_every: int | None = None,
                  histogram_every_tokens: int | None = None, keep_checkpoint: bool = False,
-                 placement: str | None = None):
+                 placement: str | None = None, stop_on_divergence: bool = False):
         _check_arguments(configs, total_tokens, out_dir, checkpoint_every_tokens)
         self.configs = list(configs)
         self.names = dictionary_names(self.configs)
-        all_names = list(self.names)
+        self.all_names = list(self.names)  # every rank's (dictionary_per_rank keeps its own in names)
         self._place(placement, d_in)
         self.total_tokens = int(total_tokens)
         self.d_in = d_in
@@ -272,7 +311,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_every_tokens = checkpoint_every_tokens
         self.metadata = {k: dict(v) for k, v in (metadata or {}).items()}
-        unknown = set(self.metadata) - set(all_names)
+        unknown = set(self.metadata) - set(self.all_names)
         if unknown:
             raise ConfigError(f"metadata given for unknown dictionaries {sorted(unknown)}; names are {self.names}")
         self.wandb_cfg = dict(wandb or {})
@@ -281,14 +320,16 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
         self.progress = progress and dist.is_main()
         self.keep_checkpoint = keep_checkpoint
-        self.slots: list[_Slot] = []
-        self.step = 0
+        self.stop_on_divergence = stop_on_divergence
+        self.diverged: dict[str, dict[str, Any]] = {}  # name -> its divergence record
+        self.slots: list[_Slot] = []  # the dictionaries of the pass over the batches under way
+        self.step = 0  # of that pass: the position of its dictionaries in the batch stream
         self.tokens_seen = 0
         self.total_steps: int | None = None
         self.batch_size: int | None = None
+        self._fitted = False
         self._wandb_run = None
         self._wandb_id: str | None = None
-        self._last_checkpoint: Path | None = None
         self._histogram_tokens = 0  # tokens_seen when the frequency histograms were last logged
 
     def _place(self, placement: str | None, d_in: int | Mapping[str, int] | None) -> None:
@@ -305,19 +346,13 @@ class Trainer:
             self.configs = [self.configs[i] for i in mine]
             self.names = [self.names[i] for i in mine]
 
-    # -- fingerprint of what determines the result --------------------------------------------
-    def fingerprint(self) -> str:
-        configs = [c.as_written().model_dump(mode="json") for c in self.configs]
-        return json.dumps({"names": self.names, "configs": configs, "total_tokens": self.total_tokens},
-                          sort_keys=True)
-
-    @property
-    def checkpoint_dir(self) -> Path | None:
-        if self.out_dir is None:
-            return None
-        if self.placement == "dictionary_per_rank":  # each rank checkpoints its own dictionaries
-            return ckpt.checkpoint_dir(self.out_dir) / f"rank-{self.rank:03d}"
-        return ckpt.checkpoint_dir(self.out_dir)
+    # -- what a dictionary's result depends on -------------------------------------------------------
+    def fingerprint(self, cfg: DictionaryConfig, name: str) -> dict[str, Any]:
+        """Everything but the batches that shapes dictionary `name`: its checkpoint is resumed only
+        under the same fingerprint (and the same batch size, checked against the first batch)."""
+        record = {"dictionary": cfg.as_written().model_dump(mode="json"), "total_tokens": self.total_tokens,
+                  "metadata": self.metadata.get(name, {})}
+        return json.loads(json.dumps(record, sort_keys=True, default=str))
 
     @property
     def data_parallel(self) -> bool:
@@ -327,6 +362,65 @@ class Trainer:
     def writes(self) -> bool:
         """Whether this process writes checkpoints and dictionaries (data parallel: rank 0 only)."""
         return not self.data_parallel or self.rank == 0
+
+    def _say(self, message: str) -> None:
+        """One line about this process's dictionaries (data parallel: rank 0 speaks for all)."""
+        if self.writes:
+            rank = f" rank {self.rank}" if self.placement == "dictionary_per_rank" else ""
+            print(f"[train{rank}] {message}", flush=True)
+
+    # -- the plan: who resumes where -----------------------------------------------------------------
+    def _plan(self) -> dict[str, Found | None]:
+        """Each dictionary's checkpoint to resume from, or None: it starts at step 0. One line names
+        each one resumed or restarted (and, when there were checkpoints, each new one)."""
+        if self.out_dir is None:
+            return {name: None for name in self.names}
+        ckpt.refuse_single_file_checkpoints(self.out_dir, self.all_names)
+        had_checkpoints = bool(ckpt.members_with_checkpoints(self.out_dir))
+        plan = {name: self._resumable(cfg, name) for cfg, name in zip(self.configs, self.names)}
+        if had_checkpoints:
+            for name in (n for n, found in plan.items() if found is None):
+                if ckpt.latest_path(ckpt.member_dir(self.out_dir, name)) is None:
+                    self._say(f"{name}: new, starts at step 0")
+        if self.data_parallel:
+            self._check_same_plan(plan)
+        self._wandb_id = next((f[1]["wandb_id"] for f in plan.values() if f and f[1]["wandb_id"]), None)
+        return plan
+
+    def _resumable(self, cfg: DictionaryConfig, name: str) -> Found | None:
+        """The latest checkpoint of dictionary `name`, if it was made with the same fingerprint."""
+        found = ckpt.load_latest(ckpt.member_dir(self.out_dir, name))
+        if found is None:
+            return None
+        path, state = found
+        if state.get("format") != CHECKPOINT_FORMAT:
+            changed = [f"checkpoint format {state.get('format')} -> {CHECKPOINT_FORMAT}"]
+        else:
+            changed = ckpt.changed_settings(state["fingerprint"], self.fingerprint(cfg, name))
+        if changed:
+            self._say(f"{name}: restarts at step 0: its checkpoint {path} was made with other settings "
+                      f"({'; '.join(changed)}); it is replaced at the next checkpoint")
+            return None
+        self._say(f"{name}: resumes at step {state['step']} ({path})")
+        return found
+
+    def _check_same_plan(self, plan: Mapping[str, Found | None]) -> None:
+        """Data parallel: every rank must resume every dictionary from the same checkpoint."""
+        mine = sorted((name, int(found[1]["step"]) if found else 0) for name, found in plan.items())
+        differs = torch.tensor([int(dist.broadcast_object(mine) != mine)])
+        if int(dist.all_reduce(differs, "max")):
+            raise UserError(f"the ranks found different checkpoints to resume from: every rank must see "
+                            f"the same out_dir {self.out_dir}")
+
+    @staticmethod
+    def _passes(plan: Mapping[str, Found | None]) -> list[tuple[int, list[str]]]:
+        """The dictionaries grouped by the step they start at, the most advanced first: one pass
+        over the batches for each group, so that every dictionary sees the batches an uninterrupted
+        run would have given it."""
+        starts: dict[int, list[str]] = {}
+        for name, found in plan.items():
+            starts.setdefault(int(found[1]["step"]) if found else 0, []).append(name)
+        return sorted(starts.items(), reverse=True)
 
     # -- building --------------------------------------------------------------------------------
     def _hook_for(self, cfg: DictionaryConfig, batch: Mapping[str, Tensor]) -> str:
@@ -344,125 +438,152 @@ class Trainer:
             return self.d_in
         return self.d_in.get(hook)
 
-    def _build(self, batch: Mapping[str, Tensor]) -> None:
+    def _build(self, batch: Mapping[str, Tensor], names: Sequence[str]) -> list[_Slot]:
+        slots = []
         for cfg, name in zip(self.configs, self.names):
+            if name not in names:
+                continue
             hook = self._hook_for(cfg, batch)
-            x = batch[hook]
-            d_in = x.shape[1]
+            d_in = batch[hook].shape[1]
             expected = self._expected_d_in(hook)
             if expected is not None and expected != d_in:
                 raise ConfigError(f"{name}: d_in is {expected} but the batches of {hook!r} have width {d_in}")
             cfg.require_width(d_in, name)
-            cls = get_architecture(cfg.architecture)
-            dictionary = cls(cfg, d_in).to(self.device)
+            dictionary = get_architecture(cfg.architecture)(cfg, d_in).to(self.device)
             optimizer = torch.optim.Adam(dictionary.parameters(), lr=dictionary.lr, betas=tuple(cfg.adam_betas))
             generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
             slot = _Slot(name, cfg, hook, dictionary, optimizer, FeatureTracker(dictionary.d_sae, self.device),
-                         generator, bad_step=torch.full((), -1, dtype=torch.long, device=self.device))
+                         generator, self.fingerprint(cfg, name),
+                         bad_step=torch.full((), _NO_BAD_STEP, dtype=torch.long, device=self.device))
             slot.zero_stats(self.device)
-            self.slots.append(slot)
+            slots.append(slot)
+        return slots
 
     @torch.no_grad()
-    def _init_from_data(self, batch: Mapping[str, Tensor]) -> None:
+    def _init_from_data(self, slot: _Slot, batch: Mapping[str, Tensor]) -> None:
         """Input scale (E‖s·x‖² = d_in) and b_dec (geometric median / mean / zeros) from the first batch."""
-        for slot in self.slots:
-            d, cfg = slot.dictionary, slot.cfg
-            x = batch[slot.hook][:_BDEC_INIT_ROWS].to(self.device, torch.float32)
-            if cfg.normalize_activations:
-                d.input_scale.fill_(unit_norm_scale(x))
-            xs = d.scale_input(x)
-            if cfg.b_dec_init == "geometric_median":
-                d.b_dec.copy_(geometric_median(xs))
-            elif cfg.b_dec_init == "mean":
-                d.b_dec.copy_(xs.mean(dim=0))
-            else:
-                d.b_dec.zero_()
+        d, cfg = slot.dictionary, slot.cfg
+        x = batch[slot.hook][:_BDEC_INIT_ROWS].to(self.device, torch.float32)
+        if cfg.normalize_activations:
+            d.input_scale.fill_(unit_norm_scale(x))
+        xs = d.scale_input(x)
+        if cfg.b_dec_init == "geometric_median":
+            d.b_dec.copy_(geometric_median(xs))
+        elif cfg.b_dec_init == "mean":
+            d.b_dec.copy_(xs.mean(dim=0))
+        else:
+            d.b_dec.zero_()
+
+    def _set_batch_size(self, batch_size: int, plan: Mapping[str, Found | None]) -> None:
+        """The first batch fixes the batch size (and so the steps); a checkpoint made with another
+        cannot resume (checked for every dictionary before any trains)."""
+        for name, found in plan.items():
+            if found is not None and int(found[1]["batch_size"]) != batch_size:
+                raise ConfigError(f"{found[0]} was trained on batches of {found[1]['batch_size']} rows but the "
+                                  f"batches now have {batch_size}: resume with the same batch size, or delete "
+                                  f"{found[0].parent} to train {name} from the start")
+        self.batch_size, self.total_steps = batch_size, math.ceil(self.total_tokens / batch_size)
 
     # -- checkpoints --------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
+    def _member_state(self, s: _Slot) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
             "library_version": sae.__version__,
-            "fingerprint": self.fingerprint(),
+            "name": s.name,
+            "fingerprint": s.fingerprint,
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "total_steps": self.total_steps,
             "batch_size": self.batch_size,
-            "world_size": self.world,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "wandb_id": self._wandb_id or "",
-            "dictionaries": {
-                s.name: {"model": s.dictionary.state_dict(), "optimizer": s.optimizer.state_dict(),
-                         "tracker": s.tracker.state_dict(), "generator": s.generator.get_state(),
-                         "d_in": s.dictionary.d_in, "hook": s.hook}
-                for s in self.slots},
+            "model": s.dictionary.state_dict(), "optimizer": s.optimizer.state_dict(),
+            "tracker": s.tracker.state_dict(), "generator": s.generator.get_state(),
+            "d_in": s.dictionary.d_in, "hook": s.hook,
+            "loss_tail": [[step, loss] for step, loss in s.loss_tail],
         }
 
-    def _load_state(self, state: Mapping[str, Any]) -> None:
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.total_steps, self.batch_size = int(state["total_steps"]), int(state["batch_size"])
-        torch.set_rng_state(state["rng_cpu"])
-        if torch.cuda.is_available() and state["rng_cuda"]:
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self._wandb_id = state["wandb_id"] or None
-        for s in self.slots:
-            st = state["dictionaries"][s.name]
-            s.dictionary.prepare_for_weights(st["model"])
-            s.dictionary.load_state_dict(st["model"])
-            s.optimizer.load_state_dict(st["optimizer"])
-            s.tracker.load_state_dict(st["tracker"])
-            s.generator.set_state(st["generator"])
+    def _load_member(self, s: _Slot, found: Found) -> None:
+        path, state = found
+        if int(state["d_in"]) != s.dictionary.d_in:
+            raise ConfigError(f"{path}: {s.name} was trained on activations of width {state['d_in']} but the "
+                              f"batches of {s.hook!r} now have width {s.dictionary.d_in}")
+        s.dictionary.prepare_for_weights(state["model"])
+        s.dictionary.load_state_dict(state["model"])
+        s.optimizer.load_state_dict(state["optimizer"])
+        s.tracker.load_state_dict(state["tracker"])
+        s.generator.set_state(state["generator"])
+        s.loss_tail = [(int(step), float(loss)) for step, loss in state["loss_tail"]]
+        s.last_checkpoint = path
 
     def _save_checkpoint(self) -> None:
-        self._check_finite()
-        if self.writes:
-            self._last_checkpoint = ckpt.save_checkpoint(self.checkpoint_dir, self.step, self._state())
-        else:
-            self._last_checkpoint = self.checkpoint_dir / f"checkpoint-{self.step:010d}.pt"
-
-    def _find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
-        if self.checkpoint_dir is None:
-            return None
-        found = ckpt.load_latest(self.checkpoint_dir)
-        if found is None:
-            return None
-        path, state = found
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.fingerprint():
-            ranks = state.get("world_size")
-            if self.placement == "dictionary_per_rank" and ranks is not None and ranks != self.world:
-                raise ConfigError(f"{path} was written by a dictionary_per_rank run on {ranks} ranks; each "
-                                  f"rank's dictionaries depend on the rank count: relaunch with "
-                                  f"--nproc-per-node {ranks} (now {self.world})")
-            raise ConfigError(f"{path} was written by a run with different dictionaries or total_tokens; "
-                              f"use another out_dir, or delete {self.checkpoint_dir} to start over")
-        return path, state
+        self._check_divergence()  # a checkpoint holds finite states only
+        for s in self._live():
+            directory = ckpt.member_dir(self.out_dir, s.name)
+            if self.writes:
+                s.last_checkpoint = ckpt.save_checkpoint(directory, self.step, self._member_state(s))
+            else:
+                s.last_checkpoint = directory / f"checkpoint-{self.step:010d}.pt"
 
     # -- divergence -----------------------------------------------------------------------------------
-    def _check_finite(self) -> None:
-        for s in self.slots:
-            bad = int(dist.all_reduce(s.bad_step, "max")) if self.data_parallel else int(s.bad_step)
-            if bad >= 0:
-                kept = (f"the last good checkpoint {self._last_checkpoint} is kept"
-                        if self._last_checkpoint is not None else "no checkpoint had been written")
-                raise TrainingDiverged(
-                    f"dictionary {s.name!r}: the loss became NaN or inf at step {bad} "
-                    f"(about {bad * (self.batch_size or 0):,} tokens in); {kept}. Lower its lr, "
-                    f"keep grad_clip on, or check the activations for inf/NaN")
+    def _live(self) -> list[_Slot]:
+        return [s for s in self.slots if s.divergence is None]
+
+    def _check_divergence(self) -> None:
+        """One host sync: which dictionaries' losses or weights stopped being finite since the last
+        check. Those leave the run (or stop it: stop_on_divergence); the others' weights are kept
+        as their last good state."""
+        live = self._live()
+        if not live:
+            return
+        flags = torch.stack([torch.stack([s.bad_step, s.nonfinite_weights()]) for s in live])  # [n, 2]
+        if self.data_parallel:  # the earliest bad step of any rank; broken weights on any
+            flags = torch.stack([dist.all_reduce(flags[:, 0], "min"), dist.all_reduce(flags[:, 1], "max")], dim=1)
+        for s, (bad, broken) in zip(live, flags.tolist()):
+            if bad == _NO_BAD_STEP and not broken:
+                s.remember_good(self.step, self.tokens_seen)
+            else:  # weights broken by the last update show in the next loss
+                self._diverged(s, min(bad, self.step))
+
+    def _diverged(self, s: _Slot, bad: int) -> None:
+        """Dictionary s's loss became NaN/inf at step `bad`: stop the run (stop_on_divergence), or
+        restore its last good weights, save them with status "diverged" and go on without it."""
+        tokens = bad * (self.batch_size or 0)
+        if self.stop_on_divergence:
+            kept = (f"its last good checkpoint {s.last_checkpoint} is kept" if s.last_checkpoint is not None
+                    else "no checkpoint of it had been written")
+            raise TrainingDiverged(f"dictionary {s.name!r}: the loss became NaN or inf at step {bad} (about "
+                                   f"{tokens:,} tokens in); {kept}. Lower its lr, keep grad_clip on, or "
+                                   f"check the activations for inf/NaN")
+        window_loss = float(s.stats["loss"] / max(s.stat_steps, 1))
+        tail = [*s.loss_tail, (self.step, window_loss)][-LOSS_TAIL:]
+        s.divergence = {"step": bad, "tokens": tokens, "restored_step": s.good_at[0],
+                        "loss_tail": [[step, _loss_value(loss)] for step, loss in tail]}
+        s.dictionary.load_state_dict(s.good)
+        self.diverged[s.name] = s.divergence
+        self._finished_dictionary(s)
+        self._say(f"{s.name}: diverged (loss {window_loss:.3g} in the window ending at step {self.step}, first "
+                  f"non-finite at step {bad}); its weights of step {s.good_at[0]} are saved with status: "
+                  f"diverged and it trains no more ({len(self._live())} others of this pass go on)")
+        self._log_divergence(s)
 
     # -- logging ----------------------------------------------------------------------------------------
     def _read_stats(self) -> dict[str, dict[str, float]]:
-        """One host sync: every dictionary's window averages, then a fresh window."""
+        """One host sync: every live dictionary's window averages, then a fresh window."""
+        live = self._live()
+        if not live:
+            return {}
+        rows = torch.stack([torch.stack([*(s.stats[k] for k in _STAT_KEYS),
+                                         s.tracker.dead_mask(s.cfg.dead_after_tokens).sum().double()])
+                            for s in live]).tolist()
         out = {}
-        for s in self.slots:
+        for s, row in zip(live, rows):
             n = max(s.stat_steps, 1)
-            vals = torch.stack([s.stats[k] for k in _STAT_KEYS]).tolist()
-            st = dict(zip(_STAT_KEYS, vals))
-            dead = int(s.tracker.dead_mask(s.cfg.dead_after_tokens).sum())
+            st = dict(zip(_STAT_KEYS, row))
             out[s.name] = {"loss": st["loss"] / n, "fvu": st["sse"] / max(st["var"], 1e-30),
-                           "l0": st["l0"] / n, "dead": dead, "lr": s.optimizer.param_groups[0]["lr"]}
+                           "l0": st["l0"] / n, "dead": int(row[-1]), "lr": s.optimizer.param_groups[0]["lr"]}
             if s.dictionary.resample_every_tokens():
                 out[s.name]["resampled"] = s.tracker.resampled
+            s.loss_tail = [*s.loss_tail, (self.step, out[s.name]["loss"])][-LOSS_TAIL:]
             s.zero_stats(self.device)
         return out
 
@@ -473,6 +594,8 @@ class Trainer:
             parts.append(f"{short}: loss {st['loss']:.3g} L0 {st['l0']:.1f} fvu {st['fvu']:.3f} dead {st['dead']}")
         if len(stats) > 4:
             parts.append(f"+{len(stats) - 4} more")
+        if self.diverged:
+            parts.append(f"{len(self.diverged)} diverged")
         return " | ".join(parts)
 
     def _start_wandb(self) -> None:
@@ -491,15 +614,16 @@ class Trainer:
                     "dictionaries": {n: c.model_dump(mode="json") for n, c in zip(self.names, self.configs)}})
 
     def _log(self, stats: dict[str, dict[str, float]], histograms: bool) -> None:
+        """One wandb row (wandb counts the rows itself: a later pass starts again at a lower step)."""
         if self._wandb_run is None:
             return
         import wandb  # imported by _start_wandb already
 
-        row: dict[str, Any] = {"tokens": self.tokens_seen}
+        row: dict[str, Any] = {"tokens": self.tokens_seen, "train_step": self.step}
         for name, st in stats.items():
             row.update({f"{name}/{k}": v for k, v in st.items()})
         if histograms:
-            for s in self.slots:
+            for s in self._live():
                 freq = s.tracker.window.frequencies().cpu()
                 live = freq[freq > 0]
                 row[f"{s.name}/dead_in_window"] = int((freq == 0).sum())
@@ -507,23 +631,61 @@ class Trainer:
                 row[f"{s.name}/dense_1e-1"] = int((freq > 1e-1).sum())
                 if live.numel():
                     row[f"{s.name}/log10_frequency"] = wandb.Histogram(live.log10().numpy(), num_bins=64)
-        self._wandb_run.log(row, step=self.step)
+        self._wandb_run.log(row)
+
+    def _log_divergence(self, s: _Slot) -> None:
+        if self._wandb_run is None:
+            return
+        self._wandb_run.log({f"{s.name}/diverged_at_step": s.divergence["step"], "tokens": self.tokens_seen,
+                             "train_step": self.step})
+        summary = getattr(self._wandb_run, "summary", None)
+        if summary is not None:
+            summary[f"{s.name}/status"] = "diverged"
+
+    def _log_window(self, bar: Any) -> None:
+        """Check for divergence, read the window's statistics (one host sync each), show and log
+        them; frequency histograms every `histogram_every_tokens`."""
+        self._check_divergence()
+        stats = self._read_stats()
+        bar.set_postfix_str(self._postfix(stats), refresh=False)
+        every = self.histogram_every_tokens or max(self.total_tokens // 20, 1)
+        histograms = self.tokens_seen - self._histogram_tokens >= every
+        self._log(stats, histograms)
+        if histograms:
+            for s in self._live():
+                s.tracker.window.restart()
+            self._histogram_tokens = self.tokens_seen
 
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self, source: Any) -> dict[str, SparseDictionary]:
         """Train every dictionary on `source` (see module docstring); returns {name: dictionary}."""
-        if self.slots:
+        if self._fitted:
             raise RuntimeError("a Trainer trains once; make a new one")
+        self._fitted = True
         if not self.configs:  # dictionary_per_rank with more ranks than dictionaries
             dist.barrier()
             return {}
-        first, rest = self._start(as_batch_source(source))
-        bar = None
+        source = as_batch_source(source)
+        plan = self._plan()
+        trained: dict[str, SparseDictionary] = {}
         try:
             self._start_wandb()
-            # whole batches: the last one may run past total_tokens
-            bar = token_bar(self.total_steps * self.batch_size, desc="train", initial=self.tokens_seen,
-                            enabled=self.progress)
+            passes = self._passes(plan)
+            for i, (start, names) in enumerate(passes):
+                desc = "train" if len(passes) == 1 else f"train {i + 1}/{len(passes)}"
+                trained.update(self._train_pass(source, start, {n: plan[n] for n in names}, plan, desc))
+        finally:
+            self._close()
+        self._end()
+        return {name: trained[name] for name in self.names if name in trained}
+
+    def _train_pass(self, source: BatchSource, start: int, found: Mapping[str, Found | None],
+                    plan: Mapping[str, Found | None], desc: str) -> dict[str, SparseDictionary]:
+        """One pass over the batches from step `start` for the dictionaries that start there."""
+        first, rest = self._open(source, start, found, plan)
+        bar = token_bar(self.total_steps * self.batch_size, desc=desc, initial=self.tokens_seen,
+                        enabled=self.progress)  # whole batches: the last one may run past total_tokens
+        try:
             for batch in self._batches_to_train(first, rest):
                 self._train_step(batch)
                 bar.update(self.tokens_seen - bar.n)
@@ -531,34 +693,36 @@ class Trainer:
                     self._log_window(bar)
                 if self._checkpoint_due():
                     self._save_checkpoint()
-            self._check_finite()
-            return self._finish()
+                if not self._live():  # every dictionary of this pass diverged
+                    break
+            self._check_divergence()
         finally:
-            self._close(bar)
+            bar.close()
+        done = {s.name: s.dictionary if s.divergence else self._finished_dictionary(s) for s in self.slots}
+        self.slots = []
+        return done
 
-    def _start(self, source: BatchSource) -> tuple[Mapping[str, Tensor], Iterator[Mapping[str, Tensor]]]:
-        """Build the dictionaries and resume them from the latest checkpoint, or initialise them
-        from the first batch; returns (the first batch to train on, the batches after it)."""
-        found = self._find_checkpoint()
-        state, start_step = None, 0
-        if found is not None:
-            self._last_checkpoint, state = found
-            start_step = int(state["step"])
-        if self.data_parallel:
-            self._check_same_start(start_step)
-        rest = source.batches(start_step)
+    def _open(self, source: BatchSource, start: int, found: Mapping[str, Found | None],
+              plan: Mapping[str, Found | None]) -> tuple[Mapping[str, Tensor], Iterator[Mapping[str, Tensor]]]:
+        """Build the dictionaries of a pass and resume them from their checkpoints, or initialise
+        them from the first batch; returns (the first batch to train on, the batches after it)."""
+        rest = source.batches(start)
         first = next(rest, None)
         if first is None:
             raise UserError("the batch source yielded no batches")
-        self._build(first)
+        self.slots = self._build(first, list(found))
+        if self.batch_size is None:
+            self._set_batch_size(int(first[self.slots[0].hook].shape[0]), plan)
         if self.data_parallel:
             self._check_same_batches(first)
-        if state is not None:
-            self._load_state(state)
-        else:
-            self._init_from_data(first)  # data parallel: the whole batch, on every rank alike
-            self.batch_size = int(first[self.slots[0].hook].shape[0])
-            self.total_steps = math.ceil(self.total_tokens / self.batch_size)
+        self.step, self.tokens_seen = start, 0
+        for s in self.slots:
+            if found[s.name] is not None:
+                self._load_member(s, found[s.name])
+                self.tokens_seen = int(found[s.name][1]["tokens_seen"])
+            else:  # data parallel: the whole batch, on every rank alike
+                self._init_from_data(s, first)
+            s.remember_good(self.step, self.tokens_seen)
         self._histogram_tokens = self.tokens_seen
         return first, rest
 
@@ -577,28 +741,29 @@ class Trainer:
             batch = None
 
     def _train_step(self, batch: Mapping[str, Tensor]) -> None:
-        """Every dictionary's optimiser step on this batch (data parallel: on this rank's shard)."""
-        B = int(batch[self.slots[0].hook].shape[0])
-        shard = self._own_shard(batch, B)
-        for s in self.slots:
+        """Every live dictionary's optimiser step on this batch (data parallel: on this rank's shard)."""
+        live = self._live()
+        B = int(batch[live[0].hook].shape[0])
+        shard = self._own_shard(batch, B, live)
+        for s in live:
             s.step(shard[s.hook], self.step, self.total_steps, self.autocast_dtype, self.shards)
         self.tokens_seen += B
         self.step += 1
-        for s in self.slots:
+        for s in live:
             every = s.dictionary.resample_every_tokens()
             if every and self.tokens_seen < self.total_tokens and self._crossed(every, B):
                 # data parallel: the whole batch, identically on every rank
                 x = batch[s.hook].to(self.device, torch.float32) if self.data_parallel else shard[s.hook]
                 self._resample(s, x)
 
-    def _own_shard(self, batch: Mapping[str, Tensor], B: int) -> dict[str, Tensor]:
+    def _own_shard(self, batch: Mapping[str, Tensor], B: int, slots: Sequence[_Slot]) -> dict[str, Tensor]:
         """{hook: this process's rows of the batch, on the training device} (data parallel: its
         contiguous slice; otherwise the whole batch)."""
         lo, hi = 0, B
         if self.data_parallel:
             dist.check_batch_divisible(B)
             lo, hi = self.rank * B // self.world, (self.rank + 1) * B // self.world
-        hooks = dict.fromkeys(s.hook for s in self.slots)
+        hooks = dict.fromkeys(s.hook for s in slots)
         return {h: batch[h][lo:hi].to(self.device, torch.float32, non_blocking=True) for h in hooks}
 
     def _crossed(self, every: int, batch_size: int) -> bool:
@@ -610,27 +775,6 @@ class Trainer:
         if not every or self.tokens_seen >= self.total_tokens:
             return False
         return self._crossed(every, self.batch_size or 1)
-
-    def _log_window(self, bar: Any) -> None:
-        """Read the window's statistics (one host sync), show and log them; frequency histograms
-        every `histogram_every_tokens`."""
-        self._check_finite()
-        stats = self._read_stats()
-        bar.set_postfix_str(self._postfix(stats), refresh=False)
-        every = self.histogram_every_tokens or max(self.total_tokens // 20, 1)
-        histograms = self.tokens_seen - self._histogram_tokens >= every
-        self._log(stats, histograms)
-        if histograms:
-            for s in self.slots:
-                s.tracker.window.restart()
-            self._histogram_tokens = self.tokens_seen
-
-    def _check_same_start(self, start_step: int) -> None:
-        """Data parallel: every rank must resume from the same checkpoint."""
-        steps = dist.all_gather(torch.tensor([start_step])).tolist()
-        if len(set(steps)) > 1:
-            raise UserError(f"the ranks found different checkpoints to resume from (steps {steps}): "
-                            f"every rank must see the same out_dir {self.out_dir}")
 
     def _check_same_batches(self, batch: Mapping[str, Tensor]) -> None:
         """Data parallel: every rank must draw the same global batches (same source and seed)."""
@@ -653,35 +797,44 @@ class Trainer:
             s.tracker.resampled += int(ids.numel())
 
     # -- the end ------------------------------------------------------------------------------------------
-    def _finish(self) -> dict[str, SparseDictionary]:
-        """Fold, annotate and save every dictionary; then the checkpoints go."""
-        result = {s.name: self._finished_dictionary(s) for s in self.slots}
-        if self.out_dir is not None and not self.keep_checkpoint and self.writes:
-            ckpt.remove_checkpoints(self.checkpoint_dir)
-        dist.barrier()
-        if self.placement == "dictionary_per_rank" and self.rank == 0 and not self.keep_checkpoint \
-                and self.out_dir is not None:  # every rank has removed its own folder in it
-            ckpt.remove_checkpoints(ckpt.checkpoint_dir(self.out_dir))
-        return result
-
     def _finished_dictionary(self, s: _Slot) -> SparseDictionary:
+        """Fold, annotate and save a dictionary (trained, or diverged: its last good weights); its
+        checkpoints then go."""
         d = s.dictionary
         d.fold_input_scale()
         d.eval()
         d.metadata.update(self.metadata.get(s.name, {}))
         d.metadata.setdefault("hook_name", s.hook if s.hook != DEFAULT_HOOK else None)
-        d.metadata["tokens_trained"] = self.tokens_seen
+        d.metadata["tokens_trained"] = self.tokens_seen if s.divergence is None else s.good_at[1]
         d.metadata["lr_used"] = d.lr  # the hyperparameters keep lr: null when it was the default
         if d.resample_every_tokens():
             d.metadata["features_resampled"] = s.tracker.resampled
+        if s.divergence is not None:
+            d.metadata["status"] = "diverged"
+            d.metadata["divergence"] = s.divergence
         d.metadata["library_version"] = sae.__version__
         if self.out_dir is not None and self.writes:
             d.save(self.out_dir / s.name)
+            if not self.keep_checkpoint:
+                ckpt.remove_checkpoints(ckpt.member_dir(self.out_dir, s.name))
         return d
 
-    def _close(self, bar: Any) -> None:
-        if bar is not None:
-            bar.close()
+    def _end(self) -> None:
+        """Once every rank is done: remove the checkpoints folder if nothing is left in it (the
+        checkpoints of dictionaries not in this run are kept, and named), and say how many diverged."""
+        dist.barrier()
+        if self.out_dir is not None and dist.is_main() and not self.keep_checkpoint:
+            others = [n for n in ckpt.members_with_checkpoints(self.out_dir) if n not in self.all_names]
+            if others:
+                print(f"[train] kept the checkpoints of {', '.join(others)} (not in this run): add them back to "
+                      f"resume them, or delete their folders in {ckpt.checkpoint_dir(self.out_dir)}", flush=True)
+            ckpt.remove_if_empty(ckpt.checkpoint_dir(self.out_dir))
+        if self.diverged:
+            names = ", ".join(f"{n} (step {r['step']})" for n, r in self.diverged.items())
+            self._say(f"{len(self.diverged)} of {len(self.names)} dictionaries diverged: {names}; their last "
+                      f"good weights are saved with status: diverged")
+
+    def _close(self) -> None:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
@@ -717,8 +870,11 @@ def train_dictionaries(source: Any, configs: Sequence[DictionaryConfig], *, tota
         device: where the dictionaries train ("cpu", "cuda", ...); batches are moved there.
         out_dir: where `<name>/sae.safetensors` + `cfg.json` and the checkpoints go (None: nothing
             is written; the trained dictionaries are only returned).
-        checkpoint_every_tokens: write a checkpoint into `out_dir/checkpoints/` this often; an
-            existing checkpoint there is resumed from.
+        checkpoint_every_tokens: write each dictionary's checkpoint into
+            `out_dir/checkpoints/<name>/` this often. Calling again with the same out_dir resumes
+            each dictionary from its checkpoint when it was made with the same settings (config as
+            written, total_tokens, metadata; same batch size) and restarts it otherwise; one line
+            names each one resumed or restarted.
         metadata: {dictionary name: {...}} written into each cfg.json (model_name, hook_name,
             dataset, context_size, ...).
         wandb: {"mode": "disabled" | "offline" | "online", "project": ..., "log_every": steps,
@@ -728,15 +884,20 @@ def train_dictionaries(source: Any, configs: Sequence[DictionaryConfig], *, tota
         progress: show a progress bar (tokens/s, ETA, and loss, L0, FVU, dead per dictionary).
         placement: under torchrun, "data_parallel" (default) or "dictionary_per_rank" (see the
             module docstring); ignored by a single process.
+        stop_on_divergence: stop everything (TrainingDiverged) when one dictionary's loss becomes
+            NaN/inf, instead of letting that one leave and the others go on (the default).
+        log_every: steps between statistics read-backs (progress bar, wandb, divergence checks).
 
     Returns:
         {name: dictionary}, folded to raw-activation units (input_scale 1) and in eval mode. Names
-        are `cfg.name`, or the architecture plus the keys that differ between configs.
+        are `cfg.name`, or the architecture plus the keys that differ between configs. A dictionary
+        that diverged is there too, with its last good weights and `metadata["status"] ==
+        "diverged"` (`metadata["divergence"]`: step, tokens, restored_step, loss_tail).
 
     Raises:
-        TrainingDiverged: a loss became NaN/inf (names the dictionary and step; the last good
-            checkpoint is kept). ConfigError: bad or inconsistent configs, or a checkpoint in
-            `out_dir` made by other configs.
+        TrainingDiverged: with stop_on_divergence, a loss became NaN/inf (names the dictionary and
+            step; its last good checkpoint is kept). ConfigError: bad or inconsistent configs, a
+            checkpoint in `out_dir` made with another batch size or by an earlier format.
     """
     trainer = Trainer(configs, total_tokens=total_tokens, d_in=d_in, device=device, out_dir=out_dir,
                       checkpoint_every_tokens=checkpoint_every_tokens, metadata=metadata, wandb=wandb,

@@ -9,10 +9,11 @@ OUT_DIR/cache with `distributed=True`; rank FAIL_RANK fails after writing its fi
 
 TASK train PLACEMENT [DIE_AT_STEP DIE_RANK]: trains CONFIGS on synthetic batches; PLACEMENT is none,
 data_parallel, dictionary_per_rank, or several comma-separated runs, one after the other, each
-`NAME=PLACEMENT` into OUT_DIR/NAME. Rank DIE_RANK SIGKILLs itself when it draws step DIE_AT_STEP
-(of the last run). Each rank records the step its
-batches started from in start-<rank>.txt (to show a relaunch resumed) and the names of the
-dictionaries it trained in trained-<rank>.txt.
+`NAME=PLACEMENT` into OUT_DIR/NAME. A placement may end in edits of the sweep: `+boom` adds a
+dictionary whose huge lr makes it diverge, `-gated` leaves that one out (`data_parallel-gated+boom`).
+Rank DIE_RANK SIGKILLs itself when it draws step DIE_AT_STEP (of the last run). Each rank records
+the step its batches started from in start-<rank>.txt (to show a relaunch resumed) and the names
+of the dictionaries it trained in trained-<rank>.txt.
 """
 
 from __future__ import annotations
@@ -42,8 +43,24 @@ CONFIGS = [
 ]
 
 
-def configs():
-    return [parse_dictionary_config({**COMMON, **c}) for c in CONFIGS]
+# lr 1e30: one Adam step moves weights by ~1e30, whose squares overflow float32 (inf, then NaN)
+BOOM = {"name": "boom", "architecture": "relu", "l1_coefficient": 3.0, "lr": 1e30,
+        "hook_name": "hook.b"}
+
+
+def configs(edits: str = ""):
+    """CONFIGS edited as `edits` says: '+boom' adds BOOM, '-NAME' leaves NAME out."""
+    chosen = [*CONFIGS, BOOM] if "+boom" in edits else list(CONFIGS)
+    left_out = {e.split("+")[0] for e in edits.split("-")[1:]}
+    return [parse_dictionary_config({**COMMON, **c}) for c in chosen if c["name"] not in left_out]
+
+
+def split_placement(spec: str) -> tuple[str, str]:
+    """'data_parallel-gated+boom' -> ('data_parallel', '-gated+boom')."""
+    for i, ch in enumerate(spec):
+        if ch in "+-":
+            return spec[:i], spec[i:]
+    return spec, ""
 
 
 class Source:
@@ -104,12 +121,13 @@ def main(argv: list[str]) -> None:
         die_rank = int(argv[4]) if len(argv) > 4 else -1
         runs = argv[2].split(",")
         for i, run in enumerate(runs):  # several: one after the other, into OUT_DIR/<name>
-            name, _, placement = run.rpartition("=")
+            name, _, spec = run.rpartition("=")
+            placement, edits = split_placement(spec)
             out = out_dir if len(runs) == 1 else os.path.join(out_dir, name or placement)
             os.makedirs(out, exist_ok=True)
             last = i == len(runs) - 1  # the kill applies to the last run only
             source = Source(out, die_at if last else -1, die_rank if last else -1)
-            result = train_dictionaries(source, configs(), total_tokens=TOTAL_TOKENS,
+            result = train_dictionaries(source, configs(edits), total_tokens=TOTAL_TOKENS,
                                         out_dir=out, checkpoint_every_tokens=8 * BATCH, progress=False,
                                         placement=None if placement == "none" else placement)
             with open(os.path.join(out, f"trained-{distributed.rank()}.txt"), "w") as f:

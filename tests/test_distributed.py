@@ -1,10 +1,14 @@
 """Several processes (torch.distributed, gloo, 2 CPU ranks launched by torch.distributed.run):
 data-parallel training equals one process, dictionary-per-rank trains each dictionary once, a
-killed rank resumes from the last checkpoint, a distributed harvest writes the same cache as one
-process, and `torchrun train.py CONFIG.yaml` runs the same YAML (evaluated afterwards without it).
+diverging dictionary leaves without changing (or hanging) the others, a killed sweep rerun
+without one dictionary resumes the rest (dictionary per rank: on another number of processes), a
+distributed harvest writes the same cache as one process, and `torchrun train.py CONFIG.yaml`
+runs the same YAML (evaluated afterwards without it; a finished run with one dictionary added
+trains only that one).
 
 The ranks run tests/dist_worker.py (synthetic batches: 5 dictionaries of every architecture on
-two hook points, 24 steps of 128 rows, a checkpoint every 8 steps)."""
+two hook points, 24 steps of 128 rows, a checkpoint every 8 steps; `+boom` adds a sixth whose
+huge lr makes it diverge)."""
 
 from __future__ import annotations
 
@@ -57,8 +61,8 @@ def single(*args: str, script: Path = WORKER) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
-def weights(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {n: load_tensors(out_dir / n / "sae.safetensors") for n in NAMES}
+def weights(out_dir: Path, names=NAMES) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: load_tensors(out_dir / n / "sae.safetensors") for n in names}
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +76,12 @@ def one_process(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     """One launch (launches are the slow part) training, one after the other: data parallel,
-    dictionary per rank, and data parallel again with rank 1 SIGKILLing itself when it draws
-    step 13 (checkpoints at steps 8 and 16), which ends the launch."""
+    dictionary per rank, both again with a diverging sixth dictionary, and data parallel again
+    with rank 1 SIGKILLing itself when it draws step 13 (checkpoints at steps 8 and 16), which
+    ends the launch."""
     out = tmp_path_factory.mktemp("two")
     r = launch("train", out, "data_parallel=data_parallel,dictionary_per_rank=dictionary_per_rank,"
-               "killed=data_parallel", 13, 1)
+               "diverged_dp=data_parallel+boom,diverged_pr=dictionary_per_rank+boom,killed=data_parallel", 13, 1)
     assert r.returncode != 0  # the kill
     assert "SIGKILL" in r.stderr or "-9" in r.stderr, r.stderr[-3000:]
     return out
@@ -85,6 +90,14 @@ def two_ranks(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def data_parallel(two_ranks) -> Path:
     return two_ranks / "data_parallel"
+
+
+def assert_same_weights(a: Path, b: Path, names=NAMES) -> None:
+    wa, wb = weights(a, names), weights(b, names)
+    for name in names:
+        assert set(wa[name]) == set(wb[name])
+        for k in wa[name]:
+            assert torch.equal(wa[name][k], wb[name][k]), f"{name}/{k} differs between {a.name} and {b.name}"
 
 
 def test_data_parallel_matches_one_process(one_process, data_parallel):
@@ -110,27 +123,80 @@ def test_dictionary_per_rank_trains_each_once_and_saves_all(one_process, two_ran
     assert mine[0] and mine[1] and not (mine[0] & mine[1])  # each dictionary on exactly one rank
     assert mine[0] | mine[1] == set(NAMES)
     # each rank trained its own on the whole batch stream: exactly what one process computes
-    a, b = weights(one_process), weights(tmp_path)
-    for name in NAMES:
-        for k in a[name]:
-            assert torch.equal(a[name][k], b[name][k]), f"{name}/{k}"
+    assert_same_weights(one_process, tmp_path)
     assert not (tmp_path / ckpt.CHECKPOINT_DIR).exists()
 
 
-def test_killed_rank_resumes_from_last_checkpoint(two_ranks, data_parallel):
-    # rank 1 SIGKILLed itself drawing step 13 (checkpoints at steps 8 and 16): the launch failed ...
-    tmp_path = two_ranks / "killed"
-    assert ckpt.latest_path(tmp_path / ckpt.CHECKPOINT_DIR).name == "checkpoint-0000000008.pt"
-    assert not (tmp_path / "topk").exists()
-    # ... and the same command again resumes both ranks at step 8, ending where an
-    # uninterrupted 2-rank run ends
-    r = launch("train", tmp_path, "data_parallel")
+@pytest.fixture(scope="module")
+def one_process_with_boom(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one_boom")
+    r = single("train", out, "none+boom")
     assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("placement", ["dp", "pr", "one"])
+def test_a_diverging_dictionary_leaves_and_the_others_finish_as_without_it(request, two_ranks, placement):
+    """A sixth dictionary with a huge lr diverges: the other five have the weights of the same
+    sweep without it (one process, data parallel, dictionary per rank), the launch went on to its
+    later runs (no rank hung on a collective of the diverged one), and its folder holds its last
+    good weights with status: diverged."""
+    if placement == "one":
+        out, expected = request.getfixturevalue("one_process_with_boom"), request.getfixturevalue("one_process")
+    else:
+        out = two_ranks / f"diverged_{placement}"
+        expected = two_ranks / "data_parallel" if placement == "dp" else request.getfixturevalue("one_process")
+    assert_same_weights(expected, out)
+    cfg = json.loads((out / "boom" / "cfg.json").read_text())
+    assert cfg["status"] == "diverged" and cfg["hyperparameters"]["lr"] == 1e30
+    assert cfg["divergence"]["step"] == 1 and cfg["divergence"]["loss_tail"][-1][1] in ("nan", "inf")
+    assert cfg["divergence"]["restored_step"] == 0 and cfg["tokens_trained"] == 0
+    boom = load_tensors(out / "boom" / "sae.safetensors")
+    assert all(torch.isfinite(t).all() for t in boom.values())
+    ranks = (0,) if placement == "one" else (0, 1)
+    assert set().union(*((out / f"trained-{r}.txt").read_text().split() for r in ranks)) == {*NAMES, "boom"}
+    assert not (out / ckpt.CHECKPOINT_DIR).exists()
+
+
+@pytest.fixture(scope="module")
+def resumed(two_ranks) -> tuple[Path, subprocess.CompletedProcess]:
+    """A second launch: the killed data-parallel sweep again without `gated`, then a
+    dictionary-per-rank sweep that rank 1 SIGKILLs at step 13 (ending the launch)."""
+    for name in NAMES:  # rank 1 died drawing step 13: every dictionary's last checkpoint is step 8
+        assert ckpt.latest_path(ckpt.member_dir(two_ranks / "killed", name)).name == "checkpoint-0000000008.pt"
+    assert not (two_ranks / "killed" / "topk").exists()
+    r = launch("train", two_ranks, "killed=data_parallel-gated,killed_pr=dictionary_per_rank", 13, 1)
+    assert r.returncode != 0 and ("SIGKILL" in r.stderr or "-9" in r.stderr), r.stderr[-3000:]
+    return two_ranks, r
+
+
+def test_killed_sweep_rerun_without_a_dictionary_resumes_the_rest(resumed, data_parallel):
+    two_ranks, r = resumed
+    tmp_path = two_ranks / "killed"
+    # both ranks resumed at step 8 and ended where the uninterrupted 2-rank run ends
     assert [(tmp_path / f"start-{r}.txt").read_text() for r in (0, 1)] == ["8", "8"]
-    a, b = weights(data_parallel), weights(tmp_path)
-    for name in NAMES:
-        for k in a[name]:
-            assert torch.equal(a[name][k], b[name][k]), f"{name}/{k} differs after resume"
+    kept = [n for n in NAMES if n != "gated"]
+    assert_same_weights(data_parallel, tmp_path, kept)
+    for name in kept:
+        assert f"{name}: resumes at step 8" in r.stdout
+    # the left-out dictionary's checkpoint is kept (and said so), not trained, not removed
+    assert not (tmp_path / "gated").exists()
+    assert ckpt.latest_path(ckpt.member_dir(tmp_path, "gated")).name == "checkpoint-0000000008.pt"
+    assert "kept the checkpoints of gated (not in this run)" in r.stdout
+
+
+def test_dictionary_per_rank_checkpoints_resume_on_another_number_of_processes(resumed, one_process):
+    """Rank 1 died at step 13; rank 0 was stopped by torchrun wherever it was (checkpoint 8 or
+    16, or finished). One process resumes each dictionary from its own checkpoint (one pass per
+    step they stopped at) and ends bit-identical to one uninterrupted process."""
+    two_ranks, _ = resumed
+    tmp_path = two_ranks / "killed_pr"
+    assert ckpt.members_with_checkpoints(tmp_path)
+    r = single("train", tmp_path, "none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumes at step" in r.stdout
+    assert_same_weights(one_process, tmp_path)
+    assert not (tmp_path / ckpt.CHECKPOINT_DIR).exists()
 
 
 def test_distributed_harvest_equals_single_process_and_resumes(tiny_model_dir, tmp_path):
@@ -212,6 +278,29 @@ def test_torchrun_train_py_then_evaluate_without_it(tiny_model_dir, tiny_text_fi
     r = launch(config, "eval.enabled=true", script=REPO / "train.py")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("is complete with this config") == 1 and "evaluating" not in r.stdout
+    # ... and with one dictionary added: only that one is trained (on one of the ranks) and evaluated
+    before = files_of(run_dir)
+    bigger = tmp_path / "bigger.yaml"
+    bigger.write_text(config.read_text() + ADDED)
+    r = launch(bigger, "eval.enabled=true", script=REPO / "train.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(r.stdout.count(f"{n}: already trained, reused") == 1 for n in ("topk", "relu", "topk2"))
+    assert "saved 1 dictionaries" in r.stdout and "evaluating 1 dictionaries" in r.stdout
+    after = files_of(run_dir)
+    changed = sorted(p for p in after if after[p] != before.get(p))
+    assert {p.split("/")[0] for p in changed} == {"topk3", "config.yaml", "summary.md", "summary.json"}, changed
+    assert (run_dir / "topk3" / "eval.json").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [row["name"] for row in summary["dictionaries"]] == ["topk", "relu", "topk2", "topk3"]
+
+
+ADDED = "  - {name: topk3, architecture: topk, k: 3, d_sae: 32, hook_name: blocks.0.hook_resid_post}\n"
+
+
+def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """{relative path: (bytes, mtime)} of every file under folder but the cache."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).parts[0] != "cache"}
 
 
 def test_assignment_balances_the_ranks_largest_first():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sae
+from conftest import make_tiny_model
 from pipeline import run_experiment
 from sae.config import load_run_config
 
@@ -97,12 +98,86 @@ def test_rerun_reuses_finished_dictionaries(tmp_path, tiny_model_dir, tiny_text_
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "trained with other settings (k: 4 -> 5)" in proc.stderr.strip().splitlines()[-1]
-    # so is a change to the run-level training settings every dictionary shares
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(path), "train.batch_size=128"],
+    # so is a change to what every dictionary was trained on (batches, model, dataset, a hook point):
+    # one line naming it, exit status 2, and nothing already written is touched
+    other_model = make_tiny_model(tmp_path / "other_model", seed=1)
+    other_text = tmp_path / "other.txt"
+    other_text.write_text(tiny_text_file.read_text().upper())
+    before = files_of(run.run_dir)
+    for override, named in [("train.batch_size=128", "train.batch_size: 256 -> 128"),
+                            (f"model={other_model}", f"model: '{tiny_model_dir}' -> '{other_model}'"),
+                            (f"data.source={other_text}", f"data.source: '{tiny_text_file}' -> '{other_text}'"),
+                            ("dictionaries.0.hook_name=blocks.1.hook_mlp_out",
+                             "dictionary 'topk' of {} was trained on blocks.0.hook_resid_post, this config puts "
+                             "it on blocks.1.hook_mlp_out".format(run.run_dir))]:
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(path), override],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and named in lines[0], proc.stderr
+        assert files_of(run.run_dir) == before, override
+
+
+def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """{relative path: (bytes, mtime)} of every file under folder (the cache's files by size)."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if "cache" not in p.parts else p.stat().st_size,
+                                         p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# Added to the finished run of RUN: a member trained and evaluated on its own, and one whose
+# huge lr makes its loss NaN within two steps.
+ADDED = """\
+  - {name: topk8, architecture: topk, k: 8, d_sae: 64, hook_name: blocks.0.hook_resid_post}
+  - {name: boom, architecture: relu, d_sae: 64, l1_coefficient: 0.3, lr: 1.0e+30, hook_name: blocks.1.hook_mlp_out}
+"""
+
+
+def test_a_finished_sweep_with_dictionaries_added_trains_only_those(tmp_path, tiny_model_dir, tiny_text_file):
+    """The others' files stay byte for byte what they were (not re-evaluated either); the new one
+    trains its full budget and is evaluated; the diverging one leaves with status: diverged, a row
+    in the summary, the last line and exit status 3; with train.stop_on_divergence it stops all."""
+    path = write_config(tmp_path, tiny_model_dir, tiny_text_file)
+    run, dicts = load_run_config(path)
+    run_experiment(run, dicts)
+    before = files_of(run.run_dir)
+    bigger = tmp_path / "bigger.yaml"
+    bigger.write_text(path.read_text().replace("prune:", ADDED + "prune:"))
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(bigger), "train.stop_on_divergence=true"],
                           capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "trained with other settings (batch_size: 256 -> 128)" in proc.stderr.strip().splitlines()[-1]
-    assert (run.run_dir / "topk" / "sae.safetensors").read_bytes() == weights
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: dictionary 'boom': the loss became "
+                                                           "NaN or inf at step 1")
+    assert not (run.run_dir / "boom").exists() and not (run.run_dir / "topk8").exists()
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(bigger)], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    out = proc.stdout.strip().splitlines()
+    assert "[train.py] topk: already trained, reused" in out and "[train.py] relu: already trained, reused" in out
+    assert "evaluating 1 dictionaries" in proc.stdout  # topk8; topk's pruned folder is kept too
+    assert out[-1].startswith("[train.py] 1 of 4 dictionaries diverged: boom (step 1)"), out[-1]
+    after = files_of(run.run_dir)
+    changed = {p.split("/")[0] for p in after if after[p] != before.get(p)}
+    assert changed == {"topk8", "boom", "config.yaml", "summary.md", "summary.json"}
+    assert not (run.run_dir / "checkpoints").exists()
+    cfg = json.loads((run.run_dir / "topk8" / "cfg.json").read_text())
+    assert cfg["tokens_trained"] == json.loads((run.run_dir / "topk" / "cfg.json").read_text())["tokens_trained"]
+    assert json.loads((run.run_dir / "topk8" / "eval.json").read_text())["fvu"] < FVU_BELOW["topk"]
+    boom = json.loads((run.run_dir / "boom" / "cfg.json").read_text())
+    assert boom["status"] == "diverged" and boom["divergence"]["step"] == 1 and boom["hyperparameters"]["lr"] == 1e30
+    assert not (run.run_dir / "boom" / "eval.json").exists()
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    status = {row["name"]: row["status"] for row in summary["dictionaries"]}
+    assert status == {"topk": "trained", "relu": "trained", "topk8": "trained", "topk-pruned-0.05": "trained",
+                      "boom": "diverged"}
+    row = next(r for r in summary["dictionaries"] if r["name"] == "boom")
+    assert row["fvu"] is None and row["divergence"]["step"] == 1 and row["lr"] == 1e30
+    md = (run.run_dir / "summary.md").read_text()
+    assert "| boom | blocks.1.hook_mlp_out | 64 | 1e+30 | 1 | 0 |" in md
+    # the same again: the run is complete, and still says so and exits 3
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(bigger)], capture_output=True, text=True)
+    assert proc.returncode == 3 and "is complete with this config" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("[train.py] 1 of 4 dictionaries diverged: boom")
+    assert files_of(run.run_dir) == after
 
 
 def test_missing_hook_is_one_line(tmp_path, tiny_model_dir, tiny_text_file):

@@ -18,7 +18,7 @@ import torch
 
 import sae
 from sae import checkpoint as ckpt
-from sae.dictionaries import SparseDictionary, parse_dictionary_config
+from sae.dictionaries import SparseDictionary, get_architecture, parse_dictionary_config
 from sae.errors import ConfigError, TrainingDiverged
 from sae.io import load_tensors
 from sae.loading import load_dictionary
@@ -178,32 +178,141 @@ class PoisonedSource:
             yield b
 
 
-def test_nan_stops_with_training_diverged_and_keeps_the_last_checkpoint(tmp_path):
+def test_stop_on_divergence_stops_with_training_diverged_and_keeps_the_last_checkpoints(tmp_path):
     data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=3)
     cfgs = [parse_dictionary_config({"architecture": "relu", "d_sae": 32, "name": "good"}),
             parse_dictionary_config({"architecture": "topk", "k": 3, "d_sae": 32, "name": "t"})]
-    with pytest.raises(TrainingDiverged, match=r"'good'.*step 30"):
+    with pytest.raises(TrainingDiverged, match=r"'good'.*step 30.*checkpoint-0000000030.pt is kept"):
         train_dictionaries(PoisonedSource(data, 30), cfgs, total_tokens=100 * 128, out_dir=tmp_path,
-                           checkpoint_every_tokens=10 * 128, progress=False, log_every=20)
-    kept = ckpt.latest_path(tmp_path / ckpt.CHECKPOINT_DIR)
-    assert kept is not None and kept.name == "checkpoint-0000000030.pt"
-    state = torch.load(kept, weights_only=True)
-    assert state["step"] == 30
-    for st in state["dictionaries"].values():
-        assert all(torch.isfinite(t).all() for t in st["model"].values() if t.is_floating_point())
-    assert not (tmp_path / "good" / "sae.safetensors").exists()
+                           checkpoint_every_tokens=10 * 128, progress=False, log_every=20, stop_on_divergence=True)
+    for name in ("good", "t"):
+        kept = ckpt.latest_path(ckpt.member_dir(tmp_path, name))
+        assert kept is not None and kept.name == "checkpoint-0000000030.pt"
+        state = torch.load(kept, weights_only=True)
+        assert state["step"] == 30 and state["name"] == name
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+        assert not (tmp_path / name / "sae.safetensors").exists()
 
 
-def test_checkpoint_of_other_configs_is_refused(tmp_path):
+class TwoHooks:
+    """Batches of two hook points; hook "b" turns inf at step `bad_step` (only what trains on it
+    can diverge)."""
+
+    def __init__(self, bad_step: int):
+        self.a = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=3)
+        self.b = PoisonedSource(SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=4), bad_step)
+
+    def batches(self, start_step=0):
+        for a, b in zip(self.a.batches(start_step), self.b.batches(start_step)):
+            yield {"a": a["synthetic"], "b": b["synthetic"]}
+
+
+DIVERGE_SWEEP = [{"architecture": "relu", "d_sae": 32, "name": "good", "hook_name": "a"},
+                 {"architecture": "topk", "k": 3, "d_sae": 32, "name": "t", "hook_name": "a"},
+                 {"architecture": "relu", "d_sae": 32, "name": "boom", "hook_name": "b"}]
+
+
+def _diverge_sweep(out_dir, names, checkpoint_every_tokens=15 * 128, **kwargs):
+    cfgs = [parse_dictionary_config(c) for c in DIVERGE_SWEEP if c["name"] in names]
+    return train_dictionaries(TwoHooks(bad_step=7), cfgs, total_tokens=40 * 128, out_dir=out_dir,
+                              checkpoint_every_tokens=checkpoint_every_tokens, log_every=5, **kwargs)
+
+
+def test_a_diverging_dictionary_leaves_and_the_others_finish_as_without_it(tmp_path, monkeypatch, capsys):
+    """`boom`'s loss becomes inf at step 7 (its activations do); the check of step 10 notices it,
+    restores its weights of the check of step 5, saves them with status: diverged, says so in the
+    logs, the progress bar and wandb, and trains it no more. The others end with the very weights
+    of the same sweep without it. (A huge lr diverges alike: tests/test_pipeline.py.)"""
+    logged, summary = [], {}
+    fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(log=lambda row, step=None: logged.append(row),
+                                                                         finish=lambda: None, summary=summary),
+                                 Histogram=lambda values, num_bins: "histogram",
+                                 util=types.SimpleNamespace(generate_id=lambda: "abc"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = _diverge_sweep(tmp_path / "with", ["good", "t", "boom"], wandb={"mode": "offline"})
+    captured = capsys.readouterr()
+    without = _diverge_sweep(tmp_path / "without", ["good", "t"], progress=False)
+    for name in ("good", "t"):
+        for k, w in without[name].weights().items():
+            assert torch.equal(out[name].weights()[k], w), f"{name}/{k}"
+        assert out[name].metadata.get("status") is None
+    record = json.loads((tmp_path / "with" / "boom" / "cfg.json").read_text())
+    assert record["status"] == "diverged" and record["hyperparameters"]["name"] == "boom"
+    assert {k: v for k, v in record["divergence"].items() if k != "loss_tail"} == \
+        {"step": 7, "tokens": 7 * 128, "restored_step": 5}
+    tail = record["divergence"]["loss_tail"]
+    assert [step for step, _ in tail] == [5, 10] and isinstance(tail[0][1], float) and tail[1][1] in ("nan", "inf")
+    assert record["tokens_trained"] == 5 * 128
+    saved = load_tensors(tmp_path / "with" / "boom" / "sae.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    # its weights of step 5: those of the checkpoint of step 5 of the same dictionary trained alone
+    with pytest.raises(TrainingDiverged, match="'boom'.*step 7"):
+        _diverge_sweep(tmp_path / "alone", ["boom"], stop_on_divergence=True, progress=False,
+                       checkpoint_every_tokens=5 * 128)
+    state = torch.load(ckpt.latest_path(ckpt.member_dir(tmp_path / "alone", "boom")), weights_only=True)
+    assert state["step"] == 5
+    reference = get_architecture("relu")(parse_dictionary_config(DIVERGE_SWEEP[2]), 16)
+    reference.load_state_dict(state["model"])
+    reference.fold_input_scale()
+    assert {k: torch.equal(saved[k], w) for k, w in reference.weights().items()} == dict.fromkeys(saved, True)
+    assert out["boom"].metadata["status"] == "diverged"
+    assert "[train] boom: diverged (loss nan in the window ending at step 10, first non-finite at step 7); its " \
+           "weights of step 5 are saved with status: diverged" in captured.out, captured.out
+    assert captured.out.strip().splitlines()[-1].startswith("[train] 1 of 3 dictionaries diverged: boom (step 7)")
+    assert "1 diverged" in captured.err  # the progress bar's last line
+    assert any(row.get("boom/diverged_at_step") == 7 for row in logged) and summary["boom/status"] == "diverged"
+    assert [row["train_step"] for row in logged if "boom/loss" in row] == [5]
+    assert not (tmp_path / "with" / ckpt.CHECKPOINT_DIR).exists()
+
+
+def test_a_rerun_resumes_unchanged_dictionaries_and_restarts_changed_ones(tmp_path, capsys):
+    """Each dictionary checkpoints on its own: a rerun with one hyperparameter of one changed
+    resumes the other at its checkpoint (ending bit-identical to the first run) and trains the
+    changed one from step 0 in its own pass (bit-identical to training it alone). Another batch
+    size is refused before anything is written."""
+    data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=4)
+    t3 = parse_dictionary_config({"architecture": "topk", "k": 3, "d_sae": 32, "name": "t"})
+    t4 = parse_dictionary_config({"architecture": "topk", "k": 4, "d_sae": 32, "name": "t"})
+    r = parse_dictionary_config({"architecture": "relu", "d_sae": 32, "name": "r"})
+    kwargs = dict(total_tokens=20 * 128, out_dir=tmp_path, checkpoint_every_tokens=5 * 128, progress=False)
+    first = train_dictionaries(data, [t3, r], keep_checkpoint=True, **kwargs)
+    assert {n: ckpt.latest_path(ckpt.member_dir(tmp_path, n)).name for n in ("t", "r")} == \
+        {"t": "checkpoint-0000000015.pt", "r": "checkpoint-0000000015.pt"}
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    half = SyntheticFeatures(d_in=16, n_features=32, batch_size=64, seed=4)
+    with pytest.raises(ConfigError, match=r"trained on batches of 128 rows but the batches now have 64"):
+        train_dictionaries(half, [t3, r], **kwargs)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    capsys.readouterr()
+    source = CountingSource(data)
+    second = train_dictionaries(source, [t4, r], **kwargs)
+    said = capsys.readouterr().out
+    assert f"[train] r: resumes at step 15 ({ckpt.member_dir(tmp_path, 'r') / 'checkpoint-0000000015.pt'})" in said
+    assert "[train] t: restarts at step 0: its checkpoint" in said and "(dictionary.k: 3 -> 4)" in said
+    assert source.calls == 2 and source.drawn == 5 + 20  # r from step 15, then t from 0
+    for k, w in first["r"].weights().items():
+        assert torch.equal(second["r"].weights()[k], w), f"r/{k}"
+    alone = train_dictionaries(data, [t4], total_tokens=20 * 128, progress=False)
+    for k, w in alone["t"].weights().items():
+        assert torch.equal(second["t"].weights()[k], w), f"t/{k}"
+    assert json.loads((tmp_path / "t" / "cfg.json").read_text())["hyperparameters"]["k"] == 4
+    assert not (tmp_path / ckpt.CHECKPOINT_DIR).exists()
+
+
+def test_a_checkpoint_of_the_single_file_format_is_refused(tmp_path):
+    """Checkpoints of sae-dict before per-dictionary checkpoints held every dictionary in one
+    file, in checkpoints/ (or checkpoints/rank-<r>/): refused, named, not touched."""
     data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=4)
     cfg = parse_dictionary_config({"architecture": "topk", "k": 3, "d_sae": 32, "name": "t"})
-    train_dictionaries(data, [cfg], total_tokens=20 * 128, out_dir=tmp_path, checkpoint_every_tokens=5 * 128,
-                       progress=False, keep_checkpoint=True)
-    assert ckpt.latest_path(tmp_path / ckpt.CHECKPOINT_DIR) is not None
-    other = parse_dictionary_config({"architecture": "topk", "k": 4, "d_sae": 32, "name": "t"})
-    with pytest.raises(ConfigError, match="different"):
-        train_dictionaries(data, [other], total_tokens=20 * 128, out_dir=tmp_path,
-                           checkpoint_every_tokens=5 * 128, progress=False)
+    for folder in ("checkpoints", "checkpoints/rank-001"):
+        old = tmp_path / folder / "checkpoint-0000000032.pt"
+        old.parent.mkdir(parents=True, exist_ok=True)
+        old.write_bytes(b"written by an earlier version")
+        with pytest.raises(ConfigError, match=rf"{old} is a checkpoint of an earlier sae-dict \(one file for every "
+                                              rf"dictionary\), which this version cannot resume"):
+            train_dictionaries(data, [cfg], total_tokens=10 * 128, out_dir=tmp_path, progress=False)
+        assert old.read_bytes() == b"written by an earlier version" and not (tmp_path / "t").exists()
+        old.unlink()
 
 
 # ---- resume after SIGKILL --------------------------------------------------------------------------
@@ -215,7 +324,7 @@ RESUME_SCRIPT = textwrap.dedent("""
     from sae.synthetic import SyntheticFeatures
     from sae.trainer import train_dictionaries
 
-    out_dir, die_at = sys.argv[1], int(sys.argv[2])
+    out_dir, die_at, members = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
     class Source:
         def __init__(self):
@@ -228,52 +337,60 @@ RESUME_SCRIPT = textwrap.dedent("""
 
     common = {"d_sae": 64, "dead_after_tokens": 1000, "lr_warmup_fraction": 0.1}
     configs = [parse_dictionary_config({**common, **c}) for c in [
-        {"architecture": "topk", "k": 3, "aux_k": 8},
-        {"architecture": "batchtopk", "k": 3},
-        {"architecture": "relu", "resample_every_tokens": 2560, "l1_coefficient": 3.0},
-        {"architecture": "relu", "recipe": "april2024", "lr": 1e-3},
-        {"architecture": "jumprelu"},
-        {"architecture": "gated"},
-    ]]
+        {"name": "topk", "architecture": "topk", "k": 3, "aux_k": 8},
+        {"name": "batchtopk", "architecture": "batchtopk", "k": 3},
+        {"name": "relu", "architecture": "relu", "resample_every_tokens": 2560, "l1_coefficient": 3.0},
+        {"name": "april", "architecture": "relu", "recipe": "april2024", "lr": 1e-3},
+        {"name": "jumprelu", "architecture": "jumprelu"},
+        {"name": "gated", "architecture": "gated"},
+        {"name": "topk5", "architecture": "topk", "k": 5},
+    ] if c["name"] in members.split(",")]
     train_dictionaries(Source(), configs, total_tokens=90 * 128, out_dir=out_dir,
                        checkpoint_every_tokens=16 * 128, progress=False,
-                       metadata={"topk": {"model_name": "synthetic"}})
+                       metadata={c.name: {"model_name": "synthetic"} for c in configs})
 """)
+ALL = ["topk", "batchtopk", "relu", "april", "jumprelu", "gated", "topk5"]
 
 
-def _run(script: Path, out_dir: Path, die_at: int) -> subprocess.CompletedProcess:
+def _run(script: Path, out_dir: Path, die_at: int, members: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(script), str(out_dir), str(die_at)], env=env,
+    return subprocess.run([sys.executable, str(script), str(out_dir), str(die_at), ",".join(members)], env=env,
                           capture_output=True, text=True, timeout=300)
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
+def test_killed_sweep_rerun_with_a_dictionary_removed_and_one_added_resumes_bit_identically(tmp_path):
+    """A sweep of six is SIGKILLed at step 41 (after the checkpoints of step 32); rerun without
+    `topk`, with `topk5` added, and SIGKILLed again at step 70; then rerun to the end. The five
+    kept end bit-identical to an uninterrupted run, the added one trains from step 0 in its own
+    pass and ends as it does in the uninterrupted run, and the removed one's checkpoint is kept."""
     script = tmp_path / "train_script.py"
     script.write_text(RESUME_SCRIPT)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    r = _run(script, straight, -1)
+    r = _run(script, straight, -1, ALL)
     assert r.returncode == 0, r.stderr
-    # Killed at step 41 (after the checkpoint of step 32, before that of step 48); then again at
-    # step 70 of the resumed run, then resumed to the end.
-    r = _run(script, killed, 41)
+    first, rest = ALL[:6], ALL[1:]
+    r = _run(script, killed, 41, first)
     assert r.returncode == -signal.SIGKILL
-    assert ckpt.latest_path(killed / ckpt.CHECKPOINT_DIR).name == "checkpoint-0000000032.pt"
-    r = _run(script, killed, 70)
+    assert {ckpt.latest_path(ckpt.member_dir(killed, n)).name for n in first} == {"checkpoint-0000000032.pt"}
+    r = _run(script, killed, 70, rest)
     assert r.returncode == -signal.SIGKILL
-    assert ckpt.latest_path(killed / ckpt.CHECKPOINT_DIR).name == "checkpoint-0000000064.pt"
-    r = _run(script, killed, -1)
+    assert all(f"[train] {n}: resumes at step 32" in r.stdout for n in ALL[1:6]), r.stdout
+    assert {ckpt.latest_path(ckpt.member_dir(killed, n)).name for n in ALL[1:6]} == {"checkpoint-0000000064.pt"}
+    assert ckpt.latest_path(ckpt.member_dir(killed, "topk5")) is None  # its pass was to come
+    r = _run(script, killed, -1, rest)
     assert r.returncode == 0, r.stderr
-    names = sorted(p.name for p in straight.iterdir() if p.is_dir())
-    assert len(names) == 6
-    assert names == sorted(p.name for p in killed.iterdir() if p.is_dir())
+    assert "[train] topk5: new, starts at step 0" in r.stdout
+    assert "[train] kept the checkpoints of topk (not in this run)" in r.stdout
+    names = sorted(p.name for p in killed.iterdir() if p.is_dir() and p.name != ckpt.CHECKPOINT_DIR)
+    assert names == sorted(rest)
     for name in names:
         a, b = load_tensors(straight / name / "sae.safetensors"), load_tensors(killed / name / "sae.safetensors")
         assert set(a) == set(b)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}/{k} differs after resume"
         assert (straight / name / "cfg.json").read_text() == (killed / name / "cfg.json").read_text()
-    assert not (killed / ckpt.CHECKPOINT_DIR).exists()
+    assert ckpt.members_with_checkpoints(killed) == ["topk"]
 
 
 def test_trainer_checks_d_in(tmp_path):
