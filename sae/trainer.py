@@ -37,6 +37,7 @@ from torch import Tensor
 import sae
 from sae import checkpoint as ckpt
 from sae import distributed as dist
+from sae.cache.device_feed import to_device
 from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
                                    geometric_median, unit_norm_scale)
 from sae.dictionaries.naming import dictionary_names
@@ -546,7 +547,7 @@ class Trainer:
             start_step = int(state["step"])
         if self.data_parallel:
             self._check_same_start(start_step)
-        rest = source.batches(start_step)
+        rest = to_device(source.batches(start_step), self.device)  # on CUDA: copied a step ahead
         first = next(rest, None)
         if first is None:
             raise UserError("the batch source yielded no batches")
