@@ -27,8 +27,12 @@ that long (1.00: the copies are hidden behind compute).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
+import mmap
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -160,35 +164,58 @@ def synthetic_cache(cache_dir: Path, n_tokens: int, d_in: int, dtype: torch.dtyp
 # ---- the read stages ----------------------------------------------------------------------------
 
 
-def sequential_read(m: Manifest, repeat: int = 2) -> float:
-    """Best seconds, of `repeat`, to read every shard file front to back into one reused buffer."""
+def cpu_seconds() -> float:
+    """CPU time of this process, every thread (on a shared machine, steadier than the wall clock)."""
+    return time.process_time()
+
+
+def resident(m: Manifest) -> float | None:
+    """Fraction of the cache's bytes in the page cache (Linux mincore), None where unknown: a read
+    from disk and a read from memory are different measurements."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        page, held, total = os.sysconf("SC_PAGE_SIZE"), 0, 0
+        for s in m.shards:
+            with open(m.shard_path(s), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+                pages = (size + page - 1) // page
+                vec = (ctypes.c_ubyte * pages)()
+                ok = libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+                libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+                if not ok:
+                    return None
+                held += sum(b & 1 for b in bytes(vec)) * page
+                total += pages * page
+        return held / total
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def sequential_read(m: Manifest) -> tuple[float, float]:
+    """(wall, CPU) seconds to read every shard file front to back into one reused buffer."""
     files = [m.shard_path(s) for s in m.shards]
-    buf = torch.empty(max(f.stat().st_size for f in files), dtype=torch.uint8)
-    view = memoryview(buf.numpy()).cast("B")
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for f in files:
-            with open(f, "rb", buffering=0) as fh:
-                while fh.readinto(view):
-                    pass
-        best = min(best, time.perf_counter() - t0)
-    return best
+    view = memoryview(bytearray(max(f.stat().st_size for f in files)))
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(view):
+                pass
+    return time.perf_counter() - t0, cpu_seconds() - c0
 
 
-def shuffled_read(cache_dir: Path, batch_size: int, epochs: int = 2, **reader_kw) -> tuple[float, list[float], CacheReader]:
-    """(reader start-up seconds, seconds of each epoch of shuffled batches, the reader)."""
-    t0 = time.perf_counter()
-    r = CacheReader(cache_dir, batch_size=batch_size, seed=0, **reader_kw)
-    start = time.perf_counter() - t0
-    n, it, served, times = r.tokens_per_epoch, r.batches(), 0, []
+def shuffled_epochs(r: CacheReader, epochs: int = 2) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of each of the reader's first epochs of shuffled batches."""
+    n, b, it, served, times = r.tokens_per_epoch, r.batch_size, r.batches(), 0, []
     for e in range(epochs):
-        t0 = time.perf_counter()
-        while served + batch_size <= (e + 1) * n:
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        while served + b <= (e + 1) * n:
             next(it)
-            served += batch_size
-        times.append(time.perf_counter() - t0)
-    return start, times, r
+            served += b
+        times.append((time.perf_counter() - t0, cpu_seconds() - c0))
+    return times
 
 
 def read_to_device(cache_dir: str | Path, device: str | torch.device, *, batch_size: int = 4096,
@@ -240,20 +267,37 @@ def _stand_in_step(d_in: int, device: torch.device, step_ms: float):
 
 
 def read_stages(m: Manifest, a, device: torch.device) -> list[tuple]:
-    n, mb = m.n_tokens, m.n_tokens * m.bytes_per_token() / 1e6
-    t_seq = sequential_read(m)
-    seq_tps = n / t_seq
-    rows = [("sequential file read", seq_tps, mb / t_seq, "1.00x",
-             f"best of 2; {m.n_shards} shards, {mb:,.0f} MB ({m.dtype}, d_in {sum(m.d_in.values())})")]
-    start, epochs, r = shuffled_read(m.cache_dir, a.read_batch, buffer_shards=a.buffer_shards)
-    note = (f"batch {a.read_batch}, {r.group_chunks} of {m.n_shards} shards per mixing buffer, "
-            f"{r.io_threads} I/O threads; start-up {start:.1f}s")
-    for e, t in enumerate(epochs, 1):
-        rows.append((f"shuffled read, epoch {e}", n / t, mb / t, f"{n / t / seq_tps:.2f}x", note))
-    dev = read_to_device(m.cache_dir, device, reader=r)
-    rows.append((f"read to device ({device.type}, as float32)", dev["tokens_per_s"],
-                 dev["tokens_per_s"] * m.bytes_per_token() / 1e6, f"{dev['tokens_per_s'] / seq_tps:.2f}x",
-                 "to_device + float32 on the device, one epoch"))
+    """Rows for the sequential read, shuffled epochs 1 and 2 and read to device: each the median
+    of `a.read_repeat` rounds (sequential read, a new reader, its epochs, then to the device)."""
+    runs: dict[str, list[tuple[float, float]]] = {}
+    held = [resident(m)]
+    for _ in range(a.read_repeat):
+        runs.setdefault("sequential file read", []).append(sequential_read(m))
+        t0 = time.perf_counter()
+        r = CacheReader(m.cache_dir, batch_size=a.read_batch, seed=0, buffer_shards=a.buffer_shards)
+        runs.setdefault("start-up", []).append((time.perf_counter() - t0, 0.0))
+        for e, t in enumerate(shuffled_epochs(r), 1):
+            runs.setdefault(f"shuffled read, epoch {e}", []).append(t)
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        read_to_device(m.cache_dir, device, reader=r)
+        runs.setdefault(f"read to device ({device.type}, as float32)", []).append(
+            (time.perf_counter() - t0, cpu_seconds() - c0))
+        del r
+        gc.collect()  # free its buffers before the next round
+        held.append(resident(m))
+    n, gb = m.n_tokens, m.n_tokens * m.bytes_per_token() / 1e9
+    start = statistics.median(w for w, _ in runs.pop("start-up"))
+    seq = statistics.median(w for w, _ in runs["sequential file read"])
+    in_memory = "unknown" if None in held else "/".join(f"{100 * h:.0f}%" for h in held)
+    notes = {"sequential file read": f"{m.n_shards} shards, {gb * 1e3:,.0f} MB ({m.dtype}, d_in "
+                                     f"{sum(m.d_in.values())}), in the page cache {in_memory}",
+             "shuffled read, epoch 1": f"batch {a.read_batch}, reader start-up {start:.1f}s (apart)"}
+    rows = []
+    for name, ts in runs.items():
+        wall, cpu = statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)
+        spread = ", ".join(f"{n / w:,.0f}" for w, _ in ts)
+        rows.append((name, n / wall, gb * 1e3 / wall, f"{seq / wall:.2f}x",
+                     f"cpu {cpu / gb:.2f} s/GB; runs {spread}; {notes.get(name, '')}".rstrip("; ")))
     return rows
 
 
@@ -277,6 +321,7 @@ def main() -> None:
     ap.add_argument("--buffer-shards", type=int, default=None, help="shards per mixing buffer (default: by bytes)")
     ap.add_argument("--cache-dir", default=None, help="where the caches go (default: a temp dir, removed)")
     ap.add_argument("--repeat", type=int, default=2, help="harvest runs (alternating with bare ones)")
+    ap.add_argument("--read-repeat", type=int, default=3, help="rounds of the read stages (medians shown)")
     ap.add_argument("--no-model", action="store_true", help="skip the model stages (needs --read-tokens)")
     ap.add_argument("--quick", action="store_true", help="8192 tokens, for a smoke run")
     a = ap.parse_args()

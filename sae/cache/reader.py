@@ -342,12 +342,23 @@ class CacheReader(ShuffledBatches):
         return out
 
     def _run_tasks(self, tasks: list[tuple]) -> None:
-        """Run the reads on io_threads threads, this one included (each takes every io_threads-th
-        piece, in order); return once all have ended, raising the first error."""
-        shares = [tasks[i::self.io_threads] for i in range(self.io_threads)]
-        futures = [self._io.submit(_read_pieces, share) for share in shares[1:] if share]
+        """Run the reads on io_threads threads, this one included, each taking the next piece as
+        it becomes free (so a thread that the OS runs late delays the group by one piece at most);
+        return once every read has ended, raising the first error."""
+        queue = iter(tasks)
+        lock = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    task = next(queue, None)
+                if task is None:
+                    return
+                read_file_rows_into(*task)
+
+        futures = [self._io.submit(drain) for _ in range(min(self.io_threads, len(tasks)) - 1)]
         try:
-            _read_pieces(shares[0])
+            drain()
         finally:
             cf.wait(futures)  # no read may still write into the buffer once it is handed out
         for f in futures:
@@ -373,11 +384,6 @@ class CacheReader(ShuffledBatches):
         header, start = self._header(c)
         mask = read_shard_tensors(self.manifest.shard_path(s), header, start, ["keep_mask"])["keep_mask"]
         return token_positions(mask, s.context_start)
-
-
-def _read_pieces(pieces: list[tuple]) -> None:
-    for path, offset, dest, dest_rows in pieces:
-        read_file_rows_into(path, offset, dest, dest_rows)
 
 
 class StreamingSource(ShuffledBatches):
