@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from sae import io
-from sae.cache import ActivationCapture, Manifest, load_shard
+from sae.cache import ActivationCapture, Manifest, shard_sums
 from sae.errors import UserError
 
 MEAN_FILE = "activation_mean.safetensors"
@@ -22,15 +22,14 @@ MEAN_TOKENS = 32_768  # training tokens for x̄ when there is neither a cache no
 
 
 def means_from_cache(cache_dir: str | Path, hooks: list[str]) -> dict[str, Tensor]:
-    """hook -> x̄ [d_in] over every cached (training) token, accumulated in float64."""
+    """hook -> x̄ [d_in] over every cached (training) token, from the float64 sums the harvest
+    recorded in each shard (a cache harvested before they were recorded is read and summed)."""
     manifest = Manifest.load(cache_dir)
     totals = {h: torch.zeros(manifest.d_in[h], dtype=torch.float64) for h in hooks}
-    count = 0
     for shard in manifest.shards:
-        tensors = load_shard(manifest, shard.index, hooks)
-        for h in hooks:
-            totals[h] += tensors[h].to(torch.float64).sum(dim=0)
-        count += tensors[hooks[0]].shape[0]
+        for h, total in shard_sums(manifest, shard, hooks).items():
+            totals[h] += total
+    count = sum(shard.n_tokens for shard in manifest.shards)
     return {h: (totals[h] / max(count, 1)).float() for h in hooks}
 
 

@@ -46,6 +46,7 @@ from torch import Tensor
 import sae
 from sae import checkpoint as ckpt
 from sae import distributed as dist
+from sae.cache.device_feed import to_device
 from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
                                    geometric_median, unit_norm_scale)
 from sae.dictionaries.naming import dictionary_names
@@ -706,7 +707,7 @@ class Trainer:
               plan: Mapping[str, Found | None]) -> tuple[Mapping[str, Tensor], Iterator[Mapping[str, Tensor]]]:
         """Build the dictionaries of a pass and resume them from their checkpoints, or initialise
         them from the first batch; returns (the first batch to train on, the batches after it)."""
-        rest = source.batches(start)
+        rest = to_device(source.batches(start), self.device)  # on CUDA: copied a step ahead
         first = next(rest, None)
         if first is None:
             raise UserError("the batch source yielded no batches")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,9 +22,11 @@ from transformer_lens.model_bridge import TransformerBridge
 
 import sae.cache as sc
 from cache_helpers import fail_after_shards
-from sae.cache import (TOKEN_INDEX, CacheReader, Manifest, ShuffledBatches, StreamingSource, harvest,
-                       load_shard, open_cache, verify_cache, verify_shard)
+from sae.cache import (SUM_PREFIX, TOKEN_INDEX, CacheReader, Manifest, ShuffledBatches, StreamingSource,
+                       harvest, load_shard, open_cache, scatter_read, to_device, verify_cache, verify_shard)
+from sae.cache.shards import write_shard
 from sae.errors import CacheError, HookError
+from sae.means import means_from_cache
 from sae.models import stop_layer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -431,3 +435,131 @@ def test_reader_never_reuses_a_group_that_is_still_held():
     assert ptr(other) != ptr(held) and torch.equal(held["h"], snapshot)
     del held, other
     assert ptr(src._prepare((0, 2, [2]))) in {p["h"].untyped_storage().data_ptr() for p in src._pool}
+
+
+def test_reader_serves_bf16_cache_in_its_dtype_or_converted(model, data, tmp_path):
+    tokens, keep = data
+    m = harvest(model, tokens[:24], keep[:24], HOOKS[:2], tmp_path / "c", identity=IDENT, dtype="bf16",
+                contexts_per_shard=CPS, batch_contexts=BC, progress=False)
+    rows = all_rows(m)
+    where = {t: i for i, t in enumerate(torch.nonzero(keep[:24].reshape(-1)).flatten().tolist())}
+    own = next(CacheReader(m.cache_dir, batch_size=32, seed=1, with_index=True).batches())
+    f32 = next(CacheReader(m.cache_dir, batch_size=32, seed=1, with_index=True,
+                           out_dtype=torch.float32).batches())
+    sel = torch.tensor([where[t] for t in own[TOKEN_INDEX].tolist()])
+    for h in HOOKS[:2]:
+        assert own[h].dtype == torch.bfloat16 and torch.equal(own[h], rows[h][sel])
+        assert f32[h].dtype == torch.float32 and torch.equal(f32[h], rows[h][sel].float())
+
+
+def test_reader_portable_read_path_serves_the_same_batches(cache, monkeypatch):
+    """Where libc has no preadv (Windows), shards are read whole and copied into place."""
+    def first(n=8):
+        r = CacheReader(cache.cache_dir, batch_size=45, seed=7, buffer_shards=3, with_index=True)
+        return take(r.batches(), n)
+
+    fast = first()
+    monkeypatch.setattr(scatter_read, "_PREADV", None)
+    portable = first()
+    for x, y in zip(fast, portable):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_scatter_read_finishes_rows_cut_by_short_reads(tmp_path, monkeypatch):
+    rows = torch.arange(40 * 6, dtype=torch.float32).reshape(40, 6)  # 24-byte rows
+    path = tmp_path / "rows.bin"
+    path.write_bytes(b"header!!" + rows.numpy().tobytes())
+    real = scatter_read._PREADV
+    calls = []
+
+    def short_preadv(fd, iov, count, offset):  # at most 1 iovec and 10 bytes per call
+        one = (ctypes.c_uint64 * 2).from_address(iov)
+        cut = (ctypes.c_uint64 * 2)(one[0], min(int(one[1]), 10))
+        calls.append(offset)
+        return real(fd, ctypes.addressof(cut), 1, offset)
+
+    monkeypatch.setattr(scatter_read, "_PREADV", short_preadv)
+    dest = torch.full((50, 6), -1.0)
+    where = np.random.default_rng(0).permutation(50)[:40]
+    with open(path, "rb", buffering=0) as f:
+        scatter_read.read_rows_into(f, 8, dest, where)
+    assert len(calls) == 40 and torch.equal(dest[torch.from_numpy(where)], rows)
+    assert (dest[torch.from_numpy(np.setdiff1d(np.arange(50), where))] == -1).all()
+    with pytest.raises(ValueError, match="dest_rows"):
+        with open(path, "rb", buffering=0) as f:
+            scatter_read.read_rows_into(f, 8, dest, np.array([3, 50]))
+    with pytest.raises(CacheError, match="truncated"):
+        with open(path, "rb", buffering=0) as f:
+            scatter_read.read_rows_into(f, 8 + 24 * 30, dest, where)
+
+
+def test_to_device_on_cpu_hands_batches_through():
+    batches = [{"h": torch.randn(4, 3), TOKEN_INDEX: torch.arange(4)} for _ in range(3)]
+    got = list(to_device(batches, "cpu"))
+    assert all(a is b for a, b in zip(got, batches))
+    meta = list(to_device(batches, "meta"))  # another device: a plain copy of every tensor
+    assert [b["h"].device.type for b in meta] == ["meta"] * 3 and meta[0]["h"].shape == (4, 3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cache_reader_to_cuda_is_pinned_and_exact(cache):
+    r = CacheReader(cache.cache_dir, batch_size=64, seed=3, buffer_shards=3)
+    host = take(CacheReader(cache.cache_dir, batch_size=64, seed=3, buffer_shards=3).batches(), 12)
+    assert r.pin_memory and next(r.batches())[HOOKS[0]].is_pinned()
+    for want, got in zip(host, take(to_device(r.batches(), "cuda"), 12)):
+        for h in HOOKS:
+            assert got[h].is_cuda and torch.equal(got[h].cpu(), want[h])
+
+
+# ----------------------------------------------------------------------------- activation sums
+
+
+def test_harvest_records_sums_so_means_need_no_pass_over_activations(cache, tmp_path):
+    rows = all_rows(cache)
+    for s in cache.shards:
+        plain = load_file(str(cache.shard_path(s)))
+        for h in HOOKS:
+            assert plain[SUM_PREFIX + h].dtype == torch.float64
+            torch.testing.assert_close(plain[SUM_PREFIX + h], plain["acts." + h].double().sum(0))
+    want = {h: rows[h].double().mean(0).float() for h in HOOKS}
+    got = means_from_cache(cache.cache_dir, HOOKS[1:3])
+    assert set(got) == set(HOOKS[1:3])
+    for h in HOOKS[1:3]:
+        torch.testing.assert_close(got[h], want[h], rtol=1e-6, atol=1e-7)
+    # the activations are not read at all: scrambling them (same size) leaves the means as they were
+    d = copy_cache(cache, tmp_path / "c")
+    for s in cache.shards:
+        raw = bytearray((d / s.file).read_bytes())
+        header, start = verify_shard(cache, s)
+        b0, b1 = header["acts." + HOOKS[1]]["data_offsets"]
+        raw[start + b0:start + b1] = bytes(b1 - b0)
+        (d / s.file).write_bytes(bytes(raw))
+    assert all(torch.equal(a, b) for a, b in zip(means_from_cache(d, HOOKS[1:3]).values(), got.values()))
+
+
+def strip_sums(m: Manifest) -> None:
+    """Rewrite every shard as the harvest wrote them before sums were recorded."""
+    for s in m.shards:
+        tensors = {k: v for k, v in load_file(str(m.shard_path(s))).items() if not k.startswith(SUM_PREFIX)}
+        meta = {"format": "sae-activation-cache", "shard": str(s.index), "context_start": str(s.context_start),
+                "n_contexts": str(s.n_contexts), "dtype": m.dtype}
+        s.bytes, s.sha256 = write_shard(m.shard_path(s), tensors, meta)
+    m.save()
+
+
+def test_cache_without_sums_still_works(model, data, cache, tmp_path):
+    tokens, keep = data
+    d = copy_cache(cache, tmp_path / "c")
+    old = Manifest.load(d)
+    strip_sums(old)
+    assert SUM_PREFIX + HOOKS[0] not in load_file(str(old.shard_path(0)))
+    open_cache(d, verify="full")
+    got = means_from_cache(d, HOOKS)
+    for h, x in means_from_cache(cache.cache_dir, HOOKS).items():
+        torch.testing.assert_close(got[h], x, rtol=1e-6, atol=1e-7)
+    a = take(CacheReader(d, batch_size=50, seed=2).batches(), 5)
+    b = take(CacheReader(cache.cache_dir, batch_size=50, seed=2).batches(), 5)
+    assert all(torch.equal(x[h], y[h]) for x, y in zip(a, b) for h in HOOKS)
+    m = harvest(model, tokens, keep, HOOKS, d, identity=IDENT, batch_contexts=BC, progress=False)
+    assert m.complete and shard_bytes(m) == shard_bytes(old)  # complete: reused as it is

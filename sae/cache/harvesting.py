@@ -23,7 +23,7 @@ from sae.cache.capture import ActivationCapture
 from sae.cache.manifest import (FORMAT, MANIFEST, Manifest, ShardInfo, check_identity, full_identity,
                                 shard_file)
 from sae.cache.merge import merge_rank_manifests, rank_manifest_file
-from sae.cache.shards import ACT_PREFIX, shard_ok, write_shard
+from sae.cache.shards import ACT_PREFIX, shard_ok, with_sums, write_shard
 from sae.dtypes import dtype_name, parse_dtype
 from sae.errors import CacheError
 from sae.progress import token_bar
@@ -231,9 +231,15 @@ def _compute_shard(cap: ActivationCapture, m: Manifest, tokens: torch.Tensor, ke
             **{ACT_PREFIX + h: acts[h] for h in cap.hook_names}}
 
 
+def _write_with_sums(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[int, str]:
+    # summed here, on the writer's thread, so the sums cost the forward passes nothing
+    return write_shard(path, with_sums(tensors), meta)
+
+
 class _ShardWriter:
-    """Writes shards on a background thread while the next one is computed, one in flight at a
-    time (bounded memory), and lists each in the manifest (saved) once it is on disk. Leaving the
+    """Writes shards (with their activation sums) on a background thread while the next one is
+    computed, one in flight at a time (bounded memory), and lists each in the manifest (saved)
+    once it is on disk. Leaving the
     `with` block waits for the shard in flight, on an error too (it is kept if it lands)."""
 
     def __init__(self, m: Manifest):
@@ -246,7 +252,7 @@ class _ShardWriter:
         c0, c1 = self.m.shard_range(index)
         meta = {"format": FORMAT, "shard": str(index), "context_start": str(c0),
                 "n_contexts": str(c1 - c0), "dtype": self.m.dtype}
-        write = self._pool.submit(write_shard, self.m.shard_path(index), tensors, meta)
+        write = self._pool.submit(_write_with_sums, self.m.shard_path(index), tensors, meta)
         self._pending = (index, int(tensors["keep_mask"].sum()), write)
 
     def finish(self) -> None:

@@ -2,8 +2,11 @@
 
 A shard is a plain safetensors file (``safetensors.torch.load_file`` reads it) with, for its C
 contexts of length T: ``tokens`` int32 [C, T], ``keep_mask`` bool [C, T] and per hook
-``acts.<hook>`` [n_kept, d_in] in the cache dtype. Row r of the activations is the r-th True of
-``keep_mask.flatten()``: excluded tokens are never stored; `token_positions` recovers their place.
+``acts.<hook>`` [n_kept, d_in] in the cache dtype, then per hook ``sum.<hook>`` float64 [d_in], the
+sum of its rows as stored (so the mean over the training tokens needs no pass over the activations;
+caches harvested before these sums existed lack them, and `shard_sums` computes them instead).
+Row r of the activations is the r-th True of ``keep_mask.flatten()``: excluded tokens are never
+stored; `token_positions` recovers their place.
 The header is written deterministically, so a shard is a pure function of its contexts.
 """
 
@@ -27,10 +30,17 @@ from sae.io import atomic_path, sha256_file
 log = logging.getLogger(__name__)
 
 ACT_PREFIX = "acts."
+SUM_PREFIX = "sum."
 
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
               "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def with_sums(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A shard's tensors followed by ``sum.<hook>``: each hook's rows summed in float64 [d_in]."""
+    acts = {name[len(ACT_PREFIX):]: t for name, t in tensors.items() if name.startswith(ACT_PREFIX)}
+    return {**tensors, **{SUM_PREFIX + h: t.sum(0, dtype=torch.float64) for h, t in acts.items()}}
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[int, str]:
@@ -102,8 +112,11 @@ def verify_shard(m: Manifest, s: ShardInfo, full: bool = False) -> tuple[dict, i
     """Check size, header (names, dtypes, shapes) and with `full` the sha256; return the header."""
     path = m.shard_path(s)
     header, data_start = read_header(path, expected_size=s.bytes)
-    for name, (dt, shape) in _expected_tensors(m, s).items():
+    optional = {SUM_PREFIX + h: (torch.float64, [m.d_in[h]]) for h in m.hooks}
+    for name, (dt, shape) in {**_expected_tensors(m, s), **optional}.items():
         meta = header.get(name)
+        if meta is None and name in optional:
+            continue
         if meta is None or _ST_DTYPES.get(meta["dtype"]) != dt or list(meta["shape"]) != shape:
             raise CacheError(f"shard {path} does not hold the expected tensor {name} {shape} "
                              f"{dtype_name(dt)} (found {meta}); run the harvest "
@@ -210,6 +223,18 @@ def load_shard(m: Manifest, index: int, hooks: Sequence[str] | None = None,
                            ["tokens", "keep_mask"] + [ACT_PREFIX + h for h in hooks])
     return {"tokens": t["tokens"], "keep_mask": t["keep_mask"],
             **{h: t[ACT_PREFIX + h] for h in hooks}}
+
+
+def shard_sums(m: Manifest, s: ShardInfo, hooks: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{hook: float64 [d_in]}, the sum of the shard's rows: the recorded sums, or (in a cache
+    harvested before they were recorded) the activations read and summed."""
+    header, data_start = verify_shard(m, s)
+    path = m.shard_path(s)
+    if all(SUM_PREFIX + h in header for h in hooks):
+        t = read_shard_tensors(path, header, data_start, [SUM_PREFIX + h for h in hooks])
+        return {h: t[SUM_PREFIX + h] for h in hooks}
+    t = read_shard_tensors(path, header, data_start, [ACT_PREFIX + h for h in hooks])
+    return {h: t[ACT_PREFIX + h].sum(0, dtype=torch.float64) for h in hooks}
 
 
 def token_positions(keep_mask: torch.Tensor, context_start: int = 0) -> torch.Tensor:
