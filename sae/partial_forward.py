@@ -37,8 +37,12 @@ from torch import Tensor
 
 from sae.models import hook_layer
 
-POSITIONS = ("resid_pre", "attn_out", "ln2_in", "mlp_in", "mlp_out", "resid_post")
+# position -> the block's hook points there (paths inside the block)
+_HOOK_POINTS = {"resid_pre": ["hook_in"], "attn_out": ["attn.hook_out"], "ln2_in": ["ln2.hook_in"],
+                "mlp_in": ["ln2.hook_out", "mlp.hook_in"], "mlp_out": ["mlp.hook_out"], "resid_post": ["hook_out"]}
+POSITIONS = tuple(_HOOK_POINTS)
 _INSIDE = {"attn_out", "ln2_in", "mlp_in", "mlp_out"}  # positions that need the block's structure
+# position -> the hook point whose output is the residual the rest of the block adds to
 _RESIDUAL_AT = {"attn_out": "hook_in", "ln2_in": "ln2.hook_in", "mlp_in": "ln2.hook_in", "mlp_out": "ln2.hook_in"}
 _PRIMITIVES = (bool, int, float, str, type(None))
 
@@ -89,9 +93,7 @@ def locate(model, hook_name: str) -> HookSite:
         if getattr(model, part, None) is None:
             raise CannotContinue(f"the model has no {part} component")
     block = blocks[layer]
-    points = {"resid_pre": ["hook_in"], "attn_out": ["attn.hook_out"], "ln2_in": ["ln2.hook_in"],
-              "mlp_in": ["ln2.hook_out", "mlp.hook_in"], "mlp_out": ["mlp.hook_out"], "resid_post": ["hook_out"]}
-    for position, paths in points.items():
+    for position, paths in _HOOK_POINTS.items():
         if any(_submodule(block, p) is hook_point for p in paths):
             if position in _INSIDE:
                 _check_sequential(block, hook_name)
@@ -126,9 +128,8 @@ def _keep_arg(value: Any) -> Any:
 
 @dataclass
 class Recording:
-    """What one clean forward left for continuing from `sites` (filled by `recording`)."""
+    """What one clean forward left for continuing from some sites (filled by `recording`)."""
 
-    sites: Sequence[HookSite]
     n_blocks: int
     outputs: dict[str, Tensor] = field(default_factory=dict)  # hook name or "L:path" -> its output
     block_args: dict[int, tuple[tuple, dict]] = field(default_factory=dict)  # block index -> its arguments
@@ -147,8 +148,8 @@ class Recording:
 def recording(model, sites: Sequence[HookSite]) -> Iterator[Recording]:
     """Within the block, a forward of the model records what continuing from `sites` needs; its
     outputs are unchanged."""
-    blocks = model.blocks
-    rec = Recording(list(sites), len(blocks))
+    blocks = model.blocks if sites else []
+    rec = Recording(len(blocks))
     handles = []
     try:
         for key, point in _capture_points(model, sites).items():
