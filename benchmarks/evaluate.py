@@ -51,7 +51,11 @@ class Rate:
         self.wall, self.cpu = n_tokens / wall_s, n_tokens / max(cpu_s, 1e-9)
 
     def __str__(self) -> str:
-        return f"{self.wall:,.0f} tok/s ({self.cpu:,.0f} tok/CPU-s)"
+        return f"{_fmt(self.wall)} tok/s ({_fmt(self.cpu)} tok/CPU-s)"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def timed(fn, n_tokens: int, device: torch.device) -> Rate:
@@ -149,7 +153,7 @@ def report_hook(model, hook: str, tokens, keep, batches, counts, full_rate: Rate
                     full_forwards=full), n_tok, dev)
         target = 1 / (1 / full_rate.cpu + (n + 2) / run_on.cpu)  # tok/CPU-s
         print(f"{n:>12}  {str(rates[True]):>32}  {str(rates[False]):>32}  "
-              f"{rates[False].cpu / rates[True].cpu:>7.2f}x  {target:>6,.0f} tok/CPU-s  "
+              f"{rates[False].cpu / rates[True].cpu:>7.2f}x  {_fmt(target):>6} tok/CPU-s  "
               f"{rates[False].cpu / target:>15.2f}")
     print("speed-up and target in CPU time; target: one full forward plus n + 2 run-ons per batch")
 

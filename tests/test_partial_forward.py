@@ -238,3 +238,22 @@ def test_model_whose_forward_does_more_falls_back(tmp_path, tiny_model_dir, data
         part = evaluate_dictionaries(gemma, d, tokens, keep, train_means=means, progress=False)
     full = evaluate_dictionaries(gemma, d, tokens, keep, train_means=means, progress=False, full_forwards=True)
     _assert_same(part, full)
+
+
+def test_benchmark_runs_on_the_tiny_model(tiny_model_dir, monkeypatch, capsys):
+    """benchmarks/evaluate.py at a tiny size: one row per dictionary count and hook, both paths."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluate.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--model", str(tiny_model_dir), "--device", "cpu",
+                                      "--hook", "blocks.0.hook_mlp_out", "--hook", "blocks.1.hook_resid_post",
+                                      "--tokens", "64", "--context-size", "16", "--batch-contexts", "2",
+                                      "--dictionaries", "1,3"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "bare full forward" in out and out.count("bare run-on") == 2
+    rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("1 ", "3 ")]
+    assert [r[0] for r in rows] == ["1", "3", "1", "3"]
+    assert all(r[-1].replace(".", "").isdigit() for r in rows)  # run-on / target, a number
