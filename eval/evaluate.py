@@ -2,15 +2,18 @@
 
 Per batch of contexts `evaluate_dictionaries` runs
 - one clean forward: the reference CE and the p_clean of the KLs;
-- per hook point one zero-ablated forward, and one mean-ablated forward per distinct training
-  mean at that hook (kept positions replaced by 0 / by x̄_train);
-- per dictionary one spliced forward (kept positions replaced by x̂ = decode(encode(x))); the same
-  hook feeds x, x̂ and f to the reconstruction accumulator, so what is measured is what is spliced.
+- per hook point one zero-ablated run, and one mean-ablated run per distinct training mean at that
+  hook (kept positions replaced by 0 / by x̄_train);
+- per dictionary one spliced run (kept positions replaced by x̂ = decode(encode(x))); the same
+  activation feeds x, x̂ and f to the reconstruction accumulator, so what is measured is what is spliced.
+The clean forward records the activation at each hook, and the other runs start there: only the
+layers after the hook run again, several variants stacked in one forward (`eval.forwards`,
+`sae.partial_forward`); a hook or model that cannot be run on from there (or `full_forwards=True`)
+reruns the whole model per variant instead, with the same numbers.
 
 Excluded positions keep their activation in every run and count in no metric; CE and KL count the
 predictions whose token and target are both kept (`eval.metrics.prediction_mask`). Everything
-accumulates as sums, so the batch size changes no number. Every run is a full forward:
-TransformerBridge's `start_at_layer` (TL 4.3) still runs the blocks before it, so it saves nothing.
+accumulates as sums, so the batch size changes no number.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor
 
 from eval import metrics as M
+from eval.forwards import Forwards, Variant
 from sae.errors import HookError, UserError
 from sae.models import check_hooks, hook_d_in, model_device
 from sae.progress import token_bar
@@ -120,7 +124,8 @@ def _dict_param(d) -> Tensor:
 def evaluate_dictionaries(model, dictionaries: Mapping[str, Any], tokens: Tensor, keep_mask: Tensor,
                           train_means: Mapping[str, Tensor] | None = None,
                           batch_size: int = DEFAULT_BATCH_CONTEXTS, info: Mapping[str, Any] | None = None,
-                          progress: bool = True) -> dict[str, EvalResult]:
+                          progress: bool = True, full_forwards: bool = False,
+                          variants_per_forward: int | None = None) -> dict[str, EvalResult]:
     """Evaluate several dictionaries on the same tokens, sharing the model's forward passes.
 
     model: a TransformerBridge (any HookedTransformer-like model with run_with_hooks/hook_dict).
@@ -130,6 +135,9 @@ def evaluate_dictionaries(model, dictionaries: Mapping[str, Any], tokens: Tensor
     train_means: x̄ over training tokens, [d_in], for the mean-ablation baseline, keyed by
       dictionary name or by hook name (a target's own `train_mean` wins). Required.
     batch_size: contexts per forward. info: extra keys for every result's metrics (e.g. dataset).
+    full_forwards: rerun the whole model for every variant (the reference path) instead of only
+      the layers after the hook. variants_per_forward: variants (zero, mean, dictionaries) stacked
+      along the batch in one forward after the hook; None: as many as memory allows.
     Every dictionary is evaluated in inference mode (`.eval()`); its training flag is restored after.
     Returns name -> EvalResult (metrics = the eval.json dict, frequency = [d_sae] tensor); writes
     nothing (`eval.outputs.write_outputs` does).
@@ -145,15 +153,20 @@ def evaluate_dictionaries(model, dictionaries: Mapping[str, Any], tokens: Tensor
                                                _dict_param(t.dictionary).device)
              for name, t in targets.items()}
     sums = M.SumAccumulator()
+    forwards = Forwards(model, _hooks(targets), full=full_forwards, per_forward=variants_per_forward)
     bar = token_bar(tokens.numel(), desc=f"evaluating {len(targets)}", enabled=progress, leave=False)
     with bar, _inference_mode(targets):
         for start in range(0, tokens.shape[0], batch_size):
             toks = tokens[start:start + batch_size].to(device)
-            _evaluate_batch(model, targets, mean_runs, recon, sums, toks,
+            _evaluate_batch(forwards, targets, mean_runs, recon, sums, toks,
                             keep_mask[start:start + batch_size].to(device))
             bar.update(toks.numel())
     return {name: _result(model, name, t, recon[name], sums, mean_runs.of[name], info)
             for name, t in targets.items()}
+
+
+def _hooks(targets: Mapping[str, EvalTarget]) -> list[str]:
+    return sorted({t.resolved_hook() for t in targets.values()})
 
 
 def _mean_runs(targets: Mapping[str, EvalTarget], train_means: Mapping[str, Tensor],
@@ -195,46 +208,53 @@ def _inference_mode(targets: Mapping[str, EvalTarget]) -> Iterator[None]:
             t.dictionary.train(training)
 
 
-def _evaluate_batch(model, targets: Mapping[str, EvalTarget], mean_runs: _MeanRuns,
+def _evaluate_batch(forwards: Forwards, targets: Mapping[str, EvalTarget], mean_runs: _MeanRuns,
                     recon: Mapping[str, M.ReconstructionAccumulator], sums: M.SumAccumulator,
                     toks: Tensor, keep: Tensor) -> None:
-    """One batch of contexts [b, ctx]: the clean forward, each hook's zero- and mean-ablated
-    forwards, and each dictionary's spliced forward; their CE and KL go into `sums`."""
+    """One batch of contexts [b, ctx]: the clean forward, then at each hook its zero- and
+    mean-ablated runs and each dictionary's spliced run; their CE and KL go into `sums`."""
     pred = M.prediction_mask(keep)
+    clean = M.CleanLogProbs.of(forwards.clean(toks))
+    sums.add("ce_clean", M.token_ce(clean.log_probs, toks), pred)
+    for hook in _hooks(targets):
+        for key, logits in forwards.logits(hook, _variants(hook, targets, mean_runs, recon, keep)):
+            lp = M.token_log_probs(logits)
+            sums.add("ce:" + key, M.token_ce(lp, toks), pred)
+            sums.add("kl:" + key, M.token_kl(clean, lp), pred)
+
+
+def _variants(hook: str, targets: Mapping[str, EvalTarget], mean_runs: _MeanRuns,
+              recon: Mapping[str, M.ReconstructionAccumulator], keep: Tensor) -> list[Variant]:
+    """The runs at one hook: zero-ablated, mean-ablated per distinct mean, each dictionary spliced."""
     keep3 = keep[..., None]
-    clean_lp = M.token_log_probs(model(toks, return_type="logits"))
-    sums.add("ce_clean", M.token_ce(clean_lp, toks), pred)
-
-    def run(key: str, hook: str, fn) -> None:
-        lp = M.token_log_probs(model.run_with_hooks(toks, fwd_hooks=[(hook, fn)], return_type="logits"))
-        sums.add("ce:" + key, M.token_ce(lp, toks), pred)
-        sums.add("kl:" + key, M.token_kl(clean_lp, lp), pred)
-
-    for hook in sorted({t.resolved_hook() for t in targets.values()}):
-        run("zero:" + hook, hook, lambda x, hook: torch.where(keep3, torch.zeros_like(x), x))
-    for i, (hook, mean) in enumerate(mean_runs.runs):
-        run(f"mean:{i}", hook, lambda x, hook, mean=mean: torch.where(keep3, mean.to(x.dtype), x))
-    for name, t in targets.items():
-        d = t.dictionary
-        saved_kill = (d.kill_mask, d.kill_mode)
-        d.set_killed(t.kill_mask, t.kill_mode)
-        run("sae:" + name, t.resolved_hook(), _splice_hook(d, keep, recon[name]))
-        d.set_killed(*saved_kill)
+    runs: list[Variant] = [("zero:" + hook, lambda x: torch.where(keep3, torch.zeros_like(x), x))]
+    runs += [(f"mean:{i}", lambda x, mean=mean: torch.where(keep3, mean.to(x.dtype), x))
+             for i, (h, mean) in enumerate(mean_runs.runs) if h == hook]
+    runs += [("sae:" + name, _splice(t, keep, recon[name]))
+             for name, t in targets.items() if t.resolved_hook() == hook]
+    return runs
 
 
-def _splice_hook(d, keep: Tensor, acc: M.ReconstructionAccumulator):
-    """The forward hook of a dictionary's spliced run (also feeds its accumulator)."""
+def _splice(t: EvalTarget, keep: Tensor, acc: M.ReconstructionAccumulator):
+    """A dictionary's spliced activation (with the target's kill mask for the call); feeds its
+    accumulator."""
+    d = t.dictionary
     p = _dict_param(d)
 
-    def hook_fn(x: Tensor, hook) -> Tensor:
-        xd = x.to(device=p.device, dtype=p.dtype)
-        f = d.encode(xd)
-        x_hat = d.decode(f)
+    def splice(x: Tensor) -> Tensor:
+        saved_kill = (d.kill_mask, d.kill_mode)
+        d.set_killed(t.kill_mask, t.kill_mode)
+        try:
+            xd = x.to(device=p.device, dtype=p.dtype)
+            f = d.encode(xd)
+            x_hat = d.decode(f)
+        finally:
+            d.set_killed(*saved_kill)
         k = keep.to(p.device)
         acc.update(xd[k], x_hat[k], f[k])
         return torch.where(keep[..., None], x_hat.to(device=x.device, dtype=x.dtype), x)
 
-    return hook_fn
+    return splice
 
 
 def _result(model, name: str, t: EvalTarget, recon: M.ReconstructionAccumulator, sums: M.SumAccumulator,

@@ -17,7 +17,7 @@ Conventions shared by every accumulator:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -147,9 +147,24 @@ def token_ce(log_probs: Tensor, tokens: Tensor) -> Tensor:
     return -log_probs.gather(-1, tokens[:, 1:, None].to(log_probs.device)).squeeze(-1)
 
 
-def token_kl(clean_log_probs: Tensor, other_log_probs: Tensor) -> Tensor:
-    """KL(p_clean ‖ p_other) per position, [batch, pos-1]."""
-    return (clean_log_probs.exp() * (clean_log_probs - other_log_probs)).sum(-1)
+class CleanLogProbs(NamedTuple):
+    """The clean run's log-probabilities [batch, pos-1, vocab] and their exp, computed once per
+    batch for every KL against them."""
+
+    log_probs: Tensor
+    probs: Tensor
+
+    @classmethod
+    def of(cls, logits: Tensor) -> "CleanLogProbs":
+        lp = token_log_probs(logits)
+        return cls(lp, lp.exp())
+
+
+def token_kl(clean: Tensor | CleanLogProbs, other_log_probs: Tensor) -> Tensor:
+    """KL(p_clean ‖ p_other) per position, [batch, pos-1]; clean: its log-probabilities or a
+    CleanLogProbs."""
+    clean_lp, clean_p = clean if isinstance(clean, CleanLogProbs) else (clean, clean.exp())
+    return (clean_p * (clean_lp - other_log_probs)).sum(-1)
 
 
 class SumAccumulator:

@@ -209,16 +209,17 @@ def test_excluded_positions_keep_their_activation(model, data, train_mean):
     ones get x_hat; BOS (position 0) sees only itself, so it stays clean downstream and its logits
     are unchanged by any splice; every excluded token counts in no metric."""
     tokens, keep = data
-    from eval.evaluate import _splice_hook
+    from eval.evaluate import _splice
 
     d = ZeroDict.make()  # x_hat = 0 at every kept position
     acc = M.ReconstructionAccumulator(d.d_in, d.d_sae)
+    splice = _splice(EvalTarget(d), keep, acc)
     later = "blocks.1.hook_resid_post"
     captured = {}
     with torch.no_grad():
         clean = model(tokens)
         _, cache = model.run_with_cache(tokens, names_filter=[HOOK, later])
-        spliced = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, _splice_hook(d, keep, acc)),
+        spliced = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda a, hook: splice(a)),
                                                           (HOOK, lambda a, hook: captured.setdefault("at_hook", a)),
                                                           (later,
                                                            lambda a, hook: captured.setdefault("x", a))])
