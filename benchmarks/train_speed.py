@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -65,49 +66,65 @@ def calibrated_slot(raw: dict, x: torch.Tensor, l0: float):
     return slot
 
 
-def step_seconds(slot, x: torch.Tensor, steps: int, autocast: torch.dtype | None) -> tuple[float, float]:
-    """(median seconds per step over `steps` after one warm-up step, mean L0 of the timed steps)."""
-    times, l0 = [], []
+class Timing(NamedTuple):
+    """Seconds per step (the fastest of the timed steps: the least disturbed by other processes),
+    by the wall clock and in CPU time of this process (all its threads), and the mean L0."""
+    wall: float
+    cpu: float
+    l0: float
+
+
+def step_timing(slot, x: torch.Tensor, steps: int, autocast: torch.dtype | None) -> Timing:
+    """Time `steps` trainer steps after one warm-up step."""
+    wall, cpu, l0 = [], [], []
     for i in range(steps + 1):
         sync(x.device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         slot.step(x, i, 10**6, autocast, WHOLE_BATCH)
         sync(x.device)
-        times.append(time.perf_counter() - t)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         window = slot.tracker.window
         l0.append(float(window.counts.sum()) / window.tokens)
         window.restart()
-    return statistics.median(times[1:]), statistics.mean(l0[1:])
+    return Timing(min(wall[1:]), min(cpu[1:]), statistics.mean(l0[1:]))
 
 
-def timed(raw: dict, x: torch.Tensor, l0: float, args) -> tuple[float, float]:
+def timed(raw: dict, x: torch.Tensor, l0: float, args) -> Timing:
     slot = calibrated_slot(raw, x, l0)
-    result = step_seconds(slot, x, args.steps, args.autocast)
+    result = step_timing(slot, x, args.steps, args.autocast)
     del slot  # free the dictionary and its Adam state before the next one
     return result
 
 
-def dense_and_sparse(raw: dict, x: torch.Tensor, l0: float, args) -> tuple[float, float, float]:
-    """(dense seconds/step, sparse seconds/step, L0 measured in the sparse steps)."""
-    dense, _ = timed({**raw, "sparse": False}, x, l0, args)
-    sparse, measured_l0 = timed({**raw, "sparse": True}, x, l0, args)
-    return dense, sparse, measured_l0
+HEADER = (f"{'dense tok/s':>12} {'sparse tok/s':>13} {'sparse/dense':>12}   "
+          f"{'dense tok/CPU-s':>15} {'sparse tok/CPU-s':>16} {'sparse/dense':>12}")
+
+
+def compared(B: int, dense: Timing | None, sparse: Timing) -> str:
+    """The HEADER's columns: tokens/s by the wall clock, then per CPU-second, and the ratios."""
+    if dense is None:  # TopK has no dense row here
+        return f"{'':>12} {B / sparse.wall:13,.0f} {'':>12}   {'':>15} {B / sparse.cpu:16,.0f}"
+    return (f"{B / dense.wall:12,.0f} {B / sparse.wall:13,.0f} {dense.wall / sparse.wall:11.2f}x   "
+            f"{B / dense.cpu:15,.0f} {B / sparse.cpu:16,.0f} {dense.cpu / sparse.cpu:11.2f}x")
+
+
+def dense_and_sparse(raw: dict, x: torch.Tensor, l0: float, args) -> tuple[Timing, Timing]:
+    return timed({**raw, "sparse": False}, x, l0, args), timed({**raw, "sparse": True}, x, l0, args)
 
 
 def width_table(x: torch.Tensor, args) -> None:
     B, d_in = x.shape
-    print(f"{'dictionary':<18} {'width':>5} {'d_sae':>6} {'L0':>6} {'dense tok/s':>12} {'sparse tok/s':>13} "
-          f"{'sparse/dense':>12}")
+    print(f"{'dictionary':<18} {'width':>5} {'d_sae':>6} {'L0':>6} {HEADER}")
     for width in args.widths:
         d_sae = width * d_in
         for l0 in args.l0:
             for name, raw in ARCHITECTURES.items():
-                dense, sparse, measured = dense_and_sparse({**raw, "d_sae": d_sae}, x, l0, args)
-                print(f"{name:<18} {width:>4}x {d_sae:>6} {measured:6.1f} {B / dense:12,.0f} {B / sparse:13,.0f} "
-                      f"{dense / sparse:11.2f}x", flush=True)
+                dense, sparse = dense_and_sparse({**raw, "d_sae": d_sae}, x, l0, args)
+                print(f"{name:<18} {width:>4}x {d_sae:>6} {sparse.l0:6.1f} {compared(B, dense, sparse)}", flush=True)
             k = round(l0)
-            sec, measured = timed({"architecture": "topk", "k": k, "d_sae": d_sae}, x, l0, args)
-            print(f"{f'topk k={k}':<18} {width:>4}x {d_sae:>6} {measured:6.1f} {'':>12} {B / sec:13,.0f}", flush=True)
+            topk = timed({"architecture": "topk", "k": k, "d_sae": d_sae}, x, l0, args)
+            print(f"{f'topk k={k}':<18} {width:>4}x {d_sae:>6} {topk.l0:6.1f} {compared(B, None, topk)}", flush=True)
 
 
 def crossover(x: torch.Tensor, args) -> None:
@@ -115,20 +132,23 @@ def crossover(x: torch.Tensor, args) -> None:
     which the sparse step stops being faster is what `sparse_max_density` should be."""
     B, d_in = x.shape
     d_sae = args.widths[0] * d_in
-    print(f"relu (classic), d_sae={d_sae}\n{'density':>8} {'L0':>7} {'dense tok/s':>12} {'sparse tok/s':>13} "
-          f"{'sparse/dense':>12}")
+    print(f"relu (classic), d_sae={d_sae}\n{'density':>8} {'L0':>7} {HEADER}")
     points = []
     for density in args.densities:
-        dense, sparse, measured = dense_and_sparse({"architecture": "relu", "d_sae": d_sae}, x, density * d_sae, args)
-        points.append((measured / d_sae, dense / sparse))
-        print(f"{measured / d_sae:8.3f} {measured:7.1f} {B / dense:12,.0f} {B / sparse:13,.0f} {dense / sparse:11.2f}x",
-              flush=True)
-    for (d0, r0), (d1, r1) in zip(points, points[1:]):
-        if r0 >= 1 > r1:  # interpolate the ratio linearly in log-density
-            t = (r0 - 1) / (r0 - r1)
-            print(f"\ncrossover (sparse = dense) at density ~{d0 * (d1 / d0) ** t:.3f}")
-            return
-    print("\nno crossover in this range")
+        dense, sparse = dense_and_sparse({"architecture": "relu", "d_sae": d_sae}, x, density * d_sae, args)
+        points.append((sparse.l0 / d_sae, dense.wall / sparse.wall, dense.cpu / sparse.cpu))
+        print(f"{sparse.l0 / d_sae:8.3f} {sparse.l0:7.1f} {compared(B, dense, sparse)}", flush=True)
+    for clock, column in (("wall clock", 1), ("CPU time", 2)):
+        print(f"crossover by {clock}: {crossing(points, column)}")
+
+
+def crossing(points: list[tuple[float, ...]], column: int) -> str:
+    """Where the ratio in `column` first falls below 1 (linear in log-density between points)."""
+    for p0, p1 in zip(points, points[1:]):
+        (d0, r0), (d1, r1) = (p0[0], p0[column]), (p1[0], p1[column])
+        if r0 >= 1 > r1:
+            return f"density ~{d0 * (d1 / d0) ** ((r0 - 1) / (r0 - r1)):.3f}"
+    return "none in this range"
 
 
 def main() -> None:
@@ -142,12 +162,15 @@ def main() -> None:
     p.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.02, 0.04, 0.08, 0.16, 0.32])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.autocast = torch.bfloat16 if args.autocast == "bf16" else None
     device = torch.device(args.device)
     x = torch.randn(args.batch, args.d_in, generator=torch.Generator().manual_seed(0)).to(device)
     print(f"device {device}, threads {torch.get_num_threads()}, d_in={args.d_in} batch={args.batch}, "
-          f"median of {args.steps} steps\n")
+          f"fastest of {args.steps} steps\n")
     if args.crossover:
         crossover(x, args)
     else:

@@ -14,12 +14,15 @@ Config (`ElementwiseConfig`):
 * `sparse: auto` (default) takes the sparse step when the touched pairs are at most
   `sparse_max_density` of the batch's batch·d_sae entries, else the dense one; `true` always
   sparse, `false` always dense (the plain formulation; the tests compare the two).
-* `sparse_max_density` (default 0.05): the crossover. Measured on CPU with
-  `python benchmarks/train_speed.py --crossover` (README, training speed); on a GPU the crossover
-  differs: measure it there with the same command.
+* `sparse_max_density` (default 0.05): below the density at which the sparse step stops paying,
+  which on CPU falls with the width (about 0.2 at 4× d_in, 0.14 at 16×, 0.08 at 64×:
+  `python benchmarks/train_speed.py --crossover`, README, training speed); a GPU's differs:
+  measure it there with the same command. Trained dictionaries sit far below (L0 / d_sae), so
+  it mostly decides the first steps, when half the features fire.
 
-Host syncs: `auto` reads one number per step (the count of touched pairs), and a sparse step's
-`nonzero` needs it anyway (tensor shapes depend on it); `false` reads nothing.
+Each data-parallel rank chooses for its own shard (the maths is the same either way). Host syncs:
+`auto` and `true` read one number per step (the count of touched pairs: a sparse step's shapes
+depend on it); `false` reads nothing.
 """
 
 from __future__ import annotations
