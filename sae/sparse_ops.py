@@ -1,10 +1,11 @@
-"""Sparse kernels for TopK-style dictionaries, in pure PyTorch (CPU and GPU).
+"""Sparse kernels for training dictionaries whose activations are sparse, in pure PyTorch (CPU and GPU).
 
-A TopK dictionary keeps k of d_sae latents per token, so most of a dense training step is
+A TopK dictionary keeps k of d_sae latents per token, and a trained ReLU, JumpReLU or Gated one
+fires on a few dozen (sae/dictionaries/elementwise.py), so most of a dense training step is
 wasted work: the decoder multiplies mostly zeros, and the encoder's weight gradient
 `xᵀ · ∂L/∂pre` is a [d_in, batch] × [batch, d_sae] product of an almost empty matrix. Here the
-selected latents are kept as coordinate lists (`rows`, `cols`, `vals`: token, feature,
-activation), and
+selected (or active) latents are kept as coordinate lists (`rows`, `cols`, `vals`: token,
+feature, activation), and
 
 * `sparse_decode` computes `x̂[r] = Σ vals · W_dec[cols]` as an `embedding_bag` (no dense
   [batch, d_sae] tensor), whose backward touches only the selected decoder rows;
@@ -15,7 +16,8 @@ activation), and
 The encoder backward groups the coordinates by feature (a stable sort) and sums with
 `embedding_bag`, so the work is O(n_selected · d_in) instead of O(batch · d_sae · d_in), with no
 [n_selected, d_in] intermediate. Gradients equal the dense path's up to summation order
-(tests/test_architectures.py checks this against autograd on the dense formulation).
+(tests/test_architectures.py and tests/test_sparse_training.py check this against autograd on
+the dense formulations).
 """
 
 from __future__ import annotations

@@ -21,12 +21,13 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
-                                   penalty_warmup, width_scaled_lr)
+from sae.dictionaries.base import SparseDictionary, TrainStep, penalty_warmup, width_scaled_lr
+from sae.dictionaries.elementwise import (ElementwiseConfig, ElementwiseDictionary, Pairs, at_least_float32,
+                                          pair_counts, sse_per_token)
 from sae.dictionaries.registry import register
 
 
-class GatedConfig(DictionaryConfig):
+class GatedConfig(ElementwiseConfig):
     architecture: Literal["gated"] = "gated"
     l1_coefficient: float = Field(1.0, ge=0)
     sparsity_warmup_fraction: float = Field(0.05, ge=0, le=1)
@@ -34,7 +35,7 @@ class GatedConfig(DictionaryConfig):
 
 
 @register
-class GatedDictionary(SparseDictionary):
+class GatedDictionary(ElementwiseDictionary):
     architecture = "gated"
     Config = GatedConfig
     cfg: GatedConfig
@@ -78,20 +79,44 @@ class GatedDictionary(SparseDictionary):
             f = f.masked_fill(kill, 0.0)
         return f
 
-    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None,
-                      shards: BatchShards = WHOLE_BATCH) -> TrainStep:
-        xs = self.scale_input(x)
-        gate, mag = self._paths(xs)
+    # ---- training: dense or sparse step (sae.dictionaries.elementwise), the same loss ----------
+    # Both paths are computed from one projection s = (x - b_dec) W_enc (no b_enc):
+    # π_gate = s + b_enc and π_mag = s ⊙ exp(r_mag) + b_mag (the column scaling moved past the matmul).
+    def training_pre_acts(self, xs: Tensor) -> Tensor:
+        return torch.addmm(-(self.b_dec @ self.W_enc), xs, self.W_enc)
+
+    def touched(self, pre: Tensor) -> Tensor:
+        # every term (f, the L1 on ReLU(π_gate), the auxiliary loss) vanishes, with its gradients,
+        # unless π_gate = s + b_enc > 0, which implies s > -b_enc (NaN counts too: it must reach the loss)
+        return (pre <= -self.b_enc.to(pre.dtype)).logical_not_()
+
+    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float) -> TrainStep:
+        gate, mag = pre + self.b_enc, pre * torch.exp(self.r_mag) + self.b_mag
         f = (gate > 0).to(mag.dtype) * torch.relu(mag)
-        x_hat = f @ self.W_dec + self.b_dec
-        sse = (x_hat.float() - xs.float()).pow(2).sum(dim=-1).mean()
         gate_act = torch.relu(gate)
-        if self.unit_norm_decoder:
-            l1 = gate_act.float().sum(dim=-1).mean()
-        else:
-            l1 = (gate_act.float() * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+        x_hat = f @ self.W_dec + self.b_dec
         x_hat_gate = gate_act @ self.W_dec.detach() + self.b_dec.detach()
-        aux = (x_hat_gate.float() - xs.float()).pow(2).sum(dim=-1).mean()
+        return self._loss(x_hat, x_hat_gate, xs, at_least_float32(gate_act).sum(dim=0), progress, f=f)
+
+    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
+        s = self.selected(xs, pre, pairs, b_enc=self.b_enc.detach())  # b_enc enters through gate
+        cols = pairs.cols
+        gate, mag = s + self.b_enc[cols], s * torch.exp(self.r_mag)[cols] + self.b_mag[cols]
+        vals = (gate > 0).to(mag.dtype) * torch.relu(mag)
+        gate_act = torch.relu(gate)
+        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec)
+        x_hat_gate = self.decode_pairs(gate_act, pairs, self.W_dec.detach(), self.b_dec.detach())
+        gate_sum = self.per_feature_sum(at_least_float32(gate_act), pairs)
+        return self._loss(x_hat, x_hat_gate, xs, gate_sum, progress, counts=pair_counts(vals, cols, self.d_sae))
+
+    def _loss(self, x_hat: Tensor, x_hat_gate: Tensor, xs: Tensor, gate_sum: Tensor, progress: float,
+              f: Tensor | None = None, counts: Tensor | None = None) -> TrainStep:
+        """‖x - x̂‖² + λ·L1 + aux per token; gate_sum [d_sae] = Σ over tokens of ReLU(π_gate)."""
+        sse = sse_per_token(x_hat, xs)
+        if not self.unit_norm_decoder:
+            gate_sum = gate_sum * self.W_dec.norm(dim=1)
+        l1 = gate_sum.sum() / xs.shape[0]
+        aux = sse_per_token(x_hat_gate, xs)
         lam = self.cfg.l1_coefficient * penalty_warmup(progress, self.cfg.sparsity_warmup_fraction)
-        return TrainStep(loss=sse + lam * l1 + aux, x_hat=x_hat, f=f,
+        return TrainStep(loss=sse + lam * l1 + aux, x_hat=x_hat, f=f, feature_counts=counts,
                          metrics={"sse": sse.detach(), "l1_penalty": l1.detach(), "aux_loss": aux.detach()})

@@ -23,12 +23,13 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
-                                   penalty_warmup, width_scaled_lr)
+from sae.dictionaries.base import SparseDictionary, TrainStep, penalty_warmup, width_scaled_lr
+from sae.dictionaries.elementwise import (ElementwiseConfig, ElementwiseDictionary, Pairs, at_least_float32,
+                                          pair_counts, sse_per_token)
 from sae.dictionaries.registry import register
 
 
-class JumpReLUConfig(DictionaryConfig):
+class JumpReLUConfig(ElementwiseConfig):
     architecture: Literal["jumprelu"] = "jumprelu"
     l0_coefficient: float = Field(0.1, ge=0)
     sparsity_warmup_fraction: float = Field(0.05, ge=0, le=1)
@@ -53,7 +54,7 @@ class _JumpReLU(torch.autograd.Function):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         g_z = g * (z > theta).to(g.dtype)
-        g_theta = (-(theta / eps) * _rectangle((z - theta) / eps) * g).reshape(-1, z.shape[-1]).sum(0)
+        g_theta = (-(theta / eps) * _rectangle((z - theta) / eps) * g).sum_to_size(theta.shape)
         return g_z, g_theta.to(theta.dtype), None
 
 
@@ -68,7 +69,7 @@ class _Step(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
-        g_theta = (-(1.0 / eps) * _rectangle((z - theta) / eps) * g).reshape(-1, z.shape[-1]).sum(0)
+        g_theta = (-(1.0 / eps) * _rectangle((z - theta) / eps) * g).sum_to_size(theta.shape)
         return torch.zeros_like(z), g_theta.to(theta.dtype), None
 
 
@@ -81,7 +82,7 @@ def heaviside_step(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
 
 
 @register
-class JumpReLUDictionary(SparseDictionary):
+class JumpReLUDictionary(ElementwiseDictionary):
     architecture = "jumprelu"
     Config = JumpReLUConfig
     cfg: JumpReLUConfig
@@ -109,15 +110,31 @@ class JumpReLUDictionary(SparseDictionary):
         super().after_optimizer_step()
         self.threshold.clamp_(min=0.0)
 
-    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None,
-                      shards: BatchShards = WHOLE_BATCH) -> TrainStep:
-        xs = self.scale_input(x)
-        pre = torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc)
+    # ---- training: dense or sparse step (sae.dictionaries.elementwise), the same loss ----------
+    def touched(self, pre: Tensor) -> Tensor:
+        # f and its gradients vanish unless pre > θ, and θ's pseudo-derivatives (of f and of the L0
+        # term) unless |pre - θ| < ε/2: pre > θ - ε holds for both, with margin for rounding
+        # (NaN counts too: it must reach the loss)
+        return (pre <= self.threshold.to(pre.dtype) - self.cfg.bandwidth).logical_not_()
+
+    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float) -> TrainStep:
         theta = self.threshold.to(pre.dtype)
         f = jumprelu(pre, theta, self.cfg.bandwidth)
         x_hat = f @ self.W_dec + self.b_dec
-        sse = (x_hat.float() - xs.float()).pow(2).sum(dim=-1).mean()
-        l0 = heaviside_step(pre, theta, self.cfg.bandwidth).float().sum(dim=-1).mean()
+        l0 = at_least_float32(heaviside_step(pre, theta, self.cfg.bandwidth)).sum(dim=-1).mean()
+        return self._loss(x_hat, xs, l0, progress, f=f)
+
+    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
+        z = self.selected(xs, pre, pairs)
+        theta = self.threshold.to(pre.dtype)[pairs.cols]
+        vals = jumprelu(z, theta, self.cfg.bandwidth)
+        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec)
+        l0 = at_least_float32(heaviside_step(z, theta, self.cfg.bandwidth)).sum() / pairs.n_rows
+        return self._loss(x_hat, xs, l0, progress, counts=pair_counts(vals, pairs.cols, self.d_sae))
+
+    def _loss(self, x_hat: Tensor, xs: Tensor, l0: Tensor, progress: float, f: Tensor | None = None,
+              counts: Tensor | None = None) -> TrainStep:
+        sse = sse_per_token(x_hat, xs)
         lam = self.cfg.l0_coefficient * penalty_warmup(progress, self.cfg.sparsity_warmup_fraction)
-        return TrainStep(loss=sse + lam * l0, x_hat=x_hat, f=f,
+        return TrainStep(loss=sse + lam * l0, x_hat=x_hat, f=f, feature_counts=counts,
                          metrics={"sse": sse.detach(), "l0": l0.detach()})

@@ -21,8 +21,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
-                                   penalty_warmup, width_scaled_lr)
+from sae.dictionaries.base import TrainStep, penalty_warmup, width_scaled_lr
+from sae.dictionaries.elementwise import (ElementwiseConfig, ElementwiseDictionary, Pairs, at_least_float32,
+                                          pair_counts, sse_per_token)
 from sae.dictionaries.registry import register
 
 
@@ -45,7 +46,7 @@ RECIPES = {
 RECIPE_FIELDS = ("l1_coefficient", "sparsity_warmup_fraction", "normalize_decoder")
 
 
-class ReLUConfig(DictionaryConfig):
+class ReLUConfig(ElementwiseConfig):
     architecture: Literal["relu"] = "relu"
     recipe: Literal["classic", "april2024"] = "classic"
     l1_coefficient: float | None = Field(None, ge=0)  # None: the recipe's (classic 1.0, april2024 5.0)
@@ -82,7 +83,7 @@ class ReLUConfig(DictionaryConfig):
 
 
 @register
-class ReLUDictionary(SparseDictionary):
+class ReLUDictionary(ElementwiseDictionary):
     architecture = "relu"
     Config = ReLUConfig
     cfg: ReLUConfig
@@ -118,16 +119,29 @@ class ReLUDictionary(SparseDictionary):
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
 
-    def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None,
-                      shards: BatchShards = WHOLE_BATCH) -> TrainStep:
-        xs = self.scale_input(x)
-        f = self.activation(torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc))
+    # ---- training: dense or sparse step (sae.dictionaries.elementwise), the same loss ----------
+    def touched(self, pre: Tensor) -> Tensor:
+        # the ReLU's output and gradient vanish elsewhere (NaN counts too: it must reach the loss)
+        return (pre <= 0).logical_not_()
+
+    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float) -> TrainStep:
+        f = self.activation(pre)
         x_hat = f @ self.W_dec + self.b_dec
-        sse = (x_hat.float() - xs.float()).pow(2).sum(dim=-1).mean()
+        return self._loss(x_hat, xs, at_least_float32(f).sum(dim=0), progress, f=f)  # f >= 0
+
+    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
+        vals = self.activation(self.selected(xs, pre, pairs))
+        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec)
+        return self._loss(x_hat, xs, self.per_feature_sum(at_least_float32(vals), pairs), progress,
+                          counts=pair_counts(vals, pairs.cols, self.d_sae))
+
+    def _loss(self, x_hat: Tensor, xs: Tensor, f_sum: Tensor, progress: float, f: Tensor | None = None,
+              counts: Tensor | None = None) -> TrainStep:
+        """‖x - x̂‖² + λ·L1 per token, from x̂ and f_sum [d_sae] = Σ over the batch's tokens of f."""
+        sse = sse_per_token(x_hat, xs)
         if self.recipe.l1_times_decoder_norm:
-            l1 = (f.float() * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
-        else:
-            l1 = f.float().sum(dim=-1).mean()  # f >= 0
+            f_sum = f_sum * self.W_dec.norm(dim=1)
+        l1 = f_sum.sum() / xs.shape[0]
         lam = self.cfg.l1_coefficient * penalty_warmup(progress, self.cfg.sparsity_warmup_fraction)
-        loss = sse + lam * l1
-        return TrainStep(loss=loss, x_hat=x_hat, f=f, metrics={"sse": sse.detach(), "l1_penalty": l1.detach()})
+        return TrainStep(loss=sse + lam * l1, x_hat=x_hat, f=f, feature_counts=counts,
+                         metrics={"sse": sse.detach(), "l1_penalty": l1.detach()})
