@@ -14,7 +14,8 @@ from typing import Any, Iterable, Mapping
 
 from torch import Tensor
 
-from eval import histogram, report
+from eval import report
+from sae import plots
 from eval.evaluate import DEFAULT_BATCH_CONTEXTS, EvalTarget, evaluate_dictionaries
 from eval.folders import counts_or_defaults, load_groups
 from eval.metrics import jsonable
@@ -211,7 +212,7 @@ def point_labels(points: Iterable[tuple[float, float, float, int]], x_tol: float
 
 
 def plot_ablation(result: AblationResult, path: str | Path) -> Path:
-    plt = histogram.pyplot()
+    plt = plots.pyplot()
     panels = [("loss_recovered", "% loss recovered (zero-ablation baseline)"),
               ("loss_recovered_mean_ablation", "% loss recovered (mean-ablation baseline)")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
@@ -247,7 +248,7 @@ def plot_ablation(result: AblationResult, path: str | Path) -> Path:
     axes[0].legend(fontsize=7, loc="best")  # "best" also avoids the labels
     fig.suptitle(f"Killing high-frequency features of {result.dictionary} (mode {result.mode}, "
                  f"{result.tokens_evaluated} held-out tokens)", fontsize=10)
-    return histogram.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def ablate_dir(directory: str | Path, thresholds: str | Iterable[float], *, compare: list[str | Path] | None = None,

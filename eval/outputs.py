@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from safetensors import safe_open
 from torch import Tensor
 
-from eval.histogram import plot_frequency_histogram
+from sae.plots import plot_frequency_histogram
 from eval.metrics import jsonable
 from sae import io
 from sae.errors import UserError

@@ -214,10 +214,10 @@ def test_coincident_ablation_points_share_one_label(tmp_path, monkeypatch):
     # Within the tolerances (labels that would overlap on the plot): one label, "; " between kill counts.
     assert point_labels(pts, x_tol=1.0, y_tol=0.01)[-1] == (0.39, 0.16, ">0.07 (-2298); >0.05, >0.038, >0.02 (-2304)")
 
-    import eval.histogram
+    import sae.plots
 
     drawn = {}
-    monkeypatch.setattr(eval.histogram, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
+    monkeypatch.setattr(sae.plots, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
     rows = [{"threshold": t, "killed": k, "l0": x, "loss_recovered": y, "loss_recovered_mean_ablation": y - 0.3}
             for x, y, t, k in pts]
     unpruned = {"l0": 280.0, "loss_recovered": 1.0, "loss_recovered_mean_ablation": 0.7}
