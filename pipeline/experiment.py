@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from eval.kill_frequency import run_training_activations
 from eval.outputs import eval_info
 from eval.run import check_prune_config, evaluate_run
 from pipeline.resume import completed_run, dictionary_metadata, finished_dictionaries
@@ -213,4 +214,14 @@ def _evaluate(run: RunConfig, configs: list[DictionaryConfig], loaded: _Loaded,
     dictionaries = {name: d.to(loaded.device) for name, d in trained.items()}
     return evaluate_run(loaded.model, dictionaries, {name: run.run_dir / name for name in dictionaries},
                         run.run_dir, tokens, keep, means, batch_size=run.eval.batch_contexts, prune=run.prune,
-                        info=eval_info(run.data))
+                        training_activations=_kill_tokens(run, loaded.model), info=eval_info(run.data))
+
+
+def _kill_tokens(run: RunConfig, model) -> Any:
+    """Where the prune block's kill decisions are measured: the first prune.frequency_tokens of the
+    training tokens (from the cache when there is one), never the held-out ones."""
+    if run.prune is None:
+        return None
+    cache = run.cache_dir if run.harvest.mode == "disk" else None
+    return run_training_activations(cache, model, run.data, min(run.prune.frequency_tokens, run.train_tokens),
+                                    run.eval.batch_contexts)
