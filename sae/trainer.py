@@ -43,6 +43,7 @@ from sae.dictionaries.naming import dictionary_names
 from sae.dictionaries.registry import get_architecture
 from sae.errors import ConfigError, TrainingDiverged, UserError
 from sae.progress import token_bar
+from sae.training_history import TrainingHistory
 
 DEFAULT_HOOK = "activations"  # the hook key of batches given as plain tensors
 CHECKPOINT_FORMAT = 1
@@ -290,6 +291,7 @@ class Trainer:
         self._wandb_id: str | None = None
         self._last_checkpoint: Path | None = None
         self._histogram_tokens = 0  # tokens_seen when the frequency histograms were last logged
+        self.histories: dict[str, TrainingHistory] = {}  # name -> curves over training (saved beside it)
 
     def _place(self, placement: str | None, d_in: int | Mapping[str, int] | None) -> None:
         """Several processes (torchrun; see sae.distributed): how they share the work. None on one."""
@@ -395,6 +397,8 @@ class Trainer:
             "dictionaries": {
                 s.name: {"model": s.dictionary.state_dict(), "optimizer": s.optimizer.state_dict(),
                          "tracker": s.tracker.state_dict(), "generator": s.generator.get_state(),
+                         "history": self.histories[s.name].state_dict(),
+                         "window_stats": {**s.stats, "steps": s.stat_steps},  # the log window so far
                          "d_in": s.dictionary.d_in, "hook": s.hook}
                 for s in self.slots},
         }
@@ -412,6 +416,10 @@ class Trainer:
             s.dictionary.load_state_dict(st["model"])
             s.optimizer.load_state_dict(st["optimizer"])
             s.tracker.load_state_dict(st["tracker"])
+            self.histories[s.name].load_state_dict(st.get("history"))
+            if "window_stats" in st:
+                s.stat_steps = int(st["window_stats"]["steps"])
+                s.stats = {k: st["window_stats"][k].to(self.device) for k in _STAT_KEYS}
             s.generator.set_state(st["generator"])
 
     def _save_checkpoint(self) -> None:
@@ -509,6 +517,22 @@ class Trainer:
                     row[f"{s.name}/log10_frequency"] = wandb.Histogram(live.log10().numpy(), num_bins=64)
         self._wandb_run.log(row, step=self.step)
 
+    def _record_history(self, stats: dict[str, dict[str, float]], histograms: bool) -> None:
+        for s in self.slots:
+            self.histories[s.name].update(self.tokens_seen, self.step, stats[s.name])
+            if histograms:
+                self.histories[s.name].snapshot(self.tokens_seen, s.tracker.window.frequencies(),
+                                                s.tracker.window.tokens)
+
+    def _save_history(self, name: str) -> None:
+        """The curves beside the saved dictionary, and into wandb when it logs."""
+        written = self.histories[name].save(self.out_dir / name, title=name)
+        if self._wandb_run is not None:
+            import wandb  # imported by _start_wandb already
+
+            self._wandb_run.log({f"{name}/{p.stem}": wandb.Image(str(p)) for p in written if p.suffix == ".png"},
+                                step=self.step)
+
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self, source: Any) -> dict[str, SparseDictionary]:
         """Train every dictionary on `source` (see module docstring); returns {name: dictionary}."""
@@ -551,6 +575,7 @@ class Trainer:
         if first is None:
             raise UserError("the batch source yielded no batches")
         self._build(first)
+        self.histories = {s.name: TrainingHistory(s.cfg.dead_after_tokens) for s in self.slots}
         if self.data_parallel:
             self._check_same_batches(first)
         if state is not None:
@@ -559,7 +584,7 @@ class Trainer:
             self._init_from_data(first)  # data parallel: the whole batch, on every rank alike
             self.batch_size = int(first[self.slots[0].hook].shape[0])
             self.total_steps = math.ceil(self.total_tokens / self.batch_size)
-        self._histogram_tokens = self.tokens_seen
+        self._histogram_tokens = self.tokens_seen - self.slots[0].tracker.window.tokens  # (resumed: its window)
         return first, rest
 
     def _batches_to_train(self, first: Mapping[str, Tensor],
@@ -618,8 +643,11 @@ class Trainer:
         stats = self._read_stats()
         bar.set_postfix_str(self._postfix(stats), refresh=False)
         every = self.histogram_every_tokens or max(self.total_tokens // 20, 1)
-        histograms = self.tokens_seen - self._histogram_tokens >= every
+        window = self.tokens_seen - self._histogram_tokens
+        # the last window too, unless it is too short to say much
+        histograms = window >= every or (self.tokens_seen >= self.total_tokens and 2 * window >= every)
         self._log(stats, histograms)
+        self._record_history(stats, histograms)
         if histograms:
             for s in self.slots:
                 s.tracker.window.restart()
@@ -677,6 +705,7 @@ class Trainer:
         d.metadata["library_version"] = sae.__version__
         if self.out_dir is not None and self.writes:
             d.save(self.out_dir / s.name)
+            self._save_history(s.name)
         return d
 
     def _close(self, bar: Any) -> None:
