@@ -63,8 +63,10 @@ class AblationConfig(_Strict):
 
 # Training tokens the kill decisions are measured on (prune.frequency_tokens, --frequency-tokens):
 # 4x the default held-out window, so a frequency p is known to about ±sqrt(p / 65,536) (±2 % at the
-# reference's threshold 0.038, ±12 % at 1e-3) for one encoder pass over cached tokens (seconds), or,
-# without a cache, model forwards over as many tokens as 4 default evaluations read.
+# reference's threshold 0.038, ±12 % at 1e-3), at a small cost next to the evaluation: an encoder
+# pass over cached tokens (0.17 TFLOP for 2,304 features on SmolLM2's 576 dims), or, without a
+# cache, forwards up to the hook (about 2 TFLOP to block 3), where the default evaluation's four
+# full forwards over 16,384 tokens take about 17.
 DEFAULT_FREQUENCY_TOKENS = 65_536
 
 

@@ -585,6 +585,9 @@ class Trainer:
             self.batch_size = int(first[self.slots[0].hook].shape[0])
             self.total_steps = math.ceil(self.total_tokens / self.batch_size)
         self._histogram_tokens = self.tokens_seen - self.slots[0].tracker.window.tokens  # (resumed: its window)
+        self.histogram_every_tokens = self.histogram_every_tokens or max(self.total_tokens // 20, 1)
+        # a log window (one row of the curves) at least once per histogram window: >= 20 in a short run
+        self.log_every = max(1, min(self.log_every, math.ceil(self.histogram_every_tokens / self.batch_size)))
         return first, rest
 
     def _batches_to_train(self, first: Mapping[str, Tensor],
@@ -637,12 +640,12 @@ class Trainer:
         return self._crossed(every, self.batch_size or 1)
 
     def _log_window(self, bar: Any) -> None:
-        """Read the window's statistics (one host sync), show and log them; frequency histograms
-        every `histogram_every_tokens`."""
+        """Read the window's statistics (one host sync), show and log them, and add them to the
+        training histories; frequency histograms every `histogram_every_tokens` (and at the end)."""
         self._check_finite()
         stats = self._read_stats()
         bar.set_postfix_str(self._postfix(stats), refresh=False)
-        every = self.histogram_every_tokens or max(self.total_tokens // 20, 1)
+        every = self.histogram_every_tokens
         window = self.tokens_seen - self._histogram_tokens
         # the last window too, unless it is too short to say much
         histograms = window >= every or (self.tokens_seen >= self.total_tokens and 2 * window >= every)
@@ -744,8 +747,9 @@ def train_dictionaries(source: Any, configs: Sequence[DictionaryConfig], *, tota
         d_in: expected activation width (or {hook_name: width}) to check the batches against;
             None takes it from the first batch.
         device: where the dictionaries train ("cpu", "cuda", ...); batches are moved there.
-        out_dir: where `<name>/sae.safetensors` + `cfg.json` and the checkpoints go (None: nothing
-            is written; the trained dictionaries are only returned).
+        out_dir: where `<name>/sae.safetensors` + `cfg.json` (+ the training curves of
+            sae.training_history) and the checkpoints go (None: nothing is written; the trained
+            dictionaries are only returned).
         checkpoint_every_tokens: write a checkpoint into `out_dir/checkpoints/` this often; an
             existing checkpoint there is resumed from.
         metadata: {dictionary name: {...}} written into each cfg.json (model_name, hook_name,

@@ -72,6 +72,8 @@ class TrainingHistory:
 def plot_curves(history: TrainingHistory, path: str | Path, title: str = "") -> Path:
     """L0, FVU (log scale), dead and dense features against tokens trained."""
     fig, axes = pyplot().subplots(2, 2, figsize=(10, 6.4), dpi=110, sharex=True)
+    from matplotlib.ticker import EngFormatter  # here: matplotlib loads on first drawing (sae.plots.pyplot)
+
     tokens = [r["tokens"] for r in history.rows]
     axes[0, 0].plot(tokens, [r["l0"] for r in history.rows], color="#3b75af")
     axes[0, 0].set_ylabel("L0 (active features per token)")
@@ -81,12 +83,14 @@ def plot_curves(history: TrainingHistory, path: str | Path, title: str = "") -> 
     silent = f"silent for {history.dead_after_tokens:,} tokens" if history.dead_after_tokens else "dead"
     axes[1, 0].plot(tokens, [r["dead"] for r in history.rows], color="#c0392b", label=silent)
     axes[1, 0].set_ylabel("dead features")
+    axes[1, 0].set_ylim(0, 1.1 * max(1, *(r["dead"] for r in history.rows)))
     _dense_panel(axes[1, 1], history.snapshots)
     axes[1, 0].legend(fontsize=8)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("tokens trained")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1.5M: no overlapping labels
     fig.suptitle(f"{title}: training curves" if title else "training curves", fontsize=10)
     return save_figure(fig, path)
 
