@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sae.dictionaries import ARCHITECTURES, parse_dictionary_config
+from sae.dictionaries.base import MAX_DEFAULT_LR
 from sae.dictionaries.jumprelu import heaviside_step, jumprelu
 from sae.dictionaries.registry import get_architecture
 from sae.errors import ConfigError
@@ -332,8 +333,9 @@ def test_resampling_reinitialises_dead_features_and_resets_adam_rows():
 
 
 def test_topk_default_lr_scales_with_width():
-    d = make("topk", d_sae=64)
-    assert math.isclose(d.lr, 2e-4 / math.sqrt(64 / 16384))
+    d = make("topk", d_sae=1024)
+    assert math.isclose(d.lr, 2e-3 / math.sqrt(1024 / 16384))
+    assert make("topk", d_sae=64).lr == 2e-2  # capped: the law would give 0.032
     assert make("topk", d_sae=64, lr=1e-3).lr == 1e-3
 
 
@@ -370,10 +372,11 @@ def test_relu_recipe_defaults_are_resolved_in_the_config():
     assert (april.l1_coefficient, april.sparsity_warmup_fraction, april.normalize_decoder) == (2.0, 0.05, False)
     classic.recipe = "april2024"  # what its author left out follows the recipe
     assert (classic.l1_coefficient, classic.sparsity_warmup_fraction, classic.normalize_decoder) == (5.0, 0.05, False)
-    # the recipe's fixed parts: the april2024 dictionary starts with decoder rows of norm 0.1 and lr 5e-5
+    # the recipe's fixed parts: the april2024 dictionary starts with decoder rows of norm 0.1, its lr
+    # is the width law's (capped at MAX_DEFAULT_LR for 8 features)
     d = get_architecture("relu")(classic, D_IN)
     torch.testing.assert_close(d.W_dec.norm(dim=1), torch.full((8,), 0.1))
-    assert d.lr == 5e-5 and not d.unit_norm_decoder
+    assert d.lr == MAX_DEFAULT_LR and not d.unit_norm_decoder
     # as written: what names and checkpoint fingerprints are built from
     assert april.as_written().model_dump(exclude_defaults=True) == {
         "d_sae": 8, "recipe": "april2024", "l1_coefficient": 2.0}

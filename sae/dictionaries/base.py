@@ -202,12 +202,16 @@ class SparseDictionary(nn.Module):
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         with torch.no_grad():
             self.W_dec.copy_(W_dec * self.init_decoder_norm())
-            self.W_enc.copy_((W_dec * self.init_decoder_norm()).T)
+            self.W_enc.copy_((W_dec * self.init_encoder_norm()).T)
             self.b_enc.zero_()
             self.b_dec.zero_()
 
     def init_decoder_norm(self) -> float:
         return 1.0
+
+    def init_encoder_norm(self) -> float:
+        """Norm of the encoder columns at init (the decoder rows' transpose, rescaled)."""
+        return self.init_decoder_norm()
 
     def default_lr(self) -> float:
         return 1e-3
@@ -489,6 +493,15 @@ def geometric_median(x: Tensor, iterations: int = 100, eps: float = 1e-6) -> Ten
             return new
         median = new
     return median
+
+
+MAX_DEFAULT_LR = 2e-2  # the largest lr the defaults were measured at (d_sae 256-4096)
+
+
+def width_scaled_lr(lr_at_16k: float, d_sae: int) -> float:
+    """A default lr that falls as 1/√d_sae: lr_at_16k at 16,384 features (Gao et al.'s law),
+    capped at MAX_DEFAULT_LR for tiny dictionaries, where the law would give 0.1 and more."""
+    return min(lr_at_16k / math.sqrt(d_sae / 16384), MAX_DEFAULT_LR)
 
 
 def unit_norm_scale(x: Tensor) -> float:

@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
-                                   penalty_warmup)
+                                   penalty_warmup, width_scaled_lr)
 from sae.dictionaries.registry import register
 
 
@@ -46,7 +46,8 @@ class GatedDictionary(SparseDictionary):
         self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
 
     def default_lr(self) -> float:
-        return 1e-3
+        # was 1e-3: ~10x too slow (benchmarks/quality_ablations.py gated)
+        return width_scaled_lr(2.5e-3, self.d_sae)
 
     def weights(self) -> dict[str, Tensor]:
         w = super().weights()

@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
-                                   penalty_warmup)
+                                   penalty_warmup, width_scaled_lr)
 from sae.dictionaries.registry import register
 
 
@@ -92,7 +92,8 @@ class JumpReLUDictionary(SparseDictionary):
         self.threshold = nn.Parameter(torch.full((self.d_sae,), float(cfg.threshold_init)))
 
     def default_lr(self) -> float:
-        return 7e-4
+        # was 7e-4: ~10x too slow (benchmarks/quality_ablations.py jumprelu)
+        return width_scaled_lr(1.75e-3, self.d_sae)
 
     def weights(self) -> dict[str, Tensor]:
         return {**super().weights(), "threshold": self.threshold}

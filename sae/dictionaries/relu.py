@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
-                                   penalty_warmup)
+                                   penalty_warmup, width_scaled_lr)
 from sae.dictionaries.registry import register
 
 
@@ -31,15 +31,15 @@ class Recipe(NamedTuple):
     sparsity_warmup_fraction: float  # default λ warm-up
     normalize_decoder: bool  # default: decoder rows kept at unit norm
     decoder_init_norm: float  # norm of the decoder rows at initialisation (encoder = decoder transpose)
-    lr: float  # default learning rate
+    lr_at_16k: float  # default learning rate at 16,384 features (falls as 1/√d_sae)
     l1_times_decoder_norm: bool  # penalty Σ f_i ‖W_dec,i‖ instead of Σ f_i
 
 
 RECIPES = {
     "classic": Recipe(l1_coefficient=1.0, sparsity_warmup_fraction=0.0, normalize_decoder=True,
-                      decoder_init_norm=1.0, lr=1e-3, l1_times_decoder_norm=False),
+                      decoder_init_norm=1.0, lr_at_16k=1.25e-3, l1_times_decoder_norm=False),
     "april2024": Recipe(l1_coefficient=5.0, sparsity_warmup_fraction=0.05, normalize_decoder=False,
-                        decoder_init_norm=0.1, lr=5e-5, l1_times_decoder_norm=True),
+                        decoder_init_norm=0.1, lr_at_16k=1.25e-3, l1_times_decoder_norm=True),
 }
 # The config fields a recipe gives a default to (left out or null: the recipe's value).
 RECIPE_FIELDS = ("l1_coefficient", "sparsity_warmup_fraction", "normalize_decoder")
@@ -51,6 +51,7 @@ class ReLUConfig(DictionaryConfig):
     l1_coefficient: float | None = Field(None, ge=0)  # None: the recipe's (classic 1.0, april2024 5.0)
     sparsity_warmup_fraction: float | None = Field(None, ge=0, le=1)  # None: the recipe's (0, 0.05)
     normalize_decoder: bool | None = None  # None: the recipe's (classic True, april2024 False)
+    encoder_init_norm: float | None = Field(None, gt=0)  # None: the decoder's init norm (1 classic, 0.1 april2024)
     # Dead-feature resampling (classic recipe); None = off. A feature is resampled when it has
     # not fired for `resample_dead_tokens` (None: half the resampling period), or, with
     # `resample_min_frequency`, when it fired on fewer than that fraction of the tokens since the
@@ -93,8 +94,15 @@ class ReLUDictionary(SparseDictionary):
     def init_decoder_norm(self) -> float:
         return self.recipe.decoder_init_norm
 
+    def init_encoder_norm(self) -> float:
+        if self.cfg.encoder_init_norm is not None:
+            return self.cfg.encoder_init_norm
+        return self.init_decoder_norm()
+
     def default_lr(self) -> float:
-        return self.recipe.lr
+        # both recipes: 1.25e-3 / √(d_sae / 16384) (the old 1e-3 classic, 5e-5 april2024 trained far
+        # too slowly: benchmarks/quality_ablations.py relu); `lr:` sets any value
+        return width_scaled_lr(self.recipe.lr_at_16k, self.d_sae)
 
     def resample_every_tokens(self) -> int | None:
         return self.cfg.resample_every_tokens

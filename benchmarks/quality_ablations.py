@@ -1,0 +1,118 @@
+"""The experiments behind our training defaults: variants of one architecture's recipe, each a
+small sweep, trained together on the ground truth of benchmarks/quality.py, compared on the
+L0-FVU frontier at equal steps.
+
+    python benchmarks/quality_ablations.py relu --size medium --steps 128
+    python benchmarks/quality_ablations.py topk --size medium --steps 1280 --only default lr=2e-3
+
+A variant is a name and the keys it changes from the sweep's base config (see VARIANTS); the
+output is a markdown table (ordered by variant) and <out>/<group>-<steps>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import quality
+from ground_truth import GroundTruth
+from quality import OURS, Run, train_ours
+
+# group -> {variant: (our sweep, overrides, knob values or None for the sweep's own)}
+VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
+    "relu": {
+        "classic": ("relu-classic", {}, None),
+        "april2024": ("relu-april2024", {}, None),
+        "april lr=1e-3": ("relu-april2024", {"lr": 1e-3}, None),
+        "april lr=1e-3 raw": ("relu-april2024", {"lr": 1e-3, "normalize_activations": False}, None),
+        "april saelens-like": ("relu-april2024", {"lr": 1e-3, "normalize_activations": False, "b_dec_init": "zeros",
+                                                  "lr_decay_fraction": 0.0, "sparsity_warmup_fraction": 0.0}, None),
+        "april lr=1e-3 no clip": ("relu-april2024", {"lr": 1e-3, "grad_clip": None}, None),
+        "april lr=1e-3 no decay": ("relu-april2024", {"lr": 1e-3, "lr_decay_fraction": 0.0}, None),
+        "april lr=1e-3 b_dec=0": ("relu-april2024", {"lr": 1e-3, "b_dec_init": "zeros"}, None),
+        "classic raw": ("relu-classic", {"normalize_activations": False}, None),
+        "classic no clip": ("relu-classic", {"grad_clip": None}, None),
+        "classic lr=3e-3": ("relu-classic", {"lr": 3e-3}, None),
+        "classic lr=1e-2": ("relu-classic", {"lr": 1e-2}, None),
+        "classic lr=5e-3": ("relu-classic", {"lr": 5e-3}, None),
+        "classic enc=0.1": ("relu-classic", {"encoder_init_norm": 0.1}, None),
+        "classic enc=0.1 lr=3e-3": ("relu-classic", {"encoder_init_norm": 0.1, "lr": 3e-3}, None),
+        "april lr=3e-3": ("relu-april2024", {"lr": 3e-3}, None),
+        "april lr=1e-2": ("relu-april2024", {"lr": 1e-2}, None),
+        "classic raw lr=3e-3": ("relu-classic", {"normalize_activations": False, "lr": 3e-3}, None),
+        "april raw lr=3e-3": ("relu-april2024", {"normalize_activations": False, "lr": 3e-3}, None),
+    },
+    "batchtopk": {
+        "default": ("batchtopk", {}, None),
+        "lr=8e-3": ("batchtopk", {"lr": 8e-3}, None),
+        "beta=0.99": ("batchtopk", {"threshold_beta": 0.99}, None),
+        "beta=0.9": ("batchtopk", {"threshold_beta": 0.9}, None),
+    },
+    "jumprelu": {
+        "default": ("jumprelu", {}, None),
+        "lr=7e-3 theta=0.5 (1280)": ("jumprelu", {"lr": 7e-3, "threshold_init": 0.5}, [1.0, 10.0]),
+        "lr=7e-3": ("jumprelu", {"lr": 7e-3}, None),
+        "lr=7e-3 theta=0.5": ("jumprelu", {"lr": 7e-3, "threshold_init": 0.5}, None),
+    },
+    "gated": {
+        "default": ("gated", {}, None),
+        "lr=1e-2 (1280)": ("gated", {"lr": 1e-2}, [1.0, 4.0]),
+        "lr=3e-3": ("gated", {"lr": 3e-3}, None),
+        "lr=1e-2": ("gated", {"lr": 1e-2}, None),
+    },
+    "topk": {
+        "default": ("topk", {}, None),
+        "lr=2e-3": ("topk", {"lr": 2e-3}, None),
+        "no decay": ("topk", {"lr_decay_fraction": 0.0}, None),
+        "no clip": ("topk", {"grad_clip": None}, None),
+        "raw": ("topk", {"normalize_activations": False}, None),
+        "b_dec=0": ("topk", {"b_dec_init": "zeros"}, None),
+        "lr=4e-3": ("topk", {"lr": 4e-3}, None),
+        "lr=8e-3": ("topk", {"lr": 8e-3}, None),
+        "lr=1.6e-2": ("topk", {"lr": 1.6e-2}, None),
+        "lr=8e-3 decay=0.5": ("topk", {"lr": 8e-3, "lr_decay_fraction": 0.5}, None),
+        "lr=8e-3 beta2=0.99": ("topk", {"lr": 8e-3, "adam_betas": [0.9, 0.99]}, None),
+    },
+}
+
+
+def variant_runs(group: str, only: list[str] | None, size: str, d_sae: int, knob_values: list | None) -> list[Run]:
+    runs = []
+    for variant, (label, overrides, values) in VARIANTS[group].items():
+        if only and variant not in only:
+            continue
+        sweep = OURS[label]
+        for value in knob_values or values or sweep.values:
+            value = quality.scaled(sweep.knob, value, size)
+            config = {**sweep.config, "d_sae": d_sae, **overrides, sweep.knob: value}
+            runs.append(Run("ours", f"{group}:{variant}", sweep.family, sweep.knob, value, config))
+    return runs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("group", choices=list(VARIANTS))
+    p.add_argument("--size", choices=list(quality.SIZES), default="medium")
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--only", nargs="+", help="variants to run (default all of the group)")
+    p.add_argument("--values", nargs="+", type=float, help="knob values for every variant (default the sweep's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/quality_ablations"))
+    args = p.parse_args()
+    spec = quality.SIZES[args.size][0]
+    truth = GroundTruth(spec)
+    heldout = truth.heldout()
+    runs = variant_runs(args.group, args.only, args.size, quality.d_sae_for(spec), args.values)
+    train_ours(runs, truth, heldout, args.steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.group}-{args.size}-{args.steps}" + ("-" + "_".join(args.only).replace(" ", "") if args.only else "")
+    payload = [{"variant": r.label, "knob": r.knob, "value": r.value, "config": r.config, **r.metrics} for r in runs]
+    (args.out / f"{tag}.json").write_text(json.dumps(payload, indent=1))
+    print(quality.table(runs, args.steps))
+    print(f"wrote {args.out / tag}.json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
