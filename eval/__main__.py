@@ -10,6 +10,7 @@ from eval.ablate import ablate_dir
 from eval.evaluate import DEFAULT_BATCH_CONTEXTS
 from eval.folders import DEFAULT_EVAL_TOKENS, evaluate_dirs
 from eval.prune import prune_dir
+from sae.config import DEFAULT_FREQUENCY_TOKENS
 from sae.errors import cli_errors
 from sae.means import MEAN_TOKENS
 
@@ -28,6 +29,19 @@ def _common(p: argparse.ArgumentParser, tokens: bool = True) -> None:
                    help="training tokens for the mean-ablation baseline's x̄ when a folder has no "
                         f"activation_mean.safetensors (default {MEAN_TOKENS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _kill_frequency_args(p: argparse.ArgumentParser) -> None:
+    """Where the frequencies that decide the kill set come from (never the held-out tokens scored on)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cache", default=None, metavar="CACHE_DIR",
+                       help="measure them on the first --frequency-tokens tokens of this activation cache (the "
+                            "training run's cache/) instead of on model forwards over the training split")
+    where.add_argument("--frequency-file", default=None, metavar="FILE",
+                       help="take them from this file (a frequency.safetensors: tensor 'frequency' [d_sae]) "
+                            "instead of measuring them on training tokens")
+    p.add_argument("--frequency-tokens", type=int, default=DEFAULT_FREQUENCY_TOKENS,
+                   help=f"training tokens to measure them on (default {DEFAULT_FREQUENCY_TOKENS})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Kill the features with frequency > --max-frequency and/or <= --min-frequency "
                                    "(and --kill-ids), write the smaller dictionary to --out (its cfg.json records "
                                    "the killed original ids, thresholds, mode, frequency source and the new->original "
-                                   "id map), evaluate it and print before/after. Frequencies come from "
-                                   "DIR/frequency.safetensors when present, else are measured on held-out tokens.")
+                                   "id map), evaluate it and print before/after on held-out tokens. The frequencies "
+                                   "that decide the kill set are measured on training tokens: a training-split pass "
+                                   "over the dictionary's text, or --cache; or read from --frequency-file.")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--max-frequency", type=float, default=None, help="kill features with frequency > F")
     p.add_argument("--min-frequency", type=float, default=None, help="kill features with frequency <= F (0: the dead)")
@@ -58,17 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["after", "before"], default="after",
                    help="TopK-style only: kill after the top-k selection (L0 drops) or before it (L0 stays k)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder for the pruned dictionary")
+    _kill_frequency_args(p)
     _common(p)
 
     p = sub.add_parser("ablate-frequency", help="kill features above each threshold in turn; ablation.json/.md/.png",
                        description="For each threshold t, kill (at run time) the features with frequency > t and "
-                                   "evaluate; the unpruned dictionary and --compare dictionaries are reference points "
-                                   "on the same tokens. Writes ablation.json, ablation.md, ablation.png.")
+                                   "evaluate on held-out tokens; the unpruned dictionary and --compare dictionaries "
+                                   "are reference points on the same tokens. The frequencies are measured on training "
+                                   "tokens (as for prune). Writes ablation.json, ablation.md, ablation.png.")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--thresholds", required=True, help="comma-separated frequencies, e.g. 0.2,0.1,0.05,0.038,0.02,0.01")
     p.add_argument("--compare", nargs="*", default=[], metavar="OTHER_DIR", help="other dictionaries to plot")
     p.add_argument("--mode", choices=["after", "before"], default="after", help="TopK-style kill mode")
     p.add_argument("--out", default=None, metavar="OUT_DIR", help="where to write (default DIR)")
+    _kill_frequency_args(p)
     _common(p)
 
     features.add_arguments(sub.add_parser("features", help="inspect features: top contexts, logit lens; "
@@ -91,11 +109,13 @@ def main(argv: list[str] | None = None) -> None:
             prune_dir(args.dir, args.out, max_frequency=args.max_frequency, min_frequency=args.min_frequency,
                       kill_ids=args.kill_ids, mode=args.mode, n_tokens=args.tokens, batch_size=args.batch_size,
                       device=args.device, dtype=args.dtype, data_source=args.data, mean_tokens=args.mean_tokens,
-                      progress=not args.no_progress)
+                      frequency_file=args.frequency_file, cache_dir=args.cache,
+                      frequency_tokens=args.frequency_tokens, progress=not args.no_progress)
         elif args.command == "ablate-frequency":
             ablate_dir(args.dir, args.thresholds, compare=args.compare, mode=args.mode, out_dir=args.out,
                        n_tokens=args.tokens, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                       data_source=args.data, mean_tokens=args.mean_tokens, progress=not args.no_progress)
+                       data_source=args.data, mean_tokens=args.mean_tokens, frequency_file=args.frequency_file,
+                       cache_dir=args.cache, frequency_tokens=args.frequency_tokens, progress=not args.no_progress)
         elif args.command == "features":
             features.run(args)
 

@@ -14,13 +14,14 @@ from typing import Any, Iterable, Mapping
 
 from torch import Tensor
 
-from eval import histogram, report
+from eval import report
 from eval.evaluate import DEFAULT_BATCH_CONTEXTS, EvalTarget, evaluate_dictionaries
 from eval.folders import counts_or_defaults, load_groups
+from eval.kill_frequency import folder_kill_frequencies
 from eval.metrics import jsonable
 from eval.outputs import eval_info, with_tokens
 from eval.prune import check_distinct_labels, kill_mask_from_frequency, threshold_label
-from sae import io
+from sae import io, plots
 from sae.errors import UserError
 
 ABLATION_JSON, ABLATION_MD, ABLATION_PNG = "ablation.json", "ablation.md", "ablation.png"
@@ -55,11 +56,13 @@ class AblationResult:
     rows: list[dict[str, Any]]  # one per threshold, highest first
     unpruned: dict[str, Any]
     references: dict[str, dict[str, Any]] = field(default_factory=dict)
+    frequency_tokens: int | None = None  # tokens the deciding frequencies were measured on
 
     def to_json(self) -> dict[str, Any]:
         return jsonable({"dictionary": self.dictionary, "kill_mode": self.mode,
                          "rule": "threshold t kills the features with frequency > t",
-                         "frequency_source": self.frequency_source, "tokens_evaluated": self.tokens_evaluated,
+                         "frequency_source": self.frequency_source, "frequency_tokens": self.frequency_tokens,
+                         "tokens_evaluated": self.tokens_evaluated,
                          "unpruned": self.unpruned, "thresholds": self.rows, "references": self.references})
 
 
@@ -72,12 +75,13 @@ def run_ablation(model, dictionary, frequency: Tensor, thresholds: Iterable[floa
                  keep_mask: Tensor, train_means: Mapping[str, Tensor], *, name: str = "dictionary",
                  mode: str = "after", compare: Mapping[str, Any] | None = None,
                  references: Mapping[str, Any] | None = None, batch_size: int = DEFAULT_BATCH_CONTEXTS,
-                 frequency_source: str = "given", info: Mapping[str, Any] | None = None,
-                 progress: bool = True) -> AblationResult:
+                 frequency_source: str = "given", frequency_tokens: int | None = None,
+                 info: Mapping[str, Any] | None = None, progress: bool = True) -> AblationResult:
     """Evaluate `dictionary` with the features above each threshold killed (`write_ablation` writes
     the result).
 
-    frequency: [d_sae] per-feature frequency deciding what each threshold kills.
+    frequency: [d_sae] per-feature frequency deciding what each threshold kills (measured on other
+      tokens than `tokens`: eval.kill_frequency), frequency_source / frequency_tokens: where, how many.
     train_means: as in evaluate_dictionaries (keyed by `name`, the compare names, or hook names).
     compare: name -> SparseDictionary/EvalTarget evaluated alongside (same tokens, shared forwards).
     references: name -> already computed EvalResult/metrics on the *same* tokens (no re-evaluation);
@@ -101,7 +105,8 @@ def run_ablation(model, dictionary, frequency: Tensor, thresholds: Iterable[floa
     return AblationResult(dictionary=name, mode=mode, frequency_source=frequency_source,
                           tokens_evaluated=int(results[next(iter(results))].metrics["tokens_evaluated"]),
                           rows=rows, unpruned=_row(all_refs[name], threshold=None, killed=0),
-                          references={k: _row(v) for k, v in all_refs.items() if k != name})
+                          references={k: _row(v) for k, v in all_refs.items() if k != name},
+                          frequency_tokens=frequency_tokens)
 
 
 def _targets(dictionary, masks: Mapping[float, Tensor], keys: Mapping[float, str], mode: str, name: str,
@@ -167,7 +172,7 @@ def read_ablation(path: str | Path) -> AblationResult:
     j = io.read_json(Path(path))
     return AblationResult(dictionary=j["dictionary"], mode=j["kill_mode"], frequency_source=j["frequency_source"],
                           tokens_evaluated=j["tokens_evaluated"], rows=j["thresholds"], unpruned=j["unpruned"],
-                          references=j.get("references") or {})
+                          references=j.get("references") or {}, frequency_tokens=j.get("frequency_tokens"))
 
 
 def write_ablation(out_dir: str | Path, result: AblationResult) -> None:
@@ -175,7 +180,8 @@ def write_ablation(out_dir: str | Path, result: AblationResult) -> None:
     out_dir = Path(out_dir)
     io.write_json(out_dir / ABLATION_JSON, result.to_json())
     md = (f"# Frequency ablation of {result.dictionary}\n\n"
-          f"Each threshold t kills the features whose frequency (from {result.frequency_source}) is > t, "
+          f"Each threshold t kills the features whose frequency (on "
+          f"{with_tokens(result.frequency_source, result.frequency_tokens)}) is > t, "
           f"mode `{result.mode}`; every row is evaluated on the same {result.tokens_evaluated} held-out tokens.\n\n"
           + ablation_table(result, markdown=True) + f"\n![L0 against loss recovered]({ABLATION_PNG})\n")
     io.write_text(out_dir / ABLATION_MD, md)
@@ -211,7 +217,7 @@ def point_labels(points: Iterable[tuple[float, float, float, int]], x_tol: float
 
 
 def plot_ablation(result: AblationResult, path: str | Path) -> Path:
-    plt = histogram.pyplot()
+    plt = plots.pyplot()
     panels = [("loss_recovered", "% loss recovered (zero-ablation baseline)"),
               ("loss_recovered_mean_ablation", "% loss recovered (mean-ablation baseline)")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
@@ -247,14 +253,17 @@ def plot_ablation(result: AblationResult, path: str | Path) -> Path:
     axes[0].legend(fontsize=7, loc="best")  # "best" also avoids the labels
     fig.suptitle(f"Killing high-frequency features of {result.dictionary} (mode {result.mode}, "
                  f"{result.tokens_evaluated} held-out tokens)", fontsize=10)
-    return histogram.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def ablate_dir(directory: str | Path, thresholds: str | Iterable[float], *, compare: list[str | Path] | None = None,
                mode: str = "after", out_dir: str | Path | None = None, n_tokens: int | None = None,
                batch_size: int | None = None, device: str = "auto", dtype: str | None = None,
-               data_source: str | None = None, mean_tokens: int | None = None, progress: bool = True) -> AblationResult:
-    """`python -m eval ablate-frequency`: everything evaluated on the held-out text of DIR's dictionary."""
+               data_source: str | None = None, mean_tokens: int | None = None,
+               frequency_file: str | Path | None = None, cache_dir: str | Path | None = None,
+               frequency_tokens: int | None = None, progress: bool = True) -> AblationResult:
+    """`python -m eval ablate-frequency`: the kill sets chosen on training tokens (eval.kill_frequency),
+    everything evaluated on the held-out text of DIR's dictionary."""
     n_tokens, batch_size, mean_tokens = counts_or_defaults(n_tokens, batch_size, mean_tokens)
     thresholds = parse_thresholds(thresholds)
     directory = Path(directory)
@@ -264,14 +273,14 @@ def ablate_dir(directory: str | Path, thresholds: str | Iterable[float], *, comp
                         "(they are evaluated on the same held-out tokens)")
     (group,) = groups
     name = group.names[0]
+    found = folder_kill_frequencies(group, name, frequency_file=frequency_file, cache_dir=cache_dir,
+                                    n_tokens=frequency_tokens, batch_contexts=batch_size, progress=progress)
     group.prepare(n_tokens, batch_size, mean_tokens)
-    frequency, source, freq_tokens, first = group.frequency(name, batch_size, progress)
-    result = run_ablation(group.model, group.dictionaries[name], frequency, thresholds, group.tokens, group.keep,
-                          group.means, name=name, mode=mode,
-                          compare={n: group.dictionaries[n] for n in group.names[1:]},
-                          references={name: first} if first is not None else {}, batch_size=batch_size,
-                          frequency_source=with_tokens(source, freq_tokens), info=eval_info(group.data_cfg),
-                          progress=progress)
+    result = run_ablation(group.model, group.dictionaries[name], found.frequency[name], thresholds, group.tokens,
+                          group.keep, group.means, name=name, mode=mode,
+                          compare={n: group.dictionaries[n] for n in group.names[1:]}, batch_size=batch_size,
+                          frequency_source=found.source, frequency_tokens=found.tokens,
+                          info=eval_info(group.data_cfg), progress=progress)
     out_dir = Path(out_dir or directory)
     write_ablation(out_dir, result)
     print(ablation_table(result))

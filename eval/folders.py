@@ -14,8 +14,7 @@ from typing import Any, Mapping
 from torch import Tensor
 
 from eval.evaluate import DEFAULT_BATCH_CONTEXTS, EvalResult, as_targets, evaluate_dictionaries
-from eval.outputs import (FREQUENCY_FILE, eval_info, frequency_source, frequency_tokens, read_frequency,
-                          with_tokens, write_all, write_outputs)
+from eval.outputs import eval_info, write_all
 from sae.loading import load_dictionary
 from sae.errors import UserError
 from sae.loading import detect_format
@@ -79,25 +78,6 @@ class LoadedGroup:
             prepared[name] = t
         return evaluate_dictionaries(self.model, prepared, self.tokens, self.keep, batch_size=batch_size,
                                      info=eval_info(self.data_cfg), progress=progress)
-
-    def frequency(self, name: str, batch_size: int, progress: bool = True):
-        """(frequency, source, tokens it was measured on, EvalResult or None) of a loaded dictionary:
-        its folder's frequency.safetensors, or measured now on the held-out tokens (then its
-        eval.json etc. are written too, and the EvalResult is returned)."""
-        directory, d = self.dirs[name], self.dictionaries[name]
-        found = read_frequency(directory, d.d_sae)
-        if found is not None:
-            frequency, meta = found
-            tokens = frequency_tokens(meta)
-            source = frequency_source(directory / FREQUENCY_FILE, meta)
-            print(f"frequencies from {with_tokens(source, tokens)}", flush=True)
-            return frequency, source, tokens, None
-        print(f"no {FREQUENCY_FILE} in {directory}: measuring frequencies on {int(self.keep.sum())} held-out "
-              f"tokens", flush=True)
-        result = self.evaluate({name: d}, batch_size, progress)[name]
-        write_outputs(directory, result)
-        return (result.frequency, f"evaluation of {directory} on held-out tokens",
-                result.metrics["tokens_evaluated"], result)
 
 
 def unique_folder_names(dirs: list[Path]) -> list[str]:

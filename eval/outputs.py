@@ -1,6 +1,6 @@
 """The files of one dictionary's evaluation, in its folder: eval.json (the metrics, with
 `eval_info`'s description of the text), frequency.safetensors (per-feature firing frequency) and
-frequency_histogram.png; and reading a stored frequency back (pruning and ablations reuse it)."""
+frequency_histogram.png; and reading a stored frequency back (an explicit --frequency-file)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from safetensors import safe_open
 from torch import Tensor
 
-from eval.histogram import plot_frequency_histogram
+from sae.plots import plot_frequency_histogram
 from eval.metrics import jsonable
 from sae import io
 from sae.errors import UserError
@@ -49,14 +49,22 @@ def write_all(results: Mapping[str, object], directories: Mapping[str, str | Pat
 def read_frequency(directory: str | Path, d_sae: int | None = None) -> tuple[Tensor, dict[str, str]] | None:
     """(frequency [d_sae], metadata) from a folder's frequency.safetensors, or None when absent."""
     path = Path(directory) / FREQUENCY_FILE
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        freq = f.get_tensor("frequency")
+    return read_frequency_file(path, d_sae) if path.is_file() else None
+
+
+def read_frequency_file(path: str | Path, d_sae: int | None = None) -> tuple[Tensor, dict[str, str]]:
+    """(frequency [d_sae], metadata) from a frequency file (its tensor `frequency`)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, names = dict(f.metadata() or {}), set(f.keys())
+            freq = f.get_tensor("frequency") if "frequency" in names else None
+    except Exception as e:  # safetensors raises its own error types for a file that is not one
+        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if freq is None:
+        raise UserError(f"{path} holds no tensor 'frequency' (it holds {sorted(names)})")
     if d_sae is not None and freq.numel() != d_sae:
-        raise UserError(f"{path} has {freq.numel()} frequencies but the dictionary has {d_sae} features; "
-                        f"delete it to measure again")
+        raise UserError(f"{path} has {freq.numel()} frequencies but the dictionary has {d_sae} features: "
+                        f"it belongs to another dictionary")
     return freq, meta
 
 
@@ -64,17 +72,6 @@ def frequency_tokens(meta: Mapping[str, str]) -> int | None:
     """The tokens a stored frequency was measured on (its `tokens_evaluated`), None when unrecorded."""
     value = str(meta.get("tokens_evaluated", "")).strip()
     return int(value) if value.isdigit() else None
-
-
-def frequency_source(path: str | Path, meta: Mapping[str, str]) -> str:
-    """Where a stored frequency came from, for messages and the `frequency_source` records: the path,
-    and, when it records no token count (e.g. written by `python -m sae.convert` from SAELens's
-    training-time sparsity), its own `source` metadata and a warning that it is no held-out measurement."""
-    if frequency_tokens(meta) is not None:
-        return str(path)
-    origin = meta.get("source") or "origin not recorded"
-    return (f"{path} ({origin}; no token count recorded, so not known to be measured on held-out tokens: "
-            f"delete the file to measure them)")
 
 
 def with_tokens(source: str, tokens: int | None) -> str:

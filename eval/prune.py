@@ -5,7 +5,7 @@ dead features), minus any `kill_ids`. The smaller dictionary comes from
 `SparseDictionary.pruned(keep_ids, mode)` and encodes exactly like the original with the other
 features killed. Its cfg.json `pruning` block records the original ids (new feature i is original
 feature kept_feature_ids[i], composed through earlier prunings), the rule, the kill mode and where
-the frequencies came from.
+the frequencies came from (training tokens, by default: eval/kill_frequency.py) and their token count.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import Tensor
 
 from eval import report
 from eval.folders import counts_or_defaults, load_groups
+from eval.kill_frequency import folder_kill_frequencies
 from eval.outputs import write_outputs
 from sae import io
 from sae.errors import UserError
@@ -173,8 +174,11 @@ def check_distinct_labels(thresholds: Iterable[float], what: str = "thresholds")
 def prune_dir(directory: str | Path, out_dir: str | Path, *, max_frequency: float | None = None,
               min_frequency: float | None = None, kill_ids: str | Iterable[int] | None = None, mode: str = "after",
               n_tokens: int | None = None, batch_size: int | None = None, device: str = "auto",
-              dtype: str | None = None, data_source: str | None = None, mean_tokens: int | None = None, progress: bool = True):
-    """`python -m eval prune`: prune a dictionary folder into OUT, evaluate both, print side by side.
+              dtype: str | None = None, data_source: str | None = None, mean_tokens: int | None = None,
+              frequency_file: str | Path | None = None, cache_dir: str | Path | None = None,
+              frequency_tokens: int | None = None, progress: bool = True):
+    """`python -m eval prune`: prune a dictionary folder into OUT (the kill set chosen on training
+    tokens, see eval.kill_frequency), evaluate both on held-out tokens, print side by side.
     Returns (before EvalResult, after EvalResult, PruneResult)."""
     if max_frequency is None and min_frequency is None and not parse_ids(kill_ids):
         raise UserError("nothing to kill: give --max-frequency, --min-frequency and/or --kill-ids")
@@ -183,24 +187,22 @@ def prune_dir(directory: str | Path, out_dir: str | Path, *, max_frequency: floa
     if directory.resolve() == out_dir.resolve():
         raise UserError(f"--out {out_dir} is the dictionary's own folder; write the pruned dictionary elsewhere")
     (group,) = load_groups([directory], device=device, dtype=dtype, data_source=data_source)
-    group.prepare(n_tokens, batch_size, mean_tokens)
     (name,) = group.names
     d = group.dictionaries[name]
-    frequency, source, freq_tokens, before = group.frequency(name, batch_size, progress)
-    kill = kill_mask_from_frequency(frequency, max_frequency, min_frequency, kill_ids)
+    found = folder_kill_frequencies(group, name, frequency_file=frequency_file, cache_dir=cache_dir,
+                                    n_tokens=frequency_tokens, batch_contexts=batch_size, progress=progress)
+    kill = kill_mask_from_frequency(found.frequency[name], max_frequency, min_frequency, kill_ids)
     result = prune_dictionary(d, kill, mode, max_frequency=max_frequency, min_frequency=min_frequency,
-                              kill_ids=kill_ids, frequency_source=source, frequency_tokens=freq_tokens,
+                              kill_ids=kill_ids, frequency_source=found.source, frequency_tokens=found.tokens,
                               name=out_dir.name)
     print(describe(result.record, d.d_sae), flush=True)
     save_pruned(result, out_dir, source_dir=directory)
     pruned_name = out_dir.name if out_dir.name != name else f"{name}-pruned"
-    targets = {pruned_name: result.dictionary}
-    if before is None:  # evaluate the original alongside (shared forwards)
-        targets[name] = d
-    out = group.evaluate(targets, batch_size, progress, means_of={pruned_name: name})
+    group.prepare(n_tokens, batch_size, mean_tokens)
+    out = group.evaluate({name: d, pruned_name: result.dictionary}, batch_size, progress,
+                         means_of={pruned_name: name})  # shared forwards
     write_outputs(out_dir, out[pruned_name])
-    before = before or out[name]
-    after = out[pruned_name]
+    before, after = out[name], out[pruned_name]
     print(report.side_by_side(before, after, labels=(name, pruned_name)))
     _write_prune_md(out_dir / "prune.md", result, before, after, (name, pruned_name), d.d_sae)
     return before, after, result

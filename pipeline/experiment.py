@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from eval import report
+from eval.kill_frequency import run_training_activations
 from eval.outputs import eval_info
 from eval.run import check_prune_config, evaluate_run
 from pipeline.resume import (Saved, check_same_run, completed_run, dictionary_metadata, divergence_summary,
                              diverged_dictionaries, kept_evaluations, pruned_names, same_evaluation,
                              saved_dictionaries, to_evaluate)
 
-DIVERGED_STATUS = 3  # train.py's exit status when dictionaries diverged (and the others finished)
 from sae import distributed as dist
 from sae import io
 from sae.cache import CacheReader, StreamingSource, harvest
@@ -36,6 +36,8 @@ from sae.means import MEAN_TOKENS, means_from_cache, means_from_model, read_mean
 from sae.models import check_hooks, hook_d_in, load_model, resolve_device
 from sae.text import keep_mask, load_contexts
 from sae.trainer import BatchSource, train_dictionaries
+
+DIVERGED_STATUS = 3  # train.py's exit status when dictionaries diverged (and the others finished)
 
 
 def say(message: str) -> None:
@@ -253,13 +255,14 @@ def _evaluate(run: RunConfig, configs: list[DictionaryConfig], loaded: _Loaded,
     now = to_evaluate(run, names, reusable)
     results: dict[str, Any] = {}
     if now:
+        prune = _prune_for(run.prune, now, diverged)
         means = _training_means(run, [c for c in configs if c.name in now], loaded.model)
         tokens, keep = heldout
         say(f"evaluating {len(now)} dictionaries on {int(keep.sum()):,} held-out tokens")
         results = evaluate_run(loaded.model, {n: dictionaries[n].to(loaded.device) for n in now},
                                {n: run.run_dir / n for n in now}, run.run_dir, tokens, keep, means,
-                               batch_size=run.eval.batch_contexts, prune=_prune_for(run.prune, now, diverged),
-                               info=eval_info(run.data))
+                               batch_size=run.eval.batch_contexts, prune=prune,
+                               training_activations=_kill_tokens(run, prune, loaded.model), info=eval_info(run.data))
     kept = [n for n in names if n not in now]
     if kept:
         say(f"kept the evaluations of {', '.join(kept)} (made with these settings on the same weights)")
@@ -281,3 +284,13 @@ def _prune_for(prune: Any, names: list[str], diverged: dict[str, Any]) -> Any:
     keep_ablation = ablation is not None and all(n in names for n in group)
     return prune.model_copy(update={"dictionaries": [p for p in prune.dictionaries if p in names],
                                     "ablation": ablation if keep_ablation else None})
+
+
+def _kill_tokens(run: RunConfig, prune: Any, model) -> Any:
+    """Where the prune block's kill decisions are measured: the first prune.frequency_tokens of the
+    training tokens (from the cache when there is one), never the held-out ones."""
+    if prune is None or not (prune.dictionaries or prune.ablation):
+        return None
+    cache = run.cache_dir if run.harvest.mode == "disk" else None
+    return run_training_activations(cache, model, run.data, min(prune.frequency_tokens, run.train_tokens),
+                                    run.eval.batch_contexts)

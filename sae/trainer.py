@@ -53,6 +53,7 @@ from sae.dictionaries.naming import dictionary_names
 from sae.dictionaries.registry import get_architecture
 from sae.errors import ConfigError, TrainingDiverged, UserError
 from sae.progress import token_bar
+from sae.training_history import TrainingHistory
 
 DEFAULT_HOOK = "activations"  # the hook key of batches given as plain tensors
 CHECKPOINT_FORMAT = 2  # 1: one file for every dictionary (refused)
@@ -332,6 +333,7 @@ class Trainer:
         self._wandb_run = None
         self._wandb_id: str | None = None
         self._histogram_tokens = 0  # tokens_seen when the frequency histograms were last logged
+        self.histories: dict[str, TrainingHistory] = {}  # name -> curves over training (saved beside it)
 
     def _place(self, placement: str | None, d_in: int | Mapping[str, int] | None) -> None:
         """Several processes (torchrun; see sae.distributed): how they share the work. None on one."""
@@ -501,6 +503,8 @@ class Trainer:
             "tracker": s.tracker.state_dict(), "generator": s.generator.get_state(),
             "d_in": s.dictionary.d_in, "hook": s.hook,
             "loss_tail": [[step, loss] for step, loss in s.loss_tail],
+            "history": self.histories[s.name].state_dict(),
+            "window_stats": {**s.stats, "steps": s.stat_steps},  # the log window so far
         }
 
     def _load_member(self, s: _Slot, found: Found) -> None:
@@ -513,6 +517,10 @@ class Trainer:
         s.optimizer.load_state_dict(state["optimizer"])
         s.tracker.load_state_dict(state["tracker"])
         s.generator.set_state(state["generator"])
+        self.histories[s.name].load_state_dict(state.get("history"))
+        if "window_stats" in state:
+            s.stat_steps = int(state["window_stats"]["steps"])
+            s.stats = {k: state["window_stats"][k].to(self.device) for k in _STAT_KEYS}
         s.loss_tail = [(int(step), float(loss)) for step, loss in state["loss_tail"]]
         s.last_checkpoint = path
 
@@ -645,17 +653,37 @@ class Trainer:
 
     def _log_window(self, bar: Any) -> None:
         """Check for divergence, read the window's statistics (one host sync each), show and log
-        them; frequency histograms every `histogram_every_tokens`."""
+        them, and add them to the training histories; frequency histograms every
+        `histogram_every_tokens` (and at the end)."""
         self._check_divergence()
         stats = self._read_stats()
         bar.set_postfix_str(self._postfix(stats), refresh=False)
-        every = self.histogram_every_tokens or max(self.total_tokens // 20, 1)
-        histograms = self.tokens_seen - self._histogram_tokens >= every
+        every = self.histogram_every_tokens
+        window = self.tokens_seen - self._histogram_tokens
+        # the last window too, unless it is too short to say much
+        histograms = window >= every or (self.tokens_seen >= self.total_tokens and 2 * window >= every)
         self._log(stats, histograms)
+        self._record_history(stats, histograms)
         if histograms:
             for s in self._live():
                 s.tracker.window.restart()
             self._histogram_tokens = self.tokens_seen
+
+    def _record_history(self, stats: dict[str, dict[str, float]], histograms: bool) -> None:
+        for s in self._live():
+            self.histories[s.name].update(self.tokens_seen, self.step, stats[s.name])
+            if histograms:
+                self.histories[s.name].snapshot(self.tokens_seen, s.tracker.window.frequencies(),
+                                                s.tracker.window.tokens)
+
+    def _save_history(self, name: str) -> None:
+        """The curves beside the saved dictionary, and into wandb when it logs."""
+        written = self.histories[name].save(self.out_dir / name, title=name)
+        if self._wandb_run is not None:
+            import wandb  # imported by _start_wandb already
+
+            self._wandb_run.log({f"{name}/{p.stem}": wandb.Image(str(p)) for p in written if p.suffix == ".png"},
+                                step=self.step)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self, source: Any) -> dict[str, SparseDictionary]:
@@ -712,6 +740,7 @@ class Trainer:
         if first is None:
             raise UserError("the batch source yielded no batches")
         self.slots = self._build(first, list(found))
+        self.histories.update({s.name: TrainingHistory(s.cfg.dead_after_tokens) for s in self.slots})
         if self.batch_size is None:
             self._set_batch_size(int(first[self.slots[0].hook].shape[0]), plan)
         if self.data_parallel:
@@ -724,7 +753,10 @@ class Trainer:
             else:  # data parallel: the whole batch, on every rank alike
                 self._init_from_data(s, first)
             s.remember_good(self.step, self.tokens_seen)
-        self._histogram_tokens = self.tokens_seen
+        self._histogram_tokens = self.tokens_seen - self.slots[0].tracker.window.tokens  # (resumed: its window)
+        self.histogram_every_tokens = self.histogram_every_tokens or max(self.total_tokens // 20, 1)
+        # a log window (one row of the curves) at least once per histogram window: >= 20 in a short run
+        self.log_every = max(1, min(self.log_every, math.ceil(self.histogram_every_tokens / self.batch_size)))
         return first, rest
 
     def _batches_to_train(self, first: Mapping[str, Tensor],
@@ -818,6 +850,7 @@ class Trainer:
             d.save(self.out_dir / s.name)
             if not self.keep_checkpoint:
                 ckpt.remove_checkpoints(ckpt.member_dir(self.out_dir, s.name))
+            self._save_history(s.name)
         return d
 
     def _end(self) -> None:
@@ -869,8 +902,9 @@ def train_dictionaries(source: Any, configs: Sequence[DictionaryConfig], *, tota
         d_in: expected activation width (or {hook_name: width}) to check the batches against;
             None takes it from the first batch.
         device: where the dictionaries train ("cpu", "cuda", ...); batches are moved there.
-        out_dir: where `<name>/sae.safetensors` + `cfg.json` and the checkpoints go (None: nothing
-            is written; the trained dictionaries are only returned).
+        out_dir: where `<name>/sae.safetensors` + `cfg.json` (+ the training curves of
+            sae.training_history) and the checkpoints go (None: nothing is written; the trained
+            dictionaries are only returned).
         checkpoint_every_tokens: write each dictionary's checkpoint into
             `out_dir/checkpoints/<name>/` this often. Calling again with the same out_dir resumes
             each dictionary from its checkpoint when it was made with the same settings (config as

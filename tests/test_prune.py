@@ -9,6 +9,7 @@ import torch
 
 from eval.ablate import AblationResult, parse_thresholds, plot_ablation, point_labels, run_ablation, write_ablation
 from eval.evaluate import evaluate_dictionaries
+from eval.kill_frequency import TrainingSplitPass
 from eval.outputs import read_frequency
 from eval.prune import kill_mask_from_frequency, original_ids, prune_dictionary, save_pruned
 from eval_helpers import HOOK, RandomReLU, make_tokens
@@ -214,10 +215,10 @@ def test_coincident_ablation_points_share_one_label(tmp_path, monkeypatch):
     # Within the tolerances (labels that would overlap on the plot): one label, "; " between kill counts.
     assert point_labels(pts, x_tol=1.0, y_tol=0.01)[-1] == (0.39, 0.16, ">0.07 (-2298); >0.05, >0.038, >0.02 (-2304)")
 
-    import eval.histogram
+    import sae.plots
 
     drawn = {}
-    monkeypatch.setattr(eval.histogram, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
+    monkeypatch.setattr(sae.plots, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
     rows = [{"threshold": t, "killed": k, "l0": x, "loss_recovered": y, "loss_recovered_mean_ablation": y - 0.3}
             for x, y, t, k in pts]
     unpruned = {"l0": 280.0, "loss_recovered": 1.0, "loss_recovered_mean_ablation": 0.7}
@@ -230,46 +231,92 @@ def test_coincident_ablation_points_share_one_label(tmp_path, monkeypatch):
 
 # ---- the command line ----------------------------------------------------------------------
 
-def test_cli_prune_and_ablate(tmp_path, tiny_model_dir, tiny_text_file, capsys):
+def _frequency_on(d, model, data_cfg, split: str, n_tokens: int) -> tuple[torch.Tensor, int]:
+    """The dictionary's feature frequencies over the first n_tokens of a split, the plain way (one
+    run_with_cache, one encode), and the kept-token count."""
+    from sae.text import keep_mask, load_contexts
+
+    tokens = load_contexts(data_cfg, model.tokenizer, split=split, n_tokens=n_tokens)
+    keep = keep_mask(tokens, model.tokenizer, data_cfg.exclude_tokens)
+    hook = d.metadata["hook_name"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook])
+        fired = (d.encode(cache[hook][keep]) != 0).sum(dim=0)
+    return (fired.double() / int(keep.sum())).float(), int(keep.sum())
+
+
+def _separating_threshold(train: torch.Tensor, heldout: torch.Tensor) -> float:
+    """A threshold that kills a feature on one set of frequencies and keeps it on the other."""
+    i = int((train - heldout).abs().argmax())
+    assert train[i] != heldout[i]
+    return float(f"{float(train[i] + heldout[i]) / 2:.6g}")
+
+
+def test_cli_prune_and_ablate(tmp_path, tiny_model_dir, tiny_text_file, model, capsys):
     from eval.__main__ import main
+    from eval.folders import data_config_for
 
     src = tmp_path / "dict"
     save_test_dictionary(src, tiny_model_dir, tiny_text_file, d_sae=96, seed=2)
-    common = ["--tokens", "256", "--batch-size", "6", "--device", "cpu", "--no-progress", "--mean-tokens", "512"]
-    main(["prune", str(src), "--max-frequency", "0.2", "--kill-ids", "0,1", "--out", str(tmp_path / "pruned"),
+    d = load_dictionary(src)
+    common = ["--tokens", "256", "--batch-size", "6", "--device", "cpu", "--no-progress", "--mean-tokens", "512",
+              "--frequency-tokens", "1000"]
+    # The kill set must follow the frequencies on the first 1000 training-split tokens, not those on
+    # the 256 held-out tokens everything is scored on: a threshold between the two tells which.
+    train_freq, train_tokens = _frequency_on(d, model, data_config_for(d), "train", 1000)
+    heldout_freq, _ = _frequency_on(d, model, data_config_for(d), "heldout", 256)
+    t = _separating_threshold(train_freq, heldout_freq)
+    main(["prune", str(src), "--max-frequency", str(t), "--kill-ids", "0,1", "--out", str(tmp_path / "pruned"),
           *common])
     text = capsys.readouterr().out
-    assert "measuring frequencies" in text and "% loss rec. (zero)" in text and "change" in text
-    freq, meta = read_frequency(src)  # measured on held-out tokens and kept
+    assert "kill decisions from the feature frequencies of dict on a training-split pass" in text
+    assert "% loss rec. (zero)" in text and "change" in text
     cfg = json.loads((tmp_path / "pruned" / "cfg.json").read_text())
-    killed = set(kill_mask_from_frequency(freq, max_frequency=0.2, kill_ids=[0, 1]).nonzero().flatten().tolist())
-    assert set(cfg["pruning"]["killed_feature_ids"]) == killed and {0, 1} <= killed
-    assert cfg["pruning"]["frequency_tokens"] == int(meta["tokens_evaluated"])
+    killed = set(kill_mask_from_frequency(train_freq, max_frequency=t, kill_ids=[0, 1]).nonzero().flatten().tolist())
+    on_heldout = set(kill_mask_from_frequency(heldout_freq, max_frequency=t, kill_ids=[0, 1]).nonzero().flatten().tolist())
+    assert set(cfg["pruning"]["killed_feature_ids"]) == killed != on_heldout and {0, 1} <= killed
+    assert cfg["pruning"]["frequency_tokens"] == train_tokens
+    assert "training-split pass" in cfg["pruning"]["frequency_source"]
     assert cfg["d_sae"] == 96 - len(killed)
     ev = json.loads((tmp_path / "pruned" / "eval.json").read_text())
     assert ev["d_sae"] == 96 - len(killed) and (tmp_path / "pruned" / "prune.md").is_file()
     assert (tmp_path / "pruned" / "frequency_histogram.png").is_file()
+    assert read_frequency(src) is None  # prune writes nothing into the dictionary's own folder
 
-    # Second prune reuses frequency.safetensors.
-    main(["prune", str(src), "--min-frequency", "0", "--out", str(tmp_path / "nodead"), *common])
-    assert "frequencies from" in capsys.readouterr().out
+    # An explicit --frequency-file: here the held-out measurement, so killing the features that never
+    # fire on the held-out tokens leaves none dead on them.
+    main(["evaluate", str(src), *common[:9]])
+    capsys.readouterr()
+    main(["prune", str(src), "--min-frequency", "0", "--frequency-file", str(src / "frequency.safetensors"),
+          "--out", str(tmp_path / "nodead"), *common])
+    assert "was measured on held-out tokens" in capsys.readouterr().out
+    rec = json.loads((tmp_path / "nodead" / "cfg.json").read_text())["pruning"]
+    assert "held-out evaluation" in rec["frequency_source"] and rec["frequency_tokens"] == ev["tokens_evaluated"]
     assert json.loads((tmp_path / "nodead" / "eval.json").read_text())["dead"] == 0
 
     other = tmp_path / "other"
     save_test_dictionary(other, tiny_model_dir, tiny_text_file, d_sae=48, seed=9)
-    main(["ablate-frequency", str(src), "--thresholds", "0.5,0.2,0.05", "--compare", str(other), *common])
+    thresholds = sorted({0.999, t, 0.001}, reverse=True)
+    main(["ablate-frequency", str(src), "--thresholds", ",".join(map(str, thresholds)), "--compare", str(other),
+          *common])
     text = capsys.readouterr().out
     assert "dict (unpruned)" in text and "other (reference)" in text
     ab = json.loads((src / "ablation.json").read_text())
-    assert [row["threshold"] for row in ab["thresholds"]] == [0.5, 0.2, 0.05]
+    assert [row["threshold"] for row in ab["thresholds"]] == thresholds
+    assert "training-split pass" in ab["frequency_source"] and ab["frequency_tokens"] == train_tokens
+    assert [row["killed"] for row in ab["thresholds"]] == [int((train_freq > x).sum()) for x in thresholds]
     pruned_ev = json.loads((tmp_path / "pruned" / "eval.json").read_text())
-    # The 0.2 row kills a subset of what the pruned dictionary killed (no --kill-ids): both evaluated
+    # The row of t kills a subset of what the pruned dictionary killed (no --kill-ids): both evaluated
     # on the same tokens, so the pruned one with 2 extra kills has L0 <= the row's.
-    assert pruned_ev["l0"] <= ab["thresholds"][1]["l0"] + 1e-9
+    assert pruned_ev["l0"] <= ab["thresholds"][thresholds.index(t)]["l0"] + 1e-9
 
     with pytest.raises(SystemExit):
         main(["prune", str(src), "--out", str(tmp_path / "x"), *common])
     assert "nothing to kill" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # more training tokens than the text has
+        main(["prune", str(src), "--max-frequency", "0.2", "--out", str(tmp_path / "x"), *common[:-1], "99999999"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "train tokens" in err and "lower --frequency-tokens" in err
 
 
 def test_evaluate_run_with_prune_block(tmp_path, model, data, means):
@@ -285,7 +332,9 @@ def test_evaluate_run_with_prune_block(tmp_path, model, data, means):
         d.save(out_dirs[name])
     prune = PruneConfig(dictionaries=["low"], max_frequency=[0.2, 0.05], mode="after",
                         ablation=AblationConfig(dictionary="low", thresholds=[0.2, 0.1, 0.05], compare=["wide"]))
+    train = make_tokens(model.tokenizer, n_ctx=11, seed=5)  # the "training tokens" the kill sets are chosen on
     results = evaluate_run(model, dicts, out_dirs, tmp_path, tokens, keep, means, batch_size=5, prune=prune,
+                           training_activations=TrainingSplitPass(model, *train, 4, "test training tokens"),
                            progress=False)
     assert list(results) == ["low", "wide", "low-pruned-0.2", "low-pruned-0.05"]
     for name in results:
@@ -315,15 +364,17 @@ def test_cli_frequencies_without_a_token_count(tmp_path, tiny_model_dir, tiny_te
     io.save_tensors(src / "frequency.safetensors", {"frequency": freq},
                     metadata={"source": "converted from /elsewhere/saelens_sae"})  # as sae/convert.py writes it
     common = ["--tokens", "64", "--batch-size", "4", "--device", "cpu", "--no-progress", "--mean-tokens", "64"]
-    main(["prune", str(src), "--max-frequency", "0.2", "--out", str(tmp_path / "pruned"), *common])
+    frequency_file = ["--frequency-file", str(src / "frequency.safetensors")]
+    main(["prune", str(src), "--max-frequency", "0.2", "--out", str(tmp_path / "pruned"), *frequency_file, *common])
     text = capsys.readouterr().out
     assert "None tokens" not in text and "converted from /elsewhere/saelens_sae" in text
-    assert "not known to be measured on held-out tokens" in text
+    assert "was measured on held-out tokens" not in text  # no such claim about a file that does not say
     rec = json.loads((tmp_path / "pruned" / "cfg.json").read_text())["pruning"]
     assert "converted from /elsewhere/saelens_sae" in rec["frequency_source"] and rec["frequency_tokens"] is None
     assert rec["killed"] == int((freq > 0.2).sum()) and "None" not in (tmp_path / "pruned" / "prune.md").read_text()
 
-    main(["ablate-frequency", str(src), "--thresholds", "0.25,0.1", "--out", str(tmp_path / "ab"), *common])
+    main(["ablate-frequency", str(src), "--thresholds", "0.25,0.1", "--out", str(tmp_path / "ab"), *frequency_file,
+          *common])
     text = capsys.readouterr().out
     assert "None tokens" not in text and "converted from /elsewhere/saelens_sae" in text
     ab = json.loads((tmp_path / "ab" / "ablation.json").read_text())
