@@ -1,10 +1,12 @@
-"""python -m sae.convert SRC DST --to saelens|ours: a dictionary (or a run folder of them), read
-by `sae.load` in any format it knows, written as SAELens's format or ours.
+"""python -m sae.convert SRC DST --to saelens|dictionary_learning|ours: a dictionary (or a run
+folder of them), read by `sae.load` in any format it knows, written as SAELens's format,
+dictionary_learning's (Matryoshka BatchTopK dictionaries) or ours.
 
 A conversion is reported only once the written folder loads back and encodes and decodes random
 inputs like the source. In a run folder, a dictionary the target cannot express is skipped with
 one warning line naming its folder; the command fails (exit status 2) only when nothing converts.
-Feature frequencies travel too (frequency.safetensors <-> SAELens's sparsity.safetensors).
+Feature frequencies travel too (frequency.safetensors <-> SAELens's sparsity.safetensors;
+dictionary_learning's format has no place for them).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import torch
 
 from sae import io
 from sae.errors import UserError, cli_errors
-from sae.formats import saelens
+from sae.formats import dictionary_learning, saelens
 from sae.loading import detect_format, dictionary_dirs, load
 
-TARGETS = ("saelens", "ours")
+TARGETS = ("saelens", "dictionary_learning", "ours")  # format names, as sae.load takes them
 FREQUENCY_FILE = "frequency.safetensors"  # what the evaluator writes next to a dictionary
 
 
@@ -58,12 +60,14 @@ def convert_one(d, src: Path, dst: Path, to: str) -> Path:
     frequency = _frequency_of(src, d.d_sae)
     if to == "saelens":
         saelens.export(d, dst, frequency=frequency)
+    elif to == "dictionary_learning":
+        dictionary_learning.export(d, dst)
     else:
         d.save(dst)
         if frequency is not None:
             io.save_tensors(dst / FREQUENCY_FILE, {"frequency": frequency.float()},
                             metadata={"source": f"converted from {src}"})
-    check_same_outputs(d, load(dst, format="saelens" if to == "saelens" else "ours"))
+    check_same_outputs(d, load(dst, format=to))
     return dst
 
 
@@ -86,7 +90,7 @@ def _convert_folder(folder: Path, fmt: str | None, dst: Path, to: str) -> Path:
 
 def convert(src: str | Path, dst: str | Path, to: str, force: bool = False,
             warn: Callable[[str], None] | None = None) -> list[Path]:
-    """Convert a dictionary folder (or a run folder of them) to `to` ("saelens" or "ours");
+    """Convert a dictionary folder (or a run folder of them) to `to` (one of TARGETS);
     returns the folders written.
 
     A run folder: each dictionary that cannot be converted (its format cannot express it, or it
@@ -134,7 +138,8 @@ def _convert_run(folder: Path, dst: Path, to: str, warn: Callable[[str], None]) 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m sae.convert", description=(
         "Convert a dictionary folder (ours, SAELens, dictionary_learning or sparsify) or a run folder of "
-        "them to SAELens's format or ours; the result is checked to give identical outputs."))
+        "them to SAELens's format, dictionary_learning's (Matryoshka BatchTopK) or ours; the result is checked "
+        "to give identical outputs."))
     p.add_argument("src", metavar="SRC", help="dictionary folder (any format sae.load reads) or a run folder")
     p.add_argument("dst", metavar="DST", help="output folder (a run gives one sub-folder per dictionary)")
     p.add_argument("--to", required=True, choices=TARGETS, help="output format")

@@ -40,6 +40,8 @@ CONFIGS = [
      "hook_name": "hook.a"},
     {"name": "jumprelu", "architecture": "jumprelu", "hook_name": "hook.b"},
     {"name": "gated", "architecture": "gated", "hook_name": "hook.a"},
+    {"name": "matryoshka", "architecture": "matryoshka_batchtopk", "k": 3, "group_sizes": [8, 16, 24],
+     "hook_name": "hook.b"},
 ]
 
 

@@ -17,6 +17,7 @@ VARIANTS = [
     ("relu_april", "relu", {"recipe": "april2024", "l1_coefficient": 3.0}),
     ("topk", "topk", {"k": 5}),
     ("batchtopk", "batchtopk", {"k": 5}),
+    ("matryoshka", "matryoshka_batchtopk", {"k": 5, "group_sizes": [0.25, 0.25, 0.5]}),
     ("jumprelu", "jumprelu", {"bandwidth": 0.01}),
     ("gated", "gated", {}),
 ]

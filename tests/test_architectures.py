@@ -18,7 +18,8 @@ from sae.loading import load_dictionary
 from sae.sparse_ops import grouped_sum, selected_pre_acts, sparse_decode
 from sae.trainer import reset_optimizer_rows
 
-ARCHS = ["relu", "relu_april", "topk", "batchtopk", "jumprelu", "gated"]
+ARCHS = ["relu", "relu_april", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated"]
+TOPK_STYLE = ["topk", "batchtopk", "matryoshka_batchtopk"]
 D_IN, D_SAE = 16, 48
 
 
@@ -26,8 +27,10 @@ def make(arch: str, d_sae: int = D_SAE, seed: int = 0, **extra):
     raw = {"architecture": arch, "d_sae": d_sae, "seed": seed, **extra}
     if arch == "relu_april":
         raw.update(architecture="relu", recipe="april2024")
-    if arch in ("topk", "batchtopk"):
+    if arch in TOPK_STYLE:
         raw.setdefault("k", 5)
+    if arch == "matryoshka_batchtopk":
+        raw.setdefault("group_sizes", [d_sae // 6, d_sae // 3, d_sae - d_sae // 6 - d_sae // 3])
     cfg = parse_dictionary_config(raw)
     d = get_architecture(cfg.architecture)(cfg, D_IN)
     g = torch.Generator().manual_seed(seed + 100)
@@ -52,7 +55,7 @@ def inputs(n: int = 64, seed: int = 1) -> torch.Tensor:
 def test_registry_has_every_architecture():
     # tests/eval_helpers.py registers extra `test_*` architectures; the library's own are these
     library_architectures = {name for name in ARCHITECTURES if not name.startswith("test_")}
-    assert library_architectures == {"relu", "topk", "batchtopk", "jumprelu", "gated"}
+    assert library_architectures == {"relu", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated"}
     with pytest.raises(ConfigError, match="did you mean"):
         get_architecture("topkk")
     with pytest.raises(Exception, match="extra|l1_coefficient"):
@@ -99,6 +102,7 @@ def test_gated_and_threshold_weights_are_saved():
     assert {"r_mag", "b_mag"} <= set(make("gated").weights())
     assert "threshold" in make("jumprelu").weights()
     assert "threshold" in make("batchtopk").weights()
+    assert "threshold" in make("matryoshka_batchtopk").weights()
 
 
 @pytest.mark.parametrize("mode", ["before", "after"])
@@ -107,6 +111,8 @@ def test_pruned_encodes_like_the_kill_mask(arch, mode, tmp_path):
     d = make(arch)
     x = inputs(128)
     keep = torch.randperm(D_SAE, generator=torch.Generator().manual_seed(3))[:30]
+    if arch == "matryoshka_batchtopk":
+        keep = keep.sort().values  # its kept features stay in group order
     kill = torch.ones(D_SAE, dtype=torch.bool)
     kill[keep] = False
     d.set_killed(kill, mode)
@@ -189,7 +195,7 @@ def _grads(d, x, dead):
     return out, {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", TOPK_STYLE)
 def test_sparse_kernels_give_the_dense_gradients(arch):
     x = inputs(96)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
@@ -197,7 +203,7 @@ def test_sparse_kernels_give_the_dense_gradients(arch):
     results = []
     for sparse in (True, False):
         d = make(arch, sparse=sparse).train()
-        if arch == "batchtopk":
+        if arch != "topk":
             d.threshold.fill_(-1.0)
         results.append(_grads(d, x, dead))
     (out_s, g_s), (out_d, g_d) = results
@@ -209,10 +215,11 @@ def test_sparse_kernels_give_the_dense_gradients(arch):
     assert torch.equal(out_s.feature_counts, out_d.feature_counts)
 
 
-def _dense_topk_loss(d, x, dead, batch_selection):
+def _dense_topk_loss(d, x, dead, batch_selection, prefix_ends=None):
     """TopK's training loss written out densely, in float64, from the paper's definitions:
     FVU of the top-k reconstruction plus aux_coefficient × AuxK (the residual reconstructed from
-    each token's top aux_k dead latents, scaled by min(n_dead / aux_k, 1), over the same variance)."""
+    each token's top aux_k dead latents, scaled by min(n_dead / aux_k, 1), over the same variance).
+    With prefix_ends (Matryoshka): the mean FVU of the reconstructions from features [0, end)."""
     p = {n: t.detach().double().requires_grad_(True) for n, t in
          [("W_enc", d.W_enc), ("b_enc", d.b_enc), ("W_dec", d.W_dec), ("b_dec", d.b_dec)]}
     xs = x.double() * float(d.input_scale)
@@ -222,9 +229,11 @@ def _dense_topk_loss(d, x, dead, batch_selection):
         keep.view(-1)[pre.detach().flatten().topk(d.cfg.k * x.shape[0]).indices] = True
     else:
         keep.scatter_(1, pre.detach().topk(d.cfg.k, dim=1).indices, True)
-    x_hat = (torch.relu(pre) * keep) @ p["W_dec"] + p["b_dec"]
+    f = torch.relu(pre) * keep
+    x_hat = f @ p["W_dec"] + p["b_dec"]
     variance = (xs - xs.mean(dim=0)).pow(2).sum()
-    fvu = (xs - x_hat).pow(2).sum() / variance
+    fvu = torch.stack([(xs - f[:, :e] @ p["W_dec"][:e] - p["b_dec"]).pow(2).sum() / variance
+                       for e in prefix_ends or [d.d_sae]]).mean()
     n_dead, aux_k = int(dead.sum()), d.cfg.aux_k
     dead_pre = pre.detach().masked_fill(~dead, -torch.inf)
     aux_keep = torch.zeros_like(keep).scatter_(1, dead_pre.topk(min(aux_k, n_dead), dim=1).indices, True)
@@ -237,14 +246,16 @@ def _dense_topk_loss(d, x, dead, batch_selection):
 
 @pytest.mark.parametrize("n_dead", [5, 20])  # fewer dead latents than aux_k (scale 5/8), and more
 @pytest.mark.parametrize("sparse", [True, False])
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", TOPK_STYLE)
 def test_auxk_loss_and_gradients_match_a_dense_computation(arch, sparse, n_dead):
     x = inputs(96)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(7))[:n_dead]] = True
     d = make(arch, sparse=sparse, aux_k=8, aux_coefficient=0.5).train()
     out, grads = _grads(d, x, dead)
-    aux, expected = _dense_topk_loss(d, x, dead, batch_selection=arch == "batchtopk")
+    # Matryoshka's groups of make(): 8, 16 and 24 features
+    ends = [8, 24, 48] if arch == "matryoshka_batchtopk" else None
+    aux, expected = _dense_topk_loss(d, x, dead, batch_selection=arch != "topk", prefix_ends=ends)
     assert float(aux) > 0.01  # the term is really there
     torch.testing.assert_close(out.metrics["aux_loss"].double(), aux, rtol=1e-5, atol=0)
     for name, g in expected.items():

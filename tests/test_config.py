@@ -67,6 +67,13 @@ def test_overrides_set_nested_and_list_keys(tmp_path, tiny_model_dir, tiny_text_
     ("model=./no/such/model", "model: Value error, model folder ./no/such/model does not exist"),
     ("dictionaries.1.resample_min_frequency=0.01", "resample_min_frequency needs resample_every_tokens"),
     ("dictionaries.0.name=../elsewhere", "dictionaries[0].name: Value error, a dictionary name must be a plain folder name"),
+    ("dictionaries.0={architecture: matryoshka_batchtopk, k: 4, d_sae: 64, group_sizes: [16, 32]}",
+     "dictionaries[0]: Value error, group_sizes [16, 32] sum to 48, not d_sae=64; make them sum to d_sae"),
+    ("dictionaries.0={architecture: matryoshka_batchtopk, k: 4, d_sae: 64, group_sizes: [0.25, 0.5]}",
+     "dictionaries[0].group_sizes: Value error, group_sizes [0.25, 0.5] as fractions of d_sae must be positive "
+     "and sum to 1 (they sum to 0.75)"),
+    ("dictionaries.0={architecture: matryoshka_batchtopk, k: 4, d_sae: 64}",
+     "dictionaries[0].group_sizes: required key is missing"),
 ])
 def test_bad_input_names_the_key(tmp_path, tiny_model_dir, tiny_text_file, override, expected):
     path = write(tmp_path, BASE, tiny_model_dir, tiny_text_file)

@@ -6,10 +6,9 @@ distributed harvest writes the same cache as one process, and `torchrun train.py
 runs the same YAML (evaluated afterwards without it; a finished run with one dictionary added
 trains only that one).
 
-The ranks run tests/dist_worker.py (synthetic batches: 5 dictionaries of every architecture on
-two hook points, 24 steps of 128 rows, a checkpoint every 8 steps; `+boom` adds a sixth whose
-huge lr makes it diverge)."""
-
+The ranks run tests/dist_worker.py (synthetic batches: 6 dictionaries of every architecture on
+two hook points, 24 steps of 128 rows, a checkpoint every 8 steps; `+boom` adds a seventh whose
+huge lr makes it diverge).
 from __future__ import annotations
 
 import copy
@@ -41,7 +40,7 @@ from sae.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_worker.py"
-NAMES = ["topk", "batchtopk", "relu", "jumprelu", "gated"]
+NAMES = ["topk", "batchtopk", "relu", "jumprelu", "gated", "matryoshka"]
 
 
 def _env() -> dict[str, str]:
@@ -137,7 +136,7 @@ def one_process_with_boom(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("placement", ["dp", "pr", "one"])
 def test_a_diverging_dictionary_leaves_and_the_others_finish_as_without_it(request, two_ranks, placement):
-    """A sixth dictionary with a huge lr diverges: the other five have the weights of the same
+    """A seventh dictionary with a huge lr diverges: the other six have the weights of the same
     sweep without it (one process, data parallel, dictionary per rank), the launch went on to its
     later runs (no rank hung on a collective of the diverged one), and its folder holds its last
     good weights with status: diverged."""
@@ -365,8 +364,9 @@ def test_whole_batch_statistics_from_shards_equal_the_whole_batchs():
     picked = on_shards(lambda p, shards: whole_batch_top(p, 4, shards), pre, 2)
     flat = torch.cat([picked[0], picked[1] + pre[:48].numel()])
     assert torch.equal(flat, batch_topk_flat(pre, 4 * 96))
-    for arch in ("topk", "batchtopk"):
-        cfg = parse_dictionary_config({"architecture": arch, "d_sae": 48, "k": 3, "aux_k": 6})
+    for arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
+        groups = {"group_sizes": [8, 16, 24]} if arch == "matryoshka_batchtopk" else {}
+        cfg = parse_dictionary_config({"architecture": arch, "d_sae": 48, "k": 3, "aux_k": 6, **groups})
         reference = get_architecture(arch)(cfg, 16).train()
         with torch.no_grad():
             reference.b_dec.copy_(x.mean(dim=0))
@@ -383,7 +383,7 @@ def test_whole_batch_statistics_from_shards_equal_the_whole_batchs():
         for name, p in reference.named_parameters():
             mean_grad = sum(d.get_parameter(name).grad for d in shard_dicts) / 2
             torch.testing.assert_close(mean_grad, p.grad, rtol=1e-4, atol=1e-6, msg=f"{arch}.{name}")
-        if arch == "batchtopk":
+        if arch != "topk":
             for d in shard_dicts:
                 torch.testing.assert_close(d.threshold, reference.threshold, rtol=1e-6, atol=0)
 

@@ -61,7 +61,8 @@ def test_saelens_export_then_import_is_identical(tmp_path, name, arch, hyper):
 
     # what SAELens itself computes from those files
     cfg, w = _read_saelens(tmp_path / "sl")
-    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu",
+                                   "matryoshka_batchtopk": "jumprelu"}.get(arch, arch)
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (32, 96, "float32")
     assert cfg["metadata"]["hook_name"] == HOOK and cfg["metadata"]["model_name"] == "tiny"
     assert cfg["metadata"]["hook_layer"] == 0 and cfg["metadata"]["context_size"] == 16
@@ -72,7 +73,7 @@ def test_saelens_export_then_import_is_identical(tmp_path, name, arch, hyper):
     del cfg["sae_dict"]
     (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
     plain = sae.load(tmp_path / "sl")
-    assert plain.architecture == {"batchtopk": "jumprelu"}.get(arch, arch)
+    assert plain.architecture == {"batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}.get(arch, arch)
     assert torch.equal(plain.encode(x), d.encode(x)) and torch.equal(plain(x), d(x))
 
 
@@ -215,7 +216,7 @@ def _dl_case(cls: str, g: torch.Generator, d_in: int = 32, d_sae: int = 80):
 
 DL_CLASSES = {"AutoEncoder": "relu", "AutoEncoderNew": "relu", "GatedAutoEncoder": "gated",
               "JumpReluAutoEncoder": "jumprelu", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
-              "MatryoshkaBatchTopKSAE": "batchtopk"}
+              "MatryoshkaBatchTopKSAE": "matryoshka_batchtopk"}
 
 
 @pytest.mark.parametrize("cls", list(DL_CLASSES))
@@ -237,6 +238,8 @@ def test_dictionary_learning_ae_pt_loads_with_identical_outputs(tmp_path, cls):
     f, x_hat = fwd(x)
     assert (f != 0).any() and (f == 0).any()
     assert torch.allclose(d.encode(x), f, **TOL) and torch.allclose(d(x), x_hat, **TOL)
+    if cls == "MatryoshkaBatchTopKSAE":  # its groups are kept
+        assert (d.cfg.k, d.cfg.group_sizes, d.prefix_ends()) == (6, [16, 64], [16, 80])
     assert sae.load(tmp_path).keys() == {"resid_post_layer_3/trainer_0"}  # a sweep folder
 
     # without config.json the class is told from the state_dict's names (TopK/BatchTopK look alike)

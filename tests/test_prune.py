@@ -69,6 +69,7 @@ def _dicts_to_check():
     out = [("test_relu", "after")]
     if "topk" in ARCHITECTURES:  # the real TopK, once it exists: both kill modes
         out += [("topk", "after"), ("topk", "before")]
+    out += [("matryoshka_batchtopk", "after"), ("matryoshka_batchtopk", "before")]
     return out
 
 
@@ -79,7 +80,8 @@ def test_pruned_equals_killed(arch, mode):
         d = RandomReLU.make(d_sae=96, seed=2)
     else:
         cls = ARCHITECTURES[arch]
-        d = cls(cls.Config(architecture=arch, d_sae=96, k=8), 32, metadata={"hook_name": HOOK}).eval()
+        groups = {"group_sizes": [16, 32, 48]} if arch == "matryoshka_batchtopk" else {}
+        d = cls(cls.Config(architecture=arch, d_sae=96, k=8, **groups), 32, metadata={"hook_name": HOOK}).eval()
     x = torch.randn(200, 32, generator=torch.Generator().manual_seed(3)) * 2
     with torch.no_grad():
         freq = (d.encode(x) != 0).float().mean(0)
@@ -97,6 +99,8 @@ def test_pruned_equals_killed(arch, mode):
     assert (f_killed[:, kill] == 0).all()
     assert torch.equal(f_pruned, f_killed[:, keep])
     assert torch.allclose(out_pruned, out_killed, atol=1e-5)
+    if arch == "matryoshka_batchtopk":  # each group shrinks by its killed features
+        assert p.group_sizes == [16 - int(kill[:16].sum()), 32 - int(kill[16:48].sum()), 48 - int(kill[48:].sum())]
 
 
 def test_pruned_reloads_with_id_maps(tmp_path, model, data, means, measured):

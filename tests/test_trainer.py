@@ -48,6 +48,7 @@ class CountingSource:
 RECOVERY_CONFIGS = {
     "topk": {"architecture": "topk", "k": 4},
     "batchtopk": {"architecture": "batchtopk", "k": 4},
+    "matryoshka": {"architecture": "matryoshka_batchtopk", "k": 4, "group_sizes": [0.125, 0.375, 0.5]},
     "relu": {"architecture": "relu", "l1_coefficient": 2.0},
     "relu_april": {"architecture": "relu", "recipe": "april2024", "l1_coefficient": 2.0, "lr": 3e-3},
     "jumprelu": {"architecture": "jumprelu", "l0_coefficient": 1.0},
@@ -57,6 +58,7 @@ RECOVERY_CONFIGS = {
 BARS = {
     "topk": (0.95, 0.20),  # 0.988, 0.149
     "batchtopk": (0.95, 0.20),  # 0.978, 0.139
+    "matryoshka": (0.95, 0.20),  # 0.964, 0.169 (groups of 32, 96, 128)
     "relu": (0.93, 0.35),  # 0.982, 0.283
     "relu_april": (0.85, 0.40),  # 0.907, 0.262
     "jumprelu": (0.93, 0.20),  # 0.952, 0.101

@@ -370,14 +370,18 @@ class SparseDictionary(nn.Module):
                                "killed_feature_ids": killed.nonzero().flatten().tolist(),
                                "kept_feature_ids": keep_ids.tolist(),
                                "kill_mode": mode}
-        cfg = self.cfg.hyperparameters.model_copy(update={"d_sae": int(keep_ids.numel()), "expansion_factor": None})
-        new = type(self)(cfg, self.d_in, metadata=metadata)
+        new = type(self)(self._pruned_config(keep_ids), self.d_in, metadata=metadata)
         new.prepare_for_weights(tensors)
         new.to(device=self.W_enc.device, dtype=self.W_enc.dtype)
         new.load_weights(tensors)
         new.input_scale.copy_(self.input_scale)
         new.train(self.training)
         return new
+
+    def _pruned_config(self, keep_ids: Tensor) -> DictionaryConfig:
+        """The hyperparameters of the dictionary keeping only `keep_ids` (Matryoshka also shrinks
+        its groups)."""
+        return self.cfg.hyperparameters.model_copy(update={"d_sae": int(keep_ids.numel()), "expansion_factor": None})
 
     def _pruned_tensors(self, keep_ids: Tensor, mode: KillMode) -> dict[str, Tensor]:
         """weights() with every feature-indexed tensor sliced to keep_ids."""
@@ -407,6 +411,15 @@ class SparseDictionary(nn.Module):
     def _fold_extra(self, scale: float) -> None:
         """Architectures with more input-space tensors fold them here."""
 
+    def in_raw_units(self) -> "SparseDictionary":
+        """This dictionary, or a copy with its input scale folded in when it has one: what is saved
+        and exported (takes raw activations)."""
+        if float(self.input_scale) == 1.0:
+            return self
+        folded = copy.deepcopy(self)
+        folded.fold_input_scale()
+        return folded
+
     # ---- saving ----------------------------------------------------------------------------
     def weights(self) -> dict[str, Tensor]:
         """The tensors written to sae.safetensors (architectures add e.g. `threshold`)."""
@@ -427,10 +440,7 @@ class SparseDictionary(nn.Module):
         """Write sae.safetensors + cfg.json (atomically), in raw-activation units."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        folded = self
-        if float(self.input_scale) != 1.0:
-            folded = copy.deepcopy(self)
-            folded.fold_input_scale()
+        folded = self.in_raw_units()
         io.save_tensors(directory / WEIGHTS_FILE, folded.weights())
         io.write_json(directory / CFG_FILE, folded.cfg_dict())
         return directory

@@ -5,7 +5,9 @@ and BatchTopK share:
 * Loss: ‖x - x̂‖² / Σ‖x - x̄‖² over the batch (the batch FVU), plus `aux_coefficient` (1/32) ×
   the AuxK loss: the residual e = x - x̂ is reconstructed from the top `aux_k` (default d_in/2)
   pre-activations of the dead latents (silent for `dead_after_tokens`), scaled by
-  min(n_dead / aux_k, 1), normalised by the same variance.
+  min(n_dead / aux_k, 1), normalised by the same variance. An architecture that scores nested
+  prefixes of its features (`prefix_ends`, Matryoshka) takes the mean of each prefix's batch FVU
+  instead; TopK and BatchTopK score one prefix, the whole dictionary.
 * Decoder rows at unit norm (projection), lr default 2e-3 / √(d_sae / 16384): ten times Gao et
   al.'s 2e-4, which trains far too slowly on the ground truth of benchmarks/quality.py (128
   steps, k=8: FVU 0.508 against 0.202; 1280 steps: 0.137 against 0.122).
@@ -68,6 +70,15 @@ def _row_major_coords(idx: Tensor) -> tuple[Tensor, Tensor]:
     return rows, idx.reshape(-1)
 
 
+def _group_bags(rows: Tensor, cols: Tensor, ends: list[int]) -> Tensor:
+    """Each selected pair's bag row·P + g, g the group of features (between two prefix ends) its col
+    lies in. `sparse_decode` needs the bags ascending: the pairs in row-major order and, when
+    P > 1, cols ascending within a row (BatchTopK's selection is)."""
+    if len(ends) == 1:
+        return rows
+    return rows * len(ends) + torch.bucketize(cols, cols.new_tensor(ends[:-1]), right=True)
+
+
 def batch_variance(x: Tensor, shards: BatchShards) -> Tensor:
     """Σ over the whole batch of ‖x - x̄‖² (x̄ the whole batch's mean), from this shard's x [rows, d]."""
     if shards.count == 1:
@@ -80,13 +91,19 @@ def batch_variance(x: Tensor, shards: BatchShards) -> Tensor:
 
 class TopKStyleDictionary(SparseDictionary):
     """A dictionary whose training keeps a selected set of (token, latent) pairs (`_select`) and
-    decodes only those; the loss is the batch FVU plus AuxK on the dead latents."""
+    decodes only those; the loss is the batch FVU (of each scored prefix of features, averaged)
+    plus AuxK on the dead latents."""
 
     Config = TopKConfig
     cfg: TopKConfig
 
     def default_lr(self) -> float:
         return width_scaled_lr(2e-3, self.d_sae)
+
+    def prefix_ends(self) -> list[int]:
+        """Ascending widths of the nested prefixes of features whose reconstructions the loss
+        scores, the last d_sae: here only the whole dictionary."""
+        return [self.d_sae]
 
     @property
     def aux_k(self) -> int:
@@ -98,8 +115,8 @@ class TopKStyleDictionary(SparseDictionary):
         with torch.no_grad():
             pre = sparse_ops.dense_pre_acts_no_grad(xs, self.W_enc, self.b_enc, self.b_dec).float()
             rows, cols, valid = self._select(xs, pre, shards)
-        x_hat, counts, l0 = self._decode_selected(xs, pre, rows, cols, valid)
-        return self._loss(xs, x_hat, pre, counts, l0, dead_mask, shards)
+        x_hats, counts, l0 = self._decode_selected(xs, pre, rows, cols, valid)
+        return self._loss(xs, x_hats, pre, counts, l0, dead_mask, shards)
 
     def _select(self, xs: Tensor, pre: Tensor, shards: BatchShards) -> tuple[Tensor, Tensor, Tensor]:
         """The latents kept for this shard, from its detached pre-activations pre [B, d_sae]:
@@ -107,37 +124,42 @@ class TopKStyleDictionary(SparseDictionary):
         raise NotImplementedError
 
     def _decode_selected(self, xs, pre, rows, cols, valid):
-        """x̂ from the selected (rows, cols); returns (x_hat, feature counts, mean L0)."""
-        B = xs.shape[0]
+        """Each scored prefix's x̂ from the selected (rows, cols): returns (x_hats [B, P, d_in],
+        feature counts, mean L0); x_hats[:, -1] is the whole dictionary's."""
+        B, ends = xs.shape[0], self.prefix_ends()
         if self.cfg.sparse:
             vals = sparse_ops.selected_pre_acts(pre[rows, cols], xs, self.W_enc, self.b_enc, self.b_dec,
                                                 rows, cols)
             vals = torch.relu(vals) * valid
-            x_hat = sparse_ops.sparse_decode(vals, rows, cols, self.W_dec, B) + self.b_dec
+            bags = _group_bags(rows, cols, ends)
+            parts = sparse_ops.sparse_decode(vals, bags, cols, self.W_dec, B * len(ends)).view(B, len(ends), -1)
         else:
             pre_g = torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc)
             vals = torch.relu(pre_g[rows, cols]) * valid
             f = torch.zeros_like(pre_g).index_put_((rows, cols), vals, accumulate=True)
-            x_hat = f @ self.W_dec + self.b_dec
+            parts = torch.stack([f[:, a:b] @ self.W_dec[a:b] for a, b in zip([0, *ends[:-1]], ends)], dim=1)
+        x_hats = parts.cumsum(dim=1) + self.b_dec
         fired = (vals.detach() > 0).to(xs.dtype)
         counts = torch.zeros(self.d_sae, dtype=xs.dtype, device=xs.device).index_add_(0, cols, fired)
-        return x_hat, counts, fired.sum() / B
+        return x_hats, counts, fired.sum() / B
 
-    def _loss(self, xs, x_hat, pre, counts, l0, dead_mask, shards: BatchShards) -> TrainStep:
-        err = xs.float() - x_hat.float()
-        sse = err.pow(2).sum()
+    def _loss(self, xs, x_hats, pre, counts, l0, dead_mask, shards: BatchShards) -> TrainStep:
+        err = xs.float()[:, None] - x_hats.float()  # [B, P, d_in]
+        sse = err.pow(2).sum(dim=(0, 2))  # [P]
         variance = batch_variance(xs.float(), shards).clamp_min(1e-12)
         fvu = sse / variance
-        loss = fvu
-        metrics = {"fvu": fvu.detach(), "sse": (sse / xs.shape[0]).detach(), "l0": l0}
+        loss = fvu.mean()  # every prefix weighs the same
+        metrics = {"fvu": fvu[-1].detach(), "sse": (sse[-1] / xs.shape[0]).detach(), "l0": l0}
+        if len(fvu) > 1:
+            metrics["prefix_fvu"] = loss.detach()
         if dead_mask is not None and self.cfg.aux_coefficient > 0:
-            aux = self._aux_loss(xs, err.detach(), pre, dead_mask, variance)
+            aux = self._aux_loss(xs, err[:, -1].detach(), pre, dead_mask, variance)
             if aux is not None:
                 loss = loss + self.cfg.aux_coefficient * aux
                 metrics["aux_loss"] = aux.detach()
         # each shard holds its part of the sums, and the gradients are averaged over the shards
         loss = loss * shards.count
-        return TrainStep(loss=loss, x_hat=x_hat, f=None, metrics=metrics, feature_counts=counts)
+        return TrainStep(loss=loss, x_hat=x_hats[:, -1], f=None, metrics=metrics, feature_counts=counts)
 
     def _aux_loss(self, xs, e, pre, dead_mask, variance) -> Tensor | None:
         """AuxK: reconstruct the residual e from the top aux_k dead latents' pre-activations."""

@@ -19,29 +19,38 @@ Classes and their conventions (`nn.Linear` weights are [out, in]):
 - AutoEncoderTopK: `encoder.*`, `decoder.weight`, `b_dec`, `k`, `threshold`; per-token TopK  -> topk
 - BatchTopKSAE: same names; `encode` uses the threshold by default  -> batchtopk
 - MatryoshkaBatchTopKSAE: `W_enc`, `b_enc`, `W_dec`, `b_dec`, `k`, `threshold`, `group_sizes`
-  -> batchtopk (all groups active, as after loading)
+  -> matryoshka_batchtopk with those group sizes (all groups active, as after loading)
 
 Feature activations are imported as the state_dict computes them (dictionary_learning's
 `from_pretrained(normalize_decoder=True)` rescales AutoEncoder features to unit-norm decoder
 rows; outputs x̂ are the same either way).
+
+`export` writes a matryoshka_batchtopk dictionary as a MatryoshkaBatchTopKSAE folder: ae.pt, the
+plain state_dict `MatryoshkaBatchTopKSAE.from_pretrained` loads (`k` int32, one scalar `threshold`,
+`group_sizes`), and config.json with the `trainer` block its trainer writes, plus our own `sae_dict`
+block (architecture, hyperparameters, metadata), which `read` restores.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sae import io
+from sae import __version__, io
 from sae.errors import UserError
 from sae.dtypes import dtype_name
 from sae.formats import Imported, clamp_threshold, fold_input_centering, guess_hook_name
+from sae.formats.saelens import EMBEDDED_MODEL_HUB_ID
+from sae.models import EMBEDDED_SMOLLM2, hook_layer
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
+EXTRA_KEY = "sae_dict"  # our own block inside an exported config.json (dictionary_learning ignores it)
 
 _KEYSETS = {
     "AutoEncoder": {"encoder.weight", "encoder.bias", "decoder.weight", "bias"},
@@ -114,12 +123,25 @@ def read(directory: Path) -> Imported:
     cls = _dict_class(state, config, wpath)
     state = {k: v.detach() for k, v in state.items()}
     arch, tensors = _our_tensors(cls, state, trainer)
-    hyper = {"k": _k_of(cls, state, trainer, wpath)} if arch in ("topk", "batchtopk") else {}
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
     d_sae, d_in = tensors["W_dec"].shape
+    block = config.get(EXTRA_KEY) if isinstance(config.get(EXTRA_KEY), dict) else {}
+    own = block if block.get("architecture") == arch else {}  # our own export: what the file cannot say
+    hyper = {**(own.get("hyperparameters") or {}), **_hyperparameters(cls, arch, state, trainer, wpath)}
+    metadata = {**_metadata(directory, cls, trainer, buffer), **(own.get("metadata") or {})}
     return Imported(architecture=arch, d_in=int(d_in), d_sae=int(d_sae), tensors=tensors, hyperparameters=hyper,
-                    metadata=_metadata(directory, cls, trainer, buffer),
-                    dtype=dtype_name(tensors["W_enc"].dtype))
+                    metadata=metadata, dtype=dtype_name(tensors["W_enc"].dtype))
+
+
+def _hyperparameters(cls: str, arch: str, state: dict[str, Tensor], trainer: dict[str, Any],
+                     wpath: Path) -> dict[str, Any]:
+    """What the file says of our hyperparameters: k (TopK-style), group_sizes (Matryoshka)."""
+    hyper: dict[str, Any] = {}
+    if arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
+        hyper["k"] = _k_of(cls, state, trainer, wpath)
+    if arch == "matryoshka_batchtopk":
+        hyper["group_sizes"] = [int(s) for s in state["group_sizes"].flatten().tolist()]
+    return hyper
 
 
 def _k_of(cls: str, state: dict[str, Tensor], trainer: dict[str, Any], wpath: Path) -> int:
@@ -158,7 +180,7 @@ def _our_tensors(cls: str, s: dict[str, Tensor], trainer: dict[str, Any]) -> tup
     # BatchTopKSAE, MatryoshkaBatchTopKSAE: inference uses the (scalar) threshold
     threshold = s.get("threshold", torch.tensor(-1.0)).float().reshape(-1)
     t["threshold"] = threshold.expand(t["b_enc"].shape[0]).clone() if threshold.numel() == 1 else threshold
-    return "batchtopk", t
+    return ("matryoshka_batchtopk" if cls == "MatryoshkaBatchTopKSAE" else "batchtopk"), t
 
 
 def _metadata(directory: Path, cls: str, trainer: dict[str, Any], buffer: dict[str, Any]) -> dict[str, Any]:
@@ -179,3 +201,69 @@ def _metadata(directory: Path, cls: str, trainer: dict[str, Any], buffer: dict[s
     if buffer.get("ctx_len"):
         metadata["context_size"] = int(buffer["ctx_len"])
     return metadata
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+TO_DICTIONARY_LEARNING = {"matryoshka_batchtopk": "MatryoshkaBatchTopKSAE"}
+# our hook names -> dictionary_learning's submodule names (read back by guess_hook_name)
+_SUBMODULES = {"hook_resid_post": "resid_post_layer_{}", "hook_resid_pre": "resid_pre_layer_{}",
+               "hook_mlp_out": "mlp_out_layer_{}", "hook_attn_out": "attn_out_layer_{}"}
+
+
+def export(dictionary, out_dir: str | Path) -> Path:
+    """Write `dictionary` (a matryoshka_batchtopk SparseDictionary) as a dictionary_learning folder
+    (ae.pt + config.json); returns the folder."""
+    if dictionary.architecture not in TO_DICTIONARY_LEARNING:
+        raise UserError(f"architecture {dictionary.architecture!r} has no dictionary_learning export here "
+                        f"(exportable: {', '.join(sorted(TO_DICTIONARY_LEARNING))})")
+    d = dictionary.in_raw_units()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with io.atomic_path(out / WEIGHTS_FILE) as tmp:
+        torch.save(matryoshka_state_dict(d), tmp)
+    io.write_json(out / CONFIG_FILE, _config(d))
+    return out
+
+
+def matryoshka_state_dict(d) -> dict[str, Tensor]:
+    """MatryoshkaBatchTopKSAE's state_dict: its parameters, `k` (int32), one scalar `threshold`,
+    `group_sizes` (int64)."""
+    threshold = d.threshold.detach().float()
+    if threshold.numel() and not bool((threshold == threshold[0]).all()):
+        raise UserError("this dictionary's features have different thresholds; dictionary_learning's "
+                        "MatryoshkaBatchTopKSAE has one threshold for all of them")
+    return {"W_enc": d.W_enc.detach().clone(), "b_enc": d.b_enc.detach().clone(),
+            "W_dec": d.W_dec.detach().clone(), "b_dec": d.b_dec.detach().clone(),
+            "k": torch.tensor(int(d.cfg.k), dtype=torch.int32), "threshold": threshold[0].clone(),
+            "group_sizes": torch.tensor(d.group_sizes, dtype=torch.int64)}
+
+
+def _config(d) -> dict[str, Any]:
+    """config.json: the `trainer` block MatryoshkaBatchTopKTrainer writes (what their loaders and
+    ours read), `buffer.ctx_len`, and our own block."""
+    sizes, hook = d.group_sizes, d.cfg.hook_name
+    model_name = d.cfg.model_name
+    trainer = {
+        "trainer_class": "MatryoshkaBatchTopKTrainer", "dict_class": TO_DICTIONARY_LEARNING[d.architecture],
+        "activation_dim": d.d_in, "dict_size": d.d_sae, "k": int(d.cfg.k), "group_sizes": sizes,
+        "group_fractions": [s / d.d_sae for s in sizes], "group_weights": [1 / len(sizes)] * len(sizes),
+        "lr": d.lr, "auxk_alpha": d.cfg.aux_coefficient, "top_k_aux": d.aux_k,
+        "threshold_beta": d.cfg.threshold_beta, "seed": d.cfg.seed,
+        "lm_name": EMBEDDED_MODEL_HUB_ID if model_name == EMBEDDED_SMOLLM2 else model_name,
+        "layer": hook_layer(hook) if hook else None, "submodule_name": _submodule_name(hook),
+    }
+    config: dict[str, Any] = {"trainer": trainer}
+    if d.cfg.context_size:
+        config["buffer"] = {"ctx_len": int(d.cfg.context_size)}
+    config[EXTRA_KEY] = {"architecture": d.architecture, "hyperparameters": d.cfg.hyperparameters.model_dump(mode="json"),
+                         "metadata": dict(d.metadata), "library_version": __version__}
+    return config
+
+
+def _submodule_name(hook: str | None) -> str | None:
+    """`blocks.3.hook_resid_post` -> `resid_post_layer_3` (dictionary_learning's naming); other hooks as they are."""
+    m = re.match(r"^blocks\.(\d+)\.(hook_\w+)$", hook or "")
+    if m and m.group(2) in _SUBMODULES:
+        return _SUBMODULES[m.group(2)].format(m.group(1))
+    return hook

@@ -9,8 +9,9 @@ for topk). Both layouts are read and both are written (no `sae_lens_version`), s
 version reads an export.
 
 Architectures, all with identical encode/decode: relu <-> standard, topk <-> topk,
-jumprelu <-> jumprelu, gated <-> gated, batchtopk -> jumprelu (its inference rule
-f = pre·1[pre > θ]·1[pre > 0] is SAELens's JumpReLU with θ). An export also carries our own
+jumprelu <-> jumprelu, gated <-> gated, batchtopk and matryoshka_batchtopk -> jumprelu (their
+inference rule f = pre·1[pre > θ]·1[pre > 0] is SAELens's JumpReLU with θ; SAELens saves its own
+Matryoshka dictionaries that way too). An export also carries our own
 architecture, hyperparameters and metadata in a top-level `sae_dict` block that SAELens ignores
 and `read` uses to restore the dictionary exactly. Our aliases no other library resolves (the
 embedded model and text) are exported as names that say what they are, and read back.
@@ -18,7 +19,6 @@ embedded model and text) are exported as names that say what they are, and read 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,8 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 EXTRA_KEY = "sae_dict"  # our own block inside an exported cfg.json (ignored by SAELens)
 
-TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated", "batchtopk": "jumprelu"}
+TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated", "batchtopk": "jumprelu",
+              "matryoshka_batchtopk": "jumprelu"}
 _ENCODER = ("W_enc", "W_dec", "b_enc", "b_dec")
 # SAELens architecture -> (ours, the tensors its file holds); "batchtopk" is a training-time name
 # some files carry, with the weights saved the inference way (a threshold)
@@ -204,8 +205,8 @@ def _fold_conventions(ours: str, top: dict[str, Any], tensors: dict[str, Tensor]
 
 def _restore_ours(block: dict[str, Any], ours: str, hyper: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Our own export (the `sae_dict` block): the original architecture and hyperparameters."""
-    if block.get("architecture") == "batchtopk" and ours == "jumprelu":
-        ours = "batchtopk"
+    if ours == "jumprelu" and TO_SAELENS.get(block.get("architecture")) == "jumprelu":
+        ours = block["architecture"]  # batchtopk, matryoshka_batchtopk: JumpReLU at inference
     if block.get("architecture") == ours and isinstance(block.get("hyperparameters"), dict):
         hyper = {**block["hyperparameters"], **hyper}
     return ours, hyper
@@ -267,11 +268,7 @@ def _exportable(dictionary):
     if dictionary.architecture not in TO_SAELENS:
         raise UserError(f"architecture {dictionary.architecture!r} has no SAELens equivalent "
                         f"(exportable: {', '.join(sorted(TO_SAELENS))})")
-    if float(dictionary.input_scale) == 1.0:
-        return dictionary
-    folded = copy.deepcopy(dictionary)
-    folded.fold_input_scale()
-    return folded
+    return dictionary.in_raw_units()
 
 
 def saelens_tensors(d) -> dict[str, Tensor]:
