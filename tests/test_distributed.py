@@ -8,7 +8,8 @@ trains only that one).
 
 The ranks run tests/dist_worker.py (synthetic batches: 6 dictionaries of every architecture on
 two hook points, 24 steps of 128 rows, a checkpoint every 8 steps; `+boom` adds a seventh whose
-huge lr makes it diverge).
+huge lr makes it diverge)."""
+
 from __future__ import annotations
 
 import copy
