@@ -2,6 +2,13 @@
 
 A dictionary maps an activation `x [..., d_in]` to feature activations
 `f = activation(pre_acts(x)) [..., d_sae]` and back to `x_hat = f @ W_dec + b_dec`.
+
+A *transcoder* (`input_hook` set) reads one hook and predicts another: x is the input hook's
+activation, x_hat `[..., d_out]` the prediction of the output hook's (`hook_name`), d_out may
+differ from d_in, and the encoder does not centre x on b_dec (b_dec lives in output space). A
+`skip_connection` adds a linear path `x @ W_skip [d_in, d_out]` (zero at init, trained jointly)
+to x_hat, for transcoders and autoencoders alike. Input and output are normalised separately
+(`input_scale`, `output_scale`); both are folded into the weights at save time.
 Architectures differ in `activation`, in their training loss and in what they do around an
 optimiser step; each is a subclass in its own file, registered under its `architecture`.
 
@@ -57,6 +64,9 @@ class DictionaryConfig(BaseModel):
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     normalize_activations: bool = True  # scale inputs so E‖x‖² = d_in; folded back at save
     dead_after_tokens: int = Field(1_000_000, ge=1)  # a feature silent this long counts as dead
+    # Transcoder: the hook read (hook_name is the hook written and scored on); None: an autoencoder
+    input_hook: str | None = None
+    skip_connection: bool = False  # add x_in @ W_skip [d_in, d_out] (zero init) to the prediction
 
     @field_validator("name")
     @classmethod
@@ -65,6 +75,15 @@ class DictionaryConfig(BaseModel):
         if name is not None and (not name or "/" in name or "\\" in name or name.startswith(".")):
             raise ValueError("a dictionary name must be a plain folder name (no '/' or '\\', not starting with '.')")
         return name
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.input_hook is not None
+
+    @property
+    def reads_hook(self) -> str | None:
+        """The hook whose activations the encoder reads (input_hook, else hook_name)."""
+        return self.input_hook if self.input_hook is not None else self.hook_name
 
     @model_validator(mode="after")
     def _check_width(self) -> "DictionaryConfig":
@@ -141,7 +160,7 @@ class TrainStep:
     """
 
     loss: Tensor  # scalar
-    x_hat: Tensor  # [batch, d_in], in normalised units (compare with x·input_scale)
+    x_hat: Tensor  # [batch, d_out], in normalised units (compare with the target·output scale)
     f: Tensor | None  # [batch, d_sae], the activations used for L0 and dead-feature tracking
     metrics: dict[str, Tensor] = field(default_factory=dict)  # scalars, e.g. {"mse":..., "l1":...}
     feature_counts: Tensor | None = None  # [d_sae] how many tokens of the batch each feature fired on
@@ -162,20 +181,31 @@ class SparseDictionary(nn.Module):
     # shadow encoder) are feature-independent. Architectures extend it with their extras.
     feature_dims: ClassVar[dict[str, int]] = {"W_enc": 1, "W_dec": 0, "b_enc": 0}
 
-    def __init__(self, cfg: DictionaryConfig, d_in: int, metadata: dict[str, Any] | None = None):
+    def __init__(self, cfg: DictionaryConfig, d_in: int, metadata: dict[str, Any] | None = None,
+                 d_out: int | None = None):
         super().__init__()
         self.cfg = cfg  # stored as the DictionaryCfg view (the setter below)
         self.d_in = d_in
+        self.d_out = d_in if d_out is None else d_out  # the width of x_hat (a transcoder's output hook)
+        if self.d_out != d_in and not cfg.is_transcoder:
+            raise ValueError(f"d_out={self.d_out} differs from d_in={d_in}: only a transcoder (input_hook set) "
+                             f"maps one width to another")
         self.d_sae = cfg.resolve_d_sae(d_in)
         # Where the dictionary came from (model_name, hook_name, dataset, context_size, ...).
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.W_enc = nn.Parameter(torch.empty(d_in, self.d_sae))
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
-        self.W_dec = nn.Parameter(torch.empty(self.d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_out))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
         # Inputs are multiplied by input_scale before encoding during training; `fold_input_scale`
         # moves it into the weights at save time so saved dictionaries take raw activations.
         self.register_buffer("input_scale", torch.ones(()))
+        if cfg.is_transcoder:
+            # the output hook's own scale (an autoencoder's output is its input: input_scale), and
+            # the encoder's input centring, 0 (b_dec is an output-space bias; b_enc absorbs any centring)
+            self.register_buffer("output_scale", torch.ones(()))
+            self.register_buffer("b_in", torch.zeros(d_in), persistent=False)
+        self.W_skip = nn.Parameter(torch.zeros(d_in, self.d_out)) if cfg.skip_connection else None
         # Runtime feature killing (pruning ablations); not saved: a pruned dictionary is saved
         # as a smaller dictionary by `prune`.
         self.kill_mask: Tensor | None = None  # [d_sae] bool, True = killed
@@ -196,13 +226,16 @@ class SparseDictionary(nn.Module):
 
     # ---- initialisation -------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """Decoder rows random unit vectors, encoder = decoder transpose (Gao et al. 2024)."""
+        """Decoder rows random unit vectors, encoder = decoder transpose (Gao et al. 2024); W_skip
+        stays zero."""
         g = torch.Generator().manual_seed(self.cfg.seed)
-        W_dec = torch.randn(self.d_sae, self.d_in, generator=g)
+        W_dec = torch.randn(self.d_sae, self.d_out, generator=g)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
+        # a transcoder's encoder reads another space: its own random unit columns
+        W_enc = W_dec if not self.is_transcoder else _unit_rows(torch.randn(self.d_sae, self.d_in, generator=g))
         with torch.no_grad():
             self.W_dec.copy_(W_dec * self.init_decoder_norm())
-            self.W_enc.copy_((W_dec * self.init_encoder_norm()).T)
+            self.W_enc.copy_((W_enc * self.init_encoder_norm()).T)
             self.b_enc.zero_()
             self.b_dec.zero_()
 
@@ -220,10 +253,47 @@ class SparseDictionary(nn.Module):
     def lr(self) -> float:
         return self.cfg.lr if self.cfg.lr is not None else self.default_lr()
 
+    # ---- transcoders and skip connections --------------------------------------------------
+    @property
+    def is_transcoder(self) -> bool:
+        return self.cfg.hyperparameters.is_transcoder
+
+    @property
+    def b_pre(self) -> Tensor:
+        """[d_in] what the encoder subtracts from its (normalised) input: b_dec for an autoencoder,
+        zeros for a transcoder."""
+        return self.b_in if self.is_transcoder else self.b_dec
+
+    @property
+    def target_scale(self) -> Tensor:
+        """The scale of the output's units: output_scale for a transcoder, else input_scale."""
+        return self.output_scale if self.is_transcoder else self.input_scale
+
+    def scale_target(self, y: Tensor) -> Tensor:
+        """Raw output-hook activations -> normalised units, in the weights' dtype."""
+        return y.to(self.W_dec.dtype) * self.target_scale
+
+    def decoder_offset(self, xs: Tensor) -> Tensor:
+        """What x_hat adds to f @ W_dec, in normalised units: b_dec [d_out], plus the skip path
+        xs @ W_skip [..., d_out] when there is one (xs: the normalised input)."""
+        if self.W_skip is None:
+            return self.b_dec
+        return self.b_dec + xs.to(self.W_skip.dtype) @ self.W_skip
+
+    def training_io(self, x: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(xs, ys): the encoder's input [B, d_in] and the reconstruction target [B, d_out] of a
+        training batch in normalised units; an autoencoder's target is its input (target None)."""
+        xs = self.scale_input(x)
+        if target is None:
+            if self.is_transcoder:
+                raise ValueError("a transcoder trains on (input, target) pairs: pass target=")
+            return xs, xs
+        return xs, self.scale_target(target)
+
     # ---- forward ---------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
         """[..., d_in] -> [..., d_sae]"""
-        return (self.scale_input(x) - self.b_dec) @ self.W_enc + self.b_enc
+        return (self.scale_input(x) - self.b_pre) @ self.W_enc + self.b_enc
 
     def activation(self, pre: Tensor) -> Tensor:
         """[..., d_sae] pre-activations -> [..., d_sae] feature activations (architecture's own)."""
@@ -241,16 +311,20 @@ class SparseDictionary(nn.Module):
             f = f.masked_fill(self.kill_mask, 0.0)
         return f
 
-    def decode_scaled(self, f: Tensor) -> Tensor:
-        """f [..., d_sae] -> x_hat [..., d_in] in normalised units (what training compares to x·s)."""
-        return f @ self.W_dec + self.b_dec
+    def decode_scaled(self, f: Tensor, x: Tensor | None = None) -> Tensor:
+        """f [..., d_sae] -> x_hat [..., d_out] in normalised units (what training compares to the
+        scaled target); x: the raw input, for the skip path (None: without it)."""
+        offset = self.b_dec if x is None else self.decoder_offset(self.scale_input(x))
+        return f @ self.W_dec + offset
 
-    def decode(self, f: Tensor) -> Tensor:
-        """f [..., d_sae] -> x_hat [..., d_in] in the units of the raw input (the weights' dtype)."""
-        return self.decode_scaled(f.to(self.W_dec.dtype)) / self.input_scale
+    def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
+        """f [..., d_sae] -> x_hat [..., d_out] in raw units (the weights' dtype). A dictionary with
+        a skip connection adds x @ W_skip when given its input x (`forward` does)."""
+        return self.decode_scaled(f.to(self.W_dec.dtype), x) / self.target_scale
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        """x [..., d_in] -> x_hat [..., d_out]: the reconstruction, or a transcoder's prediction."""
+        return self.decode(self.encode(x), x)
 
     # ---- training hooks (the trainer calls these) -------------------------------------------
     def scale_input(self, x: Tensor) -> Tensor:
@@ -277,13 +351,14 @@ class SparseDictionary(nn.Module):
         return None
 
     def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None,
-                      shards: BatchShards = WHOLE_BATCH) -> TrainStep:
+                      shards: BatchShards = WHOLE_BATCH, target: Tensor | None = None) -> TrainStep:
         """One step's loss on raw x [batch, d_in], computed in normalised units (x·input_scale).
 
         progress in [0, 1] is the fraction of training done (for penalty warm-ups);
         dead_mask [d_sae] bool marks features the trainer considers dead (for AuxK), or None;
         x is one of `shards` of the batch (losses built from whole-batch statistics reduce over
-        them; per-token means need nothing).
+        them; per-token means need nothing); target [batch, d_out] is what a transcoder predicts
+        (the output hook's activations of the same tokens; None for an autoencoder).
         """
         raise NotImplementedError
 
@@ -301,33 +376,36 @@ class SparseDictionary(nn.Module):
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
-    def resample(self, x: Tensor, dead_mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def resample(self, x: Tensor, dead_mask: Tensor, generator: torch.Generator | None = None,
+                 target: Tensor | None = None) -> Tensor:
         """Re-initialise dead features from inputs the dictionary reconstructs badly.
 
         Towards Monosemanticity / dictionary_learning style: inputs are drawn from the batch `x`
         (raw units) with probability proportional to their squared reconstruction error
         ‖x - x̂‖²; each dead feature gets the direction of one drawn input (centred on b_dec) as
         its decoder row (unit norm) and as its encoder column, scaled to 0.2 × the mean norm of
-        the live encoder columns; its encoder bias is set to 0. Returns the ids re-initialised
+        the live encoder columns; its encoder bias is set to 0. A transcoder (target: the output
+        hook's activations of the same tokens) takes the decoder row from the drawn token's target
+        (centred on b_dec) and the encoder column from its input. Returns the ids re-initialised
         (the trainer then resets their optimizer state and their dead-feature counters).
         """
         ids = dead_mask.nonzero().flatten()
         if ids.numel() == 0:
             return ids
-        xs = self.scale_input(x.to(self.W_enc.dtype))
-        err = (self.decode_scaled(self.encode(x)) - xs).pow(2).sum(dim=1)
+        xs, ys = self.training_io(x.to(self.W_enc.dtype), target)
+        err = (self.decode_scaled(self.encode(x), x) - ys).pow(2).sum(dim=1)
         if not torch.isfinite(err).all() or err.sum() <= 0:
             err = torch.ones_like(err)
         gen_device = generator.device if generator is not None else err.device
         picks = torch.multinomial(err.to(gen_device), ids.numel(), replacement=True,
                                   generator=generator).to(err.device)
-        v = xs[picks] - self.b_dec
-        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        v_out = _unit_rows(ys[picks] - self.b_dec)
+        v_in = v_out if not self.is_transcoder else _unit_rows(xs[picks] - self.b_pre)
         live = ~dead_mask
         enc_norm = self.W_enc[:, live].norm(dim=0).mean() if live.any() else self.W_enc.new_tensor(1.0)
         dec_norm = self.W_dec[live].norm(dim=1).mean() if (live.any() and not self.unit_norm_decoder) else 1.0
-        self.W_dec[ids] = v * dec_norm
-        self.W_enc[:, ids] = (v * (0.2 * enc_norm)).T
+        self.W_dec[ids] = v_out * dec_norm
+        self.W_enc[:, ids] = (v_in * (0.2 * enc_norm)).T
         self.b_enc[ids] = 0.0
         self._resample_extra(ids)
         return ids
@@ -370,11 +448,12 @@ class SparseDictionary(nn.Module):
                                "killed_feature_ids": killed.nonzero().flatten().tolist(),
                                "kept_feature_ids": keep_ids.tolist(),
                                "kill_mode": mode}
-        new = type(self)(self._pruned_config(keep_ids), self.d_in, metadata=metadata)
+        new = type(self)(self._pruned_config(keep_ids), self.d_in, metadata=metadata, d_out=self.d_out)
         new.prepare_for_weights(tensors)
         new.to(device=self.W_enc.device, dtype=self.W_enc.dtype)
         new.load_weights(tensors)
         new.input_scale.copy_(self.input_scale)
+        new.target_scale.copy_(self.target_scale)
         new.train(self.training)
         return new
 
@@ -397,16 +476,21 @@ class SparseDictionary(nn.Module):
         """Make the dictionary take raw activations with identical outputs.
 
         Trained on s·x:  f = act((s·x - b) W_enc + b_enc) = act((x - b/s)(s·W_enc) + b_enc)
-        and x_hat = (f W_dec + b) / s = f (W_dec / s) + b / s.
+        and x_hat = (f W_dec + b) / s = f (W_dec / s) + b / s. A transcoder's output has its own
+        scale t (and its encoder no centring): x_hat = (f W_dec + b + s·x W_skip) / t
+        = f (W_dec / t) + b / t + x (W_skip · s / t).
         """
-        s = float(self.input_scale)
-        if s == 1.0:
+        s, t = float(self.input_scale), float(self.target_scale)
+        if s == 1.0 and t == 1.0:
             return
         self.W_enc.mul_(s)
-        self.W_dec.div_(s)
-        self.b_dec.div_(s)
+        self.W_dec.div_(t)
+        self.b_dec.div_(t)
+        if self.W_skip is not None:
+            self.W_skip.mul_(s / t)
         self._fold_extra(s)
         self.input_scale.fill_(1.0)
+        self.target_scale.fill_(1.0)
 
     def _fold_extra(self, scale: float) -> None:
         """Architectures with more input-space tensors fold them here."""
@@ -414,7 +498,7 @@ class SparseDictionary(nn.Module):
     def in_raw_units(self) -> "SparseDictionary":
         """This dictionary, or a copy with its input scale folded in when it has one: what is saved
         and exported (takes raw activations)."""
-        if float(self.input_scale) == 1.0:
+        if float(self.input_scale) == 1.0 and float(self.target_scale) == 1.0:
             return self
         folded = copy.deepcopy(self)
         folded.fold_input_scale()
@@ -423,10 +507,13 @@ class SparseDictionary(nn.Module):
     # ---- saving ----------------------------------------------------------------------------
     def weights(self) -> dict[str, Tensor]:
         """The tensors written to sae.safetensors (architectures add e.g. `threshold`)."""
-        return {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
+        w = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
+        if self.W_skip is not None:
+            w["W_skip"] = self.W_skip
+        return w
 
     def cfg_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format_version": FORMAT_VERSION,
             "architecture": self.architecture,
             "d_in": self.d_in,
@@ -435,6 +522,9 @@ class SparseDictionary(nn.Module):
             **self.metadata,
             "hyperparameters": self.cfg.hyperparameters.model_dump(mode="json"),
         }
+        if self.is_transcoder:  # an autoencoder's cfg.json stays as it was
+            out["d_out"] = self.d_out
+        return out
 
     def save(self, directory: str | Path) -> Path:
         """Write sae.safetensors + cfg.json (atomically), in raw-activation units."""
@@ -490,7 +580,13 @@ class SparseDictionary(nn.Module):
         return f.topk(k, dim=-1, sorted=True)
 
     def extra_repr(self) -> str:
-        return f"architecture={self.architecture}, d_in={self.d_in}, d_sae={self.d_sae}"
+        out = f", d_out={self.d_out}, input_hook={self.cfg.input_hook}" if self.is_transcoder else ""
+        skip = ", skip_connection=True" if self.W_skip is not None else ""
+        return f"architecture={self.architecture}, d_in={self.d_in}, d_sae={self.d_sae}{out}{skip}"
+
+
+def _unit_rows(v: Tensor) -> Tensor:
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def geometric_median(x: Tensor, iterations: int = 100, eps: float = 1e-6) -> Tensor:

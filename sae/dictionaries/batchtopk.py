@@ -79,8 +79,8 @@ class BatchTopKDictionary(TopKStyleDictionary):
     cfg: BatchTopKConfig
     feature_dims = {**TopKStyleDictionary.feature_dims, "threshold": 0}
 
-    def __init__(self, cfg, d_in, metadata=None):
-        super().__init__(cfg, d_in, metadata)
+    def __init__(self, cfg, d_in, metadata=None, d_out=None):
+        super().__init__(cfg, d_in, metadata, d_out)
         # -1: not yet estimated (the first training batch sets it).
         self.register_buffer("threshold", torch.full((self.d_sae,), -1.0))
         # Batches averaged into the threshold so far (checkpointed, not part of the saved weights).

@@ -57,6 +57,10 @@ class DictionaryCfg:
         return self._module.d_in
 
     @property
+    def d_out(self) -> int:
+        return self._module.d_out
+
+    @property
     def d_sae(self) -> int:
         return self._module.d_sae
 
@@ -124,7 +128,7 @@ class DictionaryCfg:
     # ---- constant for these dictionaries ---------------------------------------------------
     @property
     def apply_b_dec_to_input(self) -> bool:
-        return True  # imports fold other conventions into b_enc
+        return not self._module.is_transcoder  # imports fold other conventions into b_enc
 
     @property
     def normalize_activations(self) -> str:

@@ -76,29 +76,30 @@ class ElementwiseDictionary(SparseDictionary):
     cfg: ElementwiseConfig
 
     def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None,
-                      shards: BatchShards = WHOLE_BATCH) -> TrainStep:
-        xs = self.scale_input(x)
+                      shards: BatchShards = WHOLE_BATCH, target: Tensor | None = None) -> TrainStep:
+        xs, ys = self.training_io(x, target)
         pre = self.training_pre_acts(xs)
         pairs = None
         if self.cfg.sparse is not False:
             pairs = touched_pairs(self.touched(pre.detach()), self.cfg.sparse, self.cfg.sparse_max_density)
         if pairs is None:
-            return self.dense_loss(xs, pre, progress)
+            return self.dense_loss(xs, ys, pre, progress)
         # the dense pre's graph is dropped: gradients flow through `selected` below
-        return self.sparse_loss(xs, pre.detach(), pairs, progress)
+        return self.sparse_loss(xs, ys, pre.detach(), pairs, progress)
 
     def training_pre_acts(self, xs: Tensor) -> Tensor:
         """[B, d_sae] the encoder's output on normalised xs [B, d_in], with autograd (one matmul)."""
-        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc)
+        return torch.addmm(self.b_enc - self.b_pre @ self.W_enc, xs, self.W_enc)
 
     def touched(self, pre: Tensor) -> Tensor:
         """[B, d_sae] bool: the pairs whose output or gradient can be non-zero (a superset is exact)."""
         raise NotImplementedError
 
-    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float) -> TrainStep:
+    def dense_loss(self, xs: Tensor, ys: Tensor, pre: Tensor, progress: float) -> TrainStep:
+        """The loss of input xs [B, d_in] against target ys [B, d_out] (xs for an autoencoder)."""
         raise NotImplementedError
 
-    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
+    def sparse_loss(self, xs: Tensor, ys: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
         """The dense_loss's value and gradients from the touched pairs alone (pre is detached)."""
         raise NotImplementedError
 
@@ -107,12 +108,13 @@ class ElementwiseDictionary(SparseDictionary):
         """[n] pre[rows, cols] with gradients to W_enc, b_dec and b_enc (the given b_enc: pass a
         detached one when pre holds no b_enc) touching only the pairs' encoder columns."""
         b_enc = self.b_enc if b_enc is None else b_enc
-        return sparse_ops.selected_pre_acts(pre[pairs.rows, pairs.cols], xs, self.W_enc, b_enc, self.b_dec,
+        return sparse_ops.selected_pre_acts(pre[pairs.rows, pairs.cols], xs, self.W_enc, b_enc, self.b_pre,
                                             pairs.rows, pairs.cols)
 
-    def decode_pairs(self, vals: Tensor, pairs: Pairs, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-        """[B, d_in] x̂ = f @ W_dec + b_dec for the f whose only non-zeros are vals [n] at the pairs."""
-        return sparse_ops.sparse_decode(vals, pairs.rows, pairs.cols, W_dec, pairs.n_rows) + b_dec
+    def decode_pairs(self, vals: Tensor, pairs: Pairs, W_dec: Tensor, offset: Tensor) -> Tensor:
+        """[B, d_out] x̂ = f @ W_dec + offset (b_dec, or `decoder_offset`) for the f whose only
+        non-zeros are vals [n] at the pairs."""
+        return sparse_ops.sparse_decode(vals, pairs.rows, pairs.cols, W_dec, pairs.n_rows) + offset
 
     def per_feature_sum(self, vals: Tensor, pairs: Pairs) -> Tensor:
         """[d_sae] Σ over tokens of f, for f's non-zeros vals [n] at the pairs (differentiable)."""

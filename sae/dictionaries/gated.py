@@ -41,8 +41,8 @@ class GatedDictionary(ElementwiseDictionary):
     cfg: GatedConfig
     feature_dims = {**SparseDictionary.feature_dims, "r_mag": 0, "b_mag": 0}
 
-    def __init__(self, cfg, d_in, metadata=None):
-        super().__init__(cfg, d_in, metadata)
+    def __init__(self, cfg, d_in, metadata=None, d_out=None):
+        super().__init__(cfg, d_in, metadata, d_out)
         self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
 
@@ -53,7 +53,7 @@ class GatedDictionary(ElementwiseDictionary):
     def weights(self) -> dict[str, Tensor]:
         w = super().weights()
         return {"W_enc": w["W_enc"], "b_enc": w["b_enc"], "r_mag": self.r_mag, "b_mag": self.b_mag,
-                "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
+                "W_dec": w["W_dec"], "b_dec": w["b_dec"], **({"W_skip": w["W_skip"]} if "W_skip" in w else {})}
 
     def _resample_extra(self, ids: Tensor) -> None:
         self.r_mag[ids] = 0.0
@@ -61,7 +61,7 @@ class GatedDictionary(ElementwiseDictionary):
 
     def _paths(self, xs: Tensor) -> tuple[Tensor, Tensor]:
         """(π_gate, π_mag) for normalised input xs."""
-        xc = xs - self.b_dec
+        xc = xs - self.b_pre
         gate = xc @ self.W_enc + self.b_enc
         mag = xc @ (self.W_enc * torch.exp(self.r_mag)) + self.b_mag
         return gate, mag
@@ -83,31 +83,33 @@ class GatedDictionary(ElementwiseDictionary):
     # Both paths are computed from one projection s = (x - b_dec) W_enc (no b_enc):
     # π_gate = s + b_enc and π_mag = s ⊙ exp(r_mag) + b_mag (the column scaling moved past the matmul).
     def training_pre_acts(self, xs: Tensor) -> Tensor:
-        return torch.addmm(-(self.b_dec @ self.W_enc), xs, self.W_enc)
+        return torch.addmm(-(self.b_pre @ self.W_enc), xs, self.W_enc)
 
     def touched(self, pre: Tensor) -> Tensor:
         # every term (f, the L1 on ReLU(π_gate), the auxiliary loss) vanishes, with its gradients,
         # unless π_gate = s + b_enc > 0, which implies s > -b_enc (NaN counts too: it must reach the loss)
         return (pre <= -self.b_enc.to(pre.dtype)).logical_not_()
 
-    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float) -> TrainStep:
+    def dense_loss(self, xs: Tensor, ys: Tensor, pre: Tensor, progress: float) -> TrainStep:
         gate, mag = pre + self.b_enc, pre * torch.exp(self.r_mag) + self.b_mag
         f = (gate > 0).to(mag.dtype) * torch.relu(mag)
         gate_act = torch.relu(gate)
-        x_hat = f @ self.W_dec + self.b_dec
-        x_hat_gate = gate_act @ self.W_dec.detach() + self.b_dec.detach()
-        return self._loss(x_hat, x_hat_gate, xs, at_least_float32(gate_act).sum(dim=0), progress, f=f)
+        offset = self.decoder_offset(xs)
+        x_hat = f @ self.W_dec + offset
+        x_hat_gate = gate_act @ self.W_dec.detach() + offset.detach()
+        return self._loss(x_hat, x_hat_gate, ys, at_least_float32(gate_act).sum(dim=0), progress, f=f)
 
-    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
+    def sparse_loss(self, xs: Tensor, ys: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
         s = self.selected(xs, pre, pairs, b_enc=self.b_enc.detach())  # b_enc enters through gate
         cols = pairs.cols
         gate, mag = s + self.b_enc[cols], s * torch.exp(self.r_mag)[cols] + self.b_mag[cols]
         vals = (gate > 0).to(mag.dtype) * torch.relu(mag)
         gate_act = torch.relu(gate)
-        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec)
-        x_hat_gate = self.decode_pairs(gate_act, pairs, self.W_dec.detach(), self.b_dec.detach())
+        offset = self.decoder_offset(xs)
+        x_hat = self.decode_pairs(vals, pairs, self.W_dec, offset)
+        x_hat_gate = self.decode_pairs(gate_act, pairs, self.W_dec.detach(), offset.detach())
         gate_sum = self.per_feature_sum(at_least_float32(gate_act), pairs)
-        return self._loss(x_hat, x_hat_gate, xs, gate_sum, progress, counts=pair_counts(vals, cols, self.d_sae))
+        return self._loss(x_hat, x_hat_gate, ys, gate_sum, progress, counts=pair_counts(vals, cols, self.d_sae))
 
     def _loss(self, x_hat: Tensor, x_hat_gate: Tensor, xs: Tensor, gate_sum: Tensor, progress: float,
               f: Tensor | None = None, counts: Tensor | None = None) -> TrainStep:

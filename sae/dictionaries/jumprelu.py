@@ -88,8 +88,8 @@ class JumpReLUDictionary(ElementwiseDictionary):
     cfg: JumpReLUConfig
     feature_dims = {**SparseDictionary.feature_dims, "threshold": 0}
 
-    def __init__(self, cfg, d_in, metadata=None):
-        super().__init__(cfg, d_in, metadata)
+    def __init__(self, cfg, d_in, metadata=None, d_out=None):
+        super().__init__(cfg, d_in, metadata, d_out)
         self.threshold = nn.Parameter(torch.full((self.d_sae,), float(cfg.threshold_init)))
 
     def default_lr(self) -> float:
@@ -117,20 +117,20 @@ class JumpReLUDictionary(ElementwiseDictionary):
         # (NaN counts too: it must reach the loss)
         return (pre <= self.threshold.to(pre.dtype) - self.cfg.bandwidth).logical_not_()
 
-    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float) -> TrainStep:
+    def dense_loss(self, xs: Tensor, ys: Tensor, pre: Tensor, progress: float) -> TrainStep:
         theta = self.threshold.to(pre.dtype)
         f = jumprelu(pre, theta, self.cfg.bandwidth)
-        x_hat = f @ self.W_dec + self.b_dec
+        x_hat = f @ self.W_dec + self.decoder_offset(xs)
         l0 = at_least_float32(heaviside_step(pre, theta, self.cfg.bandwidth)).sum(dim=-1).mean()
-        return self._loss(x_hat, xs, l0, progress, f=f)
+        return self._loss(x_hat, ys, l0, progress, f=f)
 
-    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
+    def sparse_loss(self, xs: Tensor, ys: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
         z = self.selected(xs, pre, pairs)
         theta = self.threshold.to(pre.dtype)[pairs.cols]
         vals = jumprelu(z, theta, self.cfg.bandwidth)
-        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec)
+        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.decoder_offset(xs))
         l0 = at_least_float32(heaviside_step(z, theta, self.cfg.bandwidth)).sum() / pairs.n_rows
-        return self._loss(x_hat, xs, l0, progress, counts=pair_counts(vals, pairs.cols, self.d_sae))
+        return self._loss(x_hat, ys, l0, progress, counts=pair_counts(vals, pairs.cols, self.d_sae))
 
     def _loss(self, x_hat: Tensor, xs: Tensor, l0: Tensor, progress: float, f: Tensor | None = None,
               counts: Tensor | None = None) -> TrainStep:

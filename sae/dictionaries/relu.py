@@ -124,15 +124,15 @@ class ReLUDictionary(ElementwiseDictionary):
         # the ReLU's output and gradient vanish elsewhere (NaN counts too: it must reach the loss)
         return (pre <= 0).logical_not_()
 
-    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float) -> TrainStep:
+    def dense_loss(self, xs: Tensor, ys: Tensor, pre: Tensor, progress: float) -> TrainStep:
         f = self.activation(pre)
-        x_hat = f @ self.W_dec + self.b_dec
-        return self._loss(x_hat, xs, at_least_float32(f).sum(dim=0), progress, f=f)  # f >= 0
+        x_hat = f @ self.W_dec + self.decoder_offset(xs)
+        return self._loss(x_hat, ys, at_least_float32(f).sum(dim=0), progress, f=f)  # f >= 0
 
-    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
+    def sparse_loss(self, xs: Tensor, ys: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
         vals = self.activation(self.selected(xs, pre, pairs))
-        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec)
-        return self._loss(x_hat, xs, self.per_feature_sum(at_least_float32(vals), pairs), progress,
+        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.decoder_offset(xs))
+        return self._loss(x_hat, ys, self.per_feature_sum(at_least_float32(vals), pairs), progress,
                           counts=pair_counts(vals, pairs.cols, self.d_sae))
 
     def _loss(self, x_hat: Tensor, xs: Tensor, f_sum: Tensor, progress: float, f: Tensor | None = None,

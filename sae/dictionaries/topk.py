@@ -110,13 +110,13 @@ class TopKStyleDictionary(SparseDictionary):
         return self.cfg.aux_k if self.cfg.aux_k is not None else max(1, self.d_in // 2)
 
     def training_loss(self, x: Tensor, progress: float, dead_mask: Tensor | None,
-                      shards: BatchShards = WHOLE_BATCH) -> TrainStep:
-        xs = self.scale_input(x)
+                      shards: BatchShards = WHOLE_BATCH, target: Tensor | None = None) -> TrainStep:
+        xs, ys = self.training_io(x, target)
         with torch.no_grad():
-            pre = sparse_ops.dense_pre_acts_no_grad(xs, self.W_enc, self.b_enc, self.b_dec).float()
+            pre = sparse_ops.dense_pre_acts_no_grad(xs, self.W_enc, self.b_enc, self.b_pre).float()
             rows, cols, valid = self._select(xs, pre, shards)
         x_hats, counts, l0 = self._decode_selected(xs, pre, rows, cols, valid)
-        return self._loss(xs, x_hats, pre, counts, l0, dead_mask, shards)
+        return self._loss(xs, ys, x_hats, pre, counts, l0, dead_mask, shards)
 
     def _select(self, xs: Tensor, pre: Tensor, shards: BatchShards) -> tuple[Tensor, Tensor, Tensor]:
         """The latents kept for this shard, from its detached pre-activations pre [B, d_sae]:
@@ -124,29 +124,31 @@ class TopKStyleDictionary(SparseDictionary):
         raise NotImplementedError
 
     def _decode_selected(self, xs, pre, rows, cols, valid):
-        """Each scored prefix's x̂ from the selected (rows, cols): returns (x_hats [B, P, d_in],
-        feature counts, mean L0); x_hats[:, -1] is the whole dictionary's."""
+        """Each scored prefix's x̂ from the selected (rows, cols): returns (x_hats [B, P, d_out],
+        feature counts, mean L0); x_hats[:, -1] is the whole dictionary's (every prefix's includes
+        b_dec and the skip path)."""
         B, ends = xs.shape[0], self.prefix_ends()
         if self.cfg.sparse:
-            vals = sparse_ops.selected_pre_acts(pre[rows, cols], xs, self.W_enc, self.b_enc, self.b_dec,
+            vals = sparse_ops.selected_pre_acts(pre[rows, cols], xs, self.W_enc, self.b_enc, self.b_pre,
                                                 rows, cols)
             vals = torch.relu(vals) * valid
             bags = _group_bags(rows, cols, ends)
             parts = sparse_ops.sparse_decode(vals, bags, cols, self.W_dec, B * len(ends)).view(B, len(ends), -1)
         else:
-            pre_g = torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc)
+            pre_g = torch.addmm(self.b_enc - self.b_pre @ self.W_enc, xs, self.W_enc)
             vals = torch.relu(pre_g[rows, cols]) * valid
             f = torch.zeros_like(pre_g).index_put_((rows, cols), vals, accumulate=True)
             parts = torch.stack([f[:, a:b] @ self.W_dec[a:b] for a, b in zip([0, *ends[:-1]], ends)], dim=1)
-        x_hats = parts.cumsum(dim=1) + self.b_dec
+        x_hats = parts.cumsum(dim=1) + self.decoder_offset(xs).unsqueeze(-2)
         fired = (vals.detach() > 0).to(xs.dtype)
         counts = torch.zeros(self.d_sae, dtype=xs.dtype, device=xs.device).index_add_(0, cols, fired)
         return x_hats, counts, fired.sum() / B
 
-    def _loss(self, xs, x_hats, pre, counts, l0, dead_mask, shards: BatchShards) -> TrainStep:
-        err = xs.float()[:, None] - x_hats.float()  # [B, P, d_in]
+    def _loss(self, xs, ys, x_hats, pre, counts, l0, dead_mask, shards: BatchShards) -> TrainStep:
+        """xs [B, d_in] the encoder's input, ys [B, d_out] the target (xs for an autoencoder)."""
+        err = ys.float()[:, None] - x_hats.float()  # [B, P, d_out]
         sse = err.pow(2).sum(dim=(0, 2))  # [P]
-        variance = batch_variance(xs.float(), shards).clamp_min(1e-12)
+        variance = batch_variance(ys.float(), shards).clamp_min(1e-12)
         fvu = sse / variance
         loss = fvu.mean()  # every prefix weighs the same
         metrics = {"fvu": fvu[-1].detach(), "sse": (sse[-1] / xs.shape[0]).detach(), "l0": l0}
@@ -169,7 +171,7 @@ class TopKStyleDictionary(SparseDictionary):
         rows, cols, scale = picked
         valid = dead_mask[cols]
         vals = sparse_ops.selected_pre_acts(pre[rows, cols].masked_fill(~valid, 0.0), xs, self.W_enc,
-                                            self.b_enc, self.b_dec, rows, cols)
+                                            self.b_enc, self.b_pre, rows, cols)
         vals = torch.relu(vals) * valid
         e_hat = sparse_ops.sparse_decode(vals, rows, cols, self.W_dec, xs.shape[0])
         return scale * (e - e_hat.float()).pow(2).sum() / variance
@@ -197,8 +199,8 @@ class TopKStyleDictionary(SparseDictionary):
 class TopKDictionary(TopKStyleDictionary):
     architecture = "topk"
 
-    def __init__(self, cfg, d_in, metadata=None):
-        super().__init__(cfg, d_in, metadata)
+    def __init__(self, cfg, d_in, metadata=None, d_out=None):
+        super().__init__(cfg, d_in, metadata, d_out)
         # Optional shadow encoder of killed latents (pruned in mode "after"); buffers, never trained.
         self.register_buffer("W_enc_shadow", None)
         self.register_buffer("b_enc_shadow", None)
@@ -225,7 +227,7 @@ class TopKDictionary(TopKStyleDictionary):
         """Pre-activations of the shadow latents for normalised input xs (None without shadow)."""
         if self.W_enc_shadow is None:
             return None
-        return (xs - self.b_dec) @ self.W_enc_shadow + self.b_enc_shadow
+        return (xs - self.b_pre) @ self.W_enc_shadow + self.b_enc_shadow
 
     def weights(self) -> dict[str, Tensor]:
         w = super().weights()
@@ -265,7 +267,7 @@ class TopKDictionary(TopKStyleDictionary):
 
     def encode(self, x: Tensor) -> Tensor:
         xs = self.scale_input(x)
-        pre = (xs - self.b_dec) @ self.W_enc + self.b_enc
+        pre = (xs - self.b_pre) @ self.W_enc + self.b_enc
         kill = self.kill_mask
         if kill is not None and self.kill_mode == "before":
             pre = pre.masked_fill(kill, -torch.inf)
