@@ -6,6 +6,9 @@ Per batch of contexts `evaluate_dictionaries` runs
   hook (kept positions replaced by 0 / by x̄_train);
 - per dictionary one spliced run (kept positions replaced by x̂ = decode(encode(x))); the same
   activation feeds x, x̂ and f to the reconstruction accumulator, so what is measured is what is spliced.
+  A transcoder (input_hook set) is spliced at its output hook: x̂_out = transcoder(x_in), x_in the
+  clean activation at its input hook (recorded by the clean forward); every reconstruction metric
+  compares x̂_out with the clean x_out, and the zero / mean baselines ablate the output hook.
 The clean forward records the activation at each hook, and the other runs start there: only the
 layers after the hook run again, several variants stacked in one forward (`eval.forwards`,
 `sae.partial_forward`); a hook or model that cannot be run on from there (or `full_forwards=True`)
@@ -62,6 +65,26 @@ class EvalTarget:
             raise UserError("a dictionary without a hook_name in its metadata; give EvalTarget.hook_name")
         return hook
 
+    def input_hook(self) -> str | None:
+        """The hook a transcoder reads (None: an autoencoder, which reads the hook it writes)."""
+        return input_hook_of(self.dictionary)
+
+
+def input_hook_of(d) -> str | None:
+    """A dictionary's input_hook (a transcoder's), or None."""
+    cfg = getattr(d, "cfg", None)
+    return getattr(cfg, "input_hook", None) if getattr(d, "is_transcoder", False) else None
+
+
+def decode_from(d, f: Tensor, x_in: Tensor) -> Tensor:
+    """x̂ from the features f of input x_in: decode(f), plus the skip path of a dictionary with one."""
+    return d.decode(f, x_in) if getattr(d, "W_skip", None) is not None else d.decode(f)
+
+
+def d_out_of(d) -> int:
+    """The width of what a dictionary writes (d_in for an autoencoder)."""
+    return int(getattr(d, "d_out", d.d_in))
+
 
 @dataclass
 class EvalResult:
@@ -87,15 +110,19 @@ class _MeanRuns:
 # ---- checks --------------------------------------------------------------------------------
 
 def check_compatibility(model, targets: Mapping[str, EvalTarget]) -> None:
-    """Every target's hook exists in the model and carries d_in-wide activations (HookError)."""
-    hooks = sorted({t.resolved_hook() for t in targets.values()})
+    """Every target's hook (and a transcoder's input hook) exists in the model and carries activations
+    of the dictionary's width (HookError)."""
+    hooks = sorted({t.resolved_hook() for t in targets.values()} | set(_input_hooks(targets)))
     check_hooks(model, hooks)
     widths = {h: hook_d_in(model, h) for h in hooks}
     for name, t in targets.items():
-        hook = t.resolved_hook()
-        if widths[hook] != t.dictionary.d_in:
-            raise HookError(f"dictionary {name!r} has d_in={t.dictionary.d_in} but the model's {hook} "
-                            f"activations are {widths[hook]} wide; was it trained on another model or hook?")
+        pairs = [(t.resolved_hook(), d_out_of(t.dictionary), "d_out" if t.input_hook() else "d_in")]
+        if t.input_hook():
+            pairs.append((t.input_hook(), t.dictionary.d_in, "d_in"))
+        for hook, width, key in pairs:
+            if widths[hook] != width:
+                raise HookError(f"dictionary {name!r} has {key}={width} but the model's {hook} activations "
+                                f"are {widths[hook]} wide; was it trained on another model or hook?")
 
 
 def _check_tokens(tokens: Tensor, keep_mask: Tensor, batch_size: int) -> None:
@@ -149,11 +176,12 @@ def evaluate_dictionaries(model, dictionaries: Mapping[str, Any], tokens: Tensor
     check_compatibility(model, targets)
     device = model_device(model)
     mean_runs = _mean_runs(targets, dict(train_means or {}), device)
-    recon = {name: M.ReconstructionAccumulator(t.dictionary.d_in, t.dictionary.d_sae,
+    recon = {name: M.ReconstructionAccumulator(d_out_of(t.dictionary), t.dictionary.d_sae,
                                                _dict_param(t.dictionary).device)
              for name, t in targets.items()}
     sums = M.SumAccumulator()
-    forwards = Forwards(model, _hooks(targets), full=full_forwards, per_forward=variants_per_forward)
+    forwards = Forwards(model, _hooks(targets), full=full_forwards, per_forward=variants_per_forward,
+                        inputs=_input_hooks(targets))
     bar = token_bar(tokens.numel(), desc=f"evaluating {len(targets)}", enabled=progress, leave=False)
     with bar, _inference_mode(targets):
         for start in range(0, tokens.shape[0], batch_size):
@@ -169,6 +197,10 @@ def _hooks(targets: Mapping[str, EvalTarget]) -> list[str]:
     return sorted({t.resolved_hook() for t in targets.values()})
 
 
+def _input_hooks(targets: Mapping[str, EvalTarget]) -> list[str]:
+    return sorted({t.input_hook() for t in targets.values() if t.input_hook()})
+
+
 def _mean_runs(targets: Mapping[str, EvalTarget], train_means: Mapping[str, Tensor],
                device: torch.device) -> _MeanRuns:
     """One mean-ablation run per (hook, distinct training mean); UserError for a missing or
@@ -181,8 +213,9 @@ def _mean_runs(targets: Mapping[str, EvalTarget], train_means: Mapping[str, Tens
             raise UserError(f"no training-token mean for dictionary {name!r} at {hook} (needed by ce_mean); "
                             f"pass train_means={{{name!r} or {hook!r}: tensor[d_in]}}")
         mean = torch.as_tensor(mean).flatten().to(device=device, dtype=torch.float32)
-        if mean.numel() != t.dictionary.d_in:
-            raise UserError(f"training mean for {name!r} has {mean.numel()} entries, d_in is {t.dictionary.d_in}")
+        if mean.numel() != d_out_of(t.dictionary):
+            raise UserError(f"training mean for {name!r} at {hook} has {mean.numel()} entries, the dictionary "
+                            f"writes {d_out_of(t.dictionary)}")
         same = [i for i, (h, m) in enumerate(out.runs) if h == hook and torch.equal(m, mean)]
         if not same:
             out.runs.append((hook, mean))
@@ -217,27 +250,27 @@ def _evaluate_batch(forwards: Forwards, targets: Mapping[str, EvalTarget], mean_
     clean = M.CleanLogProbs.of(forwards.clean(toks))
     sums.add("ce_clean", M.token_ce(clean.log_probs, toks), pred)
     for hook in _hooks(targets):
-        for key, logits in forwards.logits(hook, _variants(hook, targets, mean_runs, recon, keep)):
+        for key, logits in forwards.logits(hook, _variants(hook, targets, mean_runs, recon, keep, forwards)):
             lp = M.token_log_probs(logits)
             sums.add("ce:" + key, M.token_ce(lp, toks), pred)
             sums.add("kl:" + key, M.token_kl(clean, lp), pred)
 
 
 def _variants(hook: str, targets: Mapping[str, EvalTarget], mean_runs: _MeanRuns,
-              recon: Mapping[str, M.ReconstructionAccumulator], keep: Tensor) -> list[Variant]:
+              recon: Mapping[str, M.ReconstructionAccumulator], keep: Tensor, forwards: Forwards) -> list[Variant]:
     """The runs at one hook: zero-ablated, mean-ablated per distinct mean, each dictionary spliced."""
     keep3 = keep[..., None]
     runs: list[Variant] = [("zero:" + hook, lambda x: torch.where(keep3, torch.zeros_like(x), x))]
     runs += [(f"mean:{i}", lambda x, mean=mean: torch.where(keep3, mean.to(x.dtype), x))
              for i, (h, mean) in enumerate(mean_runs.runs) if h == hook]
-    runs += [("sae:" + name, _splice(t, keep, recon[name]))
+    runs += [("sae:" + name, _splice(t, keep, recon[name], forwards))
              for name, t in targets.items() if t.resolved_hook() == hook]
     return runs
 
 
-def _splice(t: EvalTarget, keep: Tensor, acc: M.ReconstructionAccumulator):
+def _splice(t: EvalTarget, keep: Tensor, acc: M.ReconstructionAccumulator, forwards: Forwards | None = None):
     """A dictionary's spliced activation (with the target's kill mask for the call); feeds its
-    accumulator."""
+    accumulator. A transcoder encodes the clean activation at its input hook."""
     d = t.dictionary
     p = _dict_param(d)
 
@@ -246,8 +279,9 @@ def _splice(t: EvalTarget, keep: Tensor, acc: M.ReconstructionAccumulator):
         d.set_killed(t.kill_mask, t.kill_mode)
         try:
             xd = x.to(device=p.device, dtype=p.dtype)
-            f = d.encode(xd)
-            x_hat = d.decode(f)
+            x_in = xd if t.input_hook() is None else forwards.recorded(t.input_hook()).to(p.device, p.dtype)
+            f = d.encode(x_in)
+            x_hat = decode_from(d, f, x_in)
         finally:
             d.set_killed(*saved_kill)
         k = keep.to(p.device)
@@ -275,6 +309,7 @@ def _result(model, name: str, t: EvalTarget, recon: M.ReconstructionAccumulator,
         "d_sae": d.d_sae,
         "model": metadata.get("model_name") or getattr(model.cfg, "model_name", None),
         "hook": hook,
+        **({"input_hook": t.input_hook(), "d_out": d_out_of(d)} if t.input_hook() else {}),
         "dataset": metadata.get("dataset"),
         "tokens_evaluated": rec.pop("tokens_evaluated"),
         "predictions_evaluated": sums.counts["ce_clean"],
@@ -295,19 +330,22 @@ def _result(model, name: str, t: EvalTarget, recon: M.ReconstructionAccumulator,
 
 
 @torch.no_grad()
-def reconstruction_metrics(dictionary, activations: Tensor, batch_size: int = 4096) -> tuple[dict[str, Any], Tensor]:
+def reconstruction_metrics(dictionary, activations: Tensor, batch_size: int = 4096,
+                           targets: Tensor | None = None) -> tuple[dict[str, Any], Tensor]:
     """Reconstruction and feature metrics (no model, no CE/KL) of a dictionary on activations
-    [n, d_in] that are all to be counted (e.g. read from the activation cache). Returns
-    (metrics, frequency)."""
+    [n, d_in] that are all to be counted (e.g. read from the activation cache); a transcoder's
+    prediction is compared with `targets` [n, d_out] (its output hook's activations of the same
+    tokens). Returns (metrics, frequency)."""
     p = _dict_param(dictionary)
-    acc = M.ReconstructionAccumulator(dictionary.d_in, dictionary.d_sae, p.device)
+    acc = M.ReconstructionAccumulator(d_out_of(dictionary), dictionary.d_sae, p.device)
     was_training = dictionary.training
     try:
         dictionary.eval()  # inference mode, as in evaluate_dictionaries
         for start in range(0, activations.shape[0], batch_size):
             x = activations[start:start + batch_size].to(device=p.device, dtype=p.dtype)
+            y = x if targets is None else targets[start:start + batch_size].to(device=p.device, dtype=p.dtype)
             f = dictionary.encode(x)
-            acc.update(x, dictionary.decode(f), f)
+            acc.update(y, decode_from(dictionary, f, x), f)
     finally:
         dictionary.train(was_training)
     return acc.result(), acc.frequency()

@@ -7,10 +7,16 @@ needs and the variants run only the layers after the hook, `per_forward` of them
 the batch dimension in one forward; elsewhere (a hook or model it refuses, or `full=True`) every
 variant reruns the whole model with the variant spliced in by a hook, as before. Both give the
 same numbers up to float summation order (tests/test_partial_forward.py).
+
+A transcoder's variant at its output hook is a function of the clean activation at its input
+hook, an earlier hook of the same forward (so the same in every run): the clean forward also
+records the activations at `inputs`, read by `recorded(hook)`, and runs go on from the output
+hook as for any other variant.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -30,10 +36,13 @@ class Forwards:
     the whole model; per_forward: variants stacked per forward after the hook (None: as many as
     memory allows, `stack_size`)."""
 
-    def __init__(self, model, hooks: Iterable[str], full: bool = False, per_forward: int | None = None):
+    def __init__(self, model, hooks: Iterable[str], full: bool = False, per_forward: int | None = None,
+                 inputs: Iterable[str] = ()):
         if per_forward is not None and per_forward < 1:
             raise ValueError(f"per_forward must be >= 1 or None, got {per_forward}")
         self.model = model
+        self.inputs = sorted(set(inputs))  # hooks whose clean activations the variants read (transcoders)
+        self._recorded: dict[str, Tensor] = {}
         self.per_forward = per_forward
         self.sites: dict[str, P.HookSite] = {} if full else self._locate(hooks)
         self._unverified = set(self.sites)
@@ -52,12 +61,27 @@ class Forwards:
 
     def clean(self, toks: Tensor) -> Tensor:
         """The clean logits [b, pos, vocab] of a batch; records what the variants of this batch need."""
-        with P.recording(self.model, list(self.sites.values())) as rec:
+        self._recorded = {}
+        with P.recording(self.model, list(self.sites.values())) as rec, self._recording_inputs():
             logits = self.model(toks, return_type="logits")
         self._toks, self._recording, self._d_vocab = toks, rec, logits.shape[-1]
         for hook in sorted(self._unverified):
             self._verify(hook, logits)
         return logits
+
+    def _recording_inputs(self):
+        if not self.inputs:
+            return contextlib.nullcontext()
+
+        def record(x: Tensor, hook) -> Tensor:
+            self._recorded[hook.name] = x.detach()
+            return x
+
+        return self.model.hooks(fwd_hooks=[(h, record) for h in self.inputs])
+
+    def recorded(self, hook: str) -> Tensor:
+        """The clean activation [b, pos, d] at one of `inputs` in the last `clean` batch."""
+        return self._recorded[hook]
 
     def _verify(self, hook: str, clean_logits: Tensor) -> None:
         """Once per evaluation and hook, on the first batch: a hook whose run-on does not give the

@@ -154,7 +154,7 @@ def _load_model(run: RunConfig, configs: list[DictionaryConfig]) -> _Loaded:
     if dist.is_distributed() and run.distributed.placement == "data_parallel":
         dist.check_batch_divisible(run.train.batch_size, "train.batch_size")
     for cfg in configs:
-        cfg.require_width(d_in[cfg.hook_name])
+        cfg.require_width(d_in[cfg.reads_hook])
     return _Loaded(model, device, d_in)
 
 
@@ -187,7 +187,7 @@ def _hooks_needed(run: RunConfig, configs: list[DictionaryConfig], d_in: dict[st
     if not dist.is_distributed() or run.distributed.placement != "dictionary_per_rank":
         return list(run.hooks)
     owners = dist.assign_dictionaries(configs, dist.world_size(), d_in)
-    mine = {c.hook_name for c, owner in zip(configs, owners) if owner == dist.rank()}
+    mine = {h for c, owner in zip(configs, owners) if owner == dist.rank() for h in (c.hook_name, c.input_hook)}
     return [h for h in run.hooks if h in mine] or list(run.hooks)
 
 

@@ -199,9 +199,11 @@ def _expand_entry(run: RunConfig, index: int, entry: dict[str, Any],
     for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
         raw = {**entry, **dict(zip(keys, combo))}
         raw.setdefault("hook_name", run.hooks[0])
-        if raw["hook_name"] not in run.hooks:
-            raise ConfigError(f"dictionaries[{index}].hook_name: {raw['hook_name']!r} is not in hooks "
-                              f"{run.hooks}{did_you_mean(raw['hook_name'], run.hooks)}")
+        for key in ("hook_name", "input_hook"):
+            if raw.get(key) is not None and raw[key] not in run.hooks:
+                raise ConfigError(f"dictionaries[{index}].{key}: {raw[key]!r} is not in hooks {run.hooks}"
+                                  f"{did_you_mean(str(raw[key]), run.hooks)}; list it in hooks (the harvest "
+                                  f"captures every hook there in one pass)")
         # a hook point shows in the name as itself (no `hook_name=`), and only when there are several
         swept = [(None if k == "hook_name" else k, v) for k, v in zip(keys, combo)
                  if k != "hook_name" or len(run.hooks) > 1]

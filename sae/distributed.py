@@ -190,7 +190,7 @@ def assign_dictionaries(configs: Sequence[Any], world: int,
 
     Deterministic, so every rank computes the same assignment from the same configs."""
     def cost(cfg: Any) -> float:
-        width = d_in.get(cfg.hook_name) if isinstance(d_in, Mapping) else d_in
+        width = d_in.get(cfg.reads_hook) if isinstance(d_in, Mapping) else d_in
         if width is None:
             return float(cfg.d_sae if cfg.d_sae is not None else cfg.expansion_factor)
         return float(cfg.resolve_d_sae(width) * width)

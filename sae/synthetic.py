@@ -82,3 +82,46 @@ def fvu(dictionary, x: Tensor) -> float:
     with torch.no_grad():
         x_hat = dictionary(x)
         return float((x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum())
+
+
+class SyntheticTranscoding:
+    """Two hooks driven by the same sparse codes, each through its own known dictionary: the input
+    x_in = codes @ F_in + offset_in [d_in] and the output x_out = codes @ F_out + offset_out [d_out].
+    With `n_dense` > 0, x_in also carries n_dense dimensions of dense Gaussian noise z (after the
+    feature dimensions, independent of the codes, std `dense_std`) and x_out adds z @ linear [n_dense, d_out]: the
+    part only a linear (skip) path can carry, whose least-squares map from x_in is exactly
+    `linear` on those dimensions. A batch source like `SyntheticFeatures`, yielding
+    {input_hook: x_in, output_hook: x_out}."""
+
+    def __init__(self, d_in: int = 32, d_out: int = 24, n_features: int = 128, *, n_dense: int = 0,
+                 dense_std: float = 0.3, input_hook: str = "in", output_hook: str = "out", seed: int = 0, batch_size: int = 1024,
+                 **codes_kwargs):
+        # F_in, offset_in and the firing probabilities
+        self.codes = SyntheticFeatures(d_in - n_dense, n_features, seed=seed, batch_size=batch_size, **codes_kwargs)
+        self.d_in, self.d_out, self.n_dense, self.dense_std, self.seed = d_in, d_out, n_dense, dense_std, seed
+        self.input_hook, self.output_hook, self.batch_size = input_hook, output_hook, batch_size
+        g = torch.Generator().manual_seed(seed + 7919)
+        features_out = torch.randn(n_features, d_out, generator=g)
+        self.features_in = torch.cat([self.codes.features, torch.zeros(n_features, n_dense)], dim=1)  # [n, d_in]
+        self.features_out = features_out / features_out.norm(dim=1, keepdim=True)  # [n, d_out], unit rows
+        offset = torch.randn(d_out, generator=g)
+        self.offset_out = offset / offset.norm()
+        self.linear = torch.randn(n_dense, d_out, generator=g) / max(n_dense, 1) ** 0.5  # [n_dense, d_out]
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(x_in [n, d_in], x_out [n, d_out]) of the same n tokens."""
+        x_feat, codes = self.codes.sample(n, generator)
+        z = torch.randn(n, self.n_dense, generator=generator) * self.dense_std
+        x_out = codes @ self.features_out + self.offset_out + z @ self.linear
+        return torch.cat([x_feat.float(), z], dim=1).to(x_feat.dtype), x_out.to(x_feat.dtype)
+
+    def batches(self, start_step: int = 0) -> Iterator[dict[str, Tensor]]:
+        step = start_step
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step + 1)
+            x_in, x_out = self.sample(self.batch_size, g)
+            yield {self.input_hook: x_in, self.output_hook: x_out}
+            step += 1
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return self.batches(0)

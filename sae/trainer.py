@@ -99,6 +99,13 @@ def as_batch_source(source: Any) -> BatchSource:
                     "batches(start_step) or an iterable of [batch, d_in] tensors")
 
 
+def _centre(x: Tensor, how: str) -> Tensor:
+    """[d] the centre of x [n, d] that b_dec (and a transcoder's b_in) start at (`b_dec_init`)."""
+    if how == "geometric_median":
+        return geometric_median(x)
+    return x.mean(dim=0) if how == "mean" else torch.zeros_like(x[0])
+
+
 # ---- schedules ---------------------------------------------------------------------------------
 def lr_factor(step: int, total_steps: int, warmup_fraction: float, decay_fraction: float) -> float:
     """Linear warm-up over the first `warmup_fraction` of the steps, linear decay to 0 over the last
@@ -199,7 +206,8 @@ _NO_BAD_STEP = 2 ** 62  # bad_step while every loss was finite (ranks agree on t
 class _Slot:
     name: str
     cfg: DictionaryConfig
-    hook: str
+    hook: str  # the hook it reconstructs (a transcoder: the hook it predicts)
+    input_hook: str  # the hook it reads (hook, except for a transcoder)
     dictionary: SparseDictionary
     optimizer: torch.optim.Optimizer
     tracker: FeatureTracker
@@ -233,16 +241,20 @@ class _Slot:
         floats = [t for t in self.dictionary.state_dict().values() if t.is_floating_point()]
         return torch.stack([~torch.isfinite(t).all() for t in floats]).any().long()
 
-    def step(self, x: Tensor, step: int, total_steps: int, autocast_dtype: torch.dtype | None,
-             shards: BatchShards) -> None:
-        """One optimiser step on x, one of `shards` of the batch (gradients and feature counts
-        are reduced over all of them)."""
+    def inputs(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(x, target) of this dictionary from a batch {hook: rows}: target None for an autoencoder."""
+        return batch[self.input_hook], batch[self.hook] if self.cfg.is_transcoder else None
+
+    def step(self, x: Tensor, target: Tensor | None, step: int, total_steps: int,
+             autocast_dtype: torch.dtype | None, shards: BatchShards) -> None:
+        """One optimiser step on x (and a transcoder's target: the same tokens' output hook), one of
+        `shards` of the batch (gradients and feature counts are reduced over all of them)."""
         self._set_lr(step, total_steps)
-        out = self._loss(x, step / total_steps, autocast_dtype, shards)
+        out = self._loss(x, target, step / total_steps, autocast_dtype, shards)
         self._optimizer_step(out.loss, shards)
         counts, n_rows = shards.sum(out.counts()), x.shape[0] * shards.count
         self.tracker.update(counts, n_rows)
-        self._accumulate_stats(x, out, counts, n_rows, step)
+        self._accumulate_stats(x if target is None else target, out, counts, n_rows, step)
 
     def _set_lr(self, step: int, total_steps: int) -> None:
         cfg = self.cfg
@@ -250,12 +262,14 @@ class _Slot:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _loss(self, x: Tensor, progress: float, autocast_dtype: torch.dtype | None,
+    def _loss(self, x: Tensor, target: Tensor | None, progress: float, autocast_dtype: torch.dtype | None,
               shards: BatchShards) -> TrainStep:
         dead = self.tracker.dead_mask(self.cfg.dead_after_tokens)
         with torch.autocast(device_type=x.device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
-            return self.dictionary.training_loss(x, progress, dead, shards)
+            if target is None:  # an autoencoder's call, as before
+                return self.dictionary.training_loss(x, progress, dead, shards)
+            return self.dictionary.training_loss(x, progress, dead, shards, target=target)
 
     def _optimizer_step(self, loss: Tensor, shards: BatchShards) -> None:
         d = self.dictionary
@@ -270,11 +284,12 @@ class _Slot:
         d.after_optimizer_step()
 
     @torch.no_grad()
-    def _accumulate_stats(self, x: Tensor, out: TrainStep, counts: Tensor, n_rows: int, step: int) -> None:
-        """Window sums for logging, and the first step whose loss was not finite (on the device)."""
+    def _accumulate_stats(self, y: Tensor, out: TrainStep, counts: Tensor, n_rows: int, step: int) -> None:
+        """Window sums for logging, and the first step whose loss was not finite (on the device);
+        y: what x̂ is compared with (the input of an autoencoder, a transcoder's target)."""
         loss = out.loss.detach().double()
         self.bad_step = torch.where(torch.isfinite(loss), self.bad_step, self.bad_step.clamp(max=step))
-        xs = self.dictionary.scale_input(x).double()
+        xs = self.dictionary.scale_target(y).double()
         self.stats["loss"] += loss
         self.stats["sse"] += (out.x_hat.detach().double() - xs).pow(2).sum()
         self.stats["var"] += (xs - xs.mean(dim=0)).pow(2).sum()
@@ -428,6 +443,12 @@ class Trainer:
     # -- building --------------------------------------------------------------------------------
     def _hook_for(self, cfg: DictionaryConfig, batch: Mapping[str, Tensor]) -> str:
         keys = [k for k, v in batch.items() if isinstance(v, Tensor) and v.ndim == 2 and v.is_floating_point()]
+        if cfg.is_transcoder:
+            missing = [h for h in (cfg.input_hook, cfg.hook_name) if h not in batch]
+            if cfg.hook_name is None or missing:
+                raise ConfigError(f"transcoder {cfg.name!r} reads input_hook {cfg.input_hook!r} and writes hook_name "
+                                  f"{cfg.hook_name!r}: the batches must hold both (they hold {sorted(keys)})")
+            return cfg.hook_name
         if cfg.hook_name is not None:
             if cfg.hook_name not in batch:
                 raise ConfigError(f"hook_name {cfg.hook_name!r} is not in the batches (they hold {sorted(keys)})")
@@ -447,15 +468,17 @@ class Trainer:
             if name not in names:
                 continue
             hook = self._hook_for(cfg, batch)
-            d_in = batch[hook].shape[1]
-            expected = self._expected_d_in(hook)
-            if expected is not None and expected != d_in:
-                raise ConfigError(f"{name}: d_in is {expected} but the batches of {hook!r} have width {d_in}")
+            input_hook = cfg.input_hook or hook
+            d_in, d_out = batch[input_hook].shape[1], batch[hook].shape[1]
+            for h, width in {input_hook: d_in, hook: d_out}.items():
+                expected = self._expected_d_in(h)
+                if expected is not None and expected != width:
+                    raise ConfigError(f"{name}: d_in is {expected} but the batches of {h!r} have width {width}")
             cfg.require_width(d_in, name)
-            dictionary = get_architecture(cfg.architecture)(cfg, d_in).to(self.device)
+            dictionary = get_architecture(cfg.architecture)(cfg, d_in, d_out=d_out).to(self.device)
             optimizer = torch.optim.Adam(dictionary.parameters(), lr=dictionary.lr, betas=tuple(cfg.adam_betas))
             generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
-            slot = _Slot(name, cfg, hook, dictionary, optimizer, FeatureTracker(dictionary.d_sae, self.device),
+            slot = _Slot(name, cfg, hook, input_hook, dictionary, optimizer, FeatureTracker(dictionary.d_sae, self.device),
                          generator, self.fingerprint(cfg, name),
                          bad_step=torch.full((), _NO_BAD_STEP, dtype=torch.long, device=self.device))
             slot.zero_stats(self.device)
@@ -464,18 +487,19 @@ class Trainer:
 
     @torch.no_grad()
     def _init_from_data(self, slot: _Slot, batch: Mapping[str, Tensor]) -> None:
-        """Input scale (E‖s·x‖² = d_in) and b_dec (geometric median / mean / zeros) from the first batch."""
+        """Input scale (E‖s·x‖² = d_in), a transcoder's output scale (the same for its target), and
+        b_dec (geometric median / mean / zeros of the target) from the first batch."""
         d, cfg = slot.dictionary, slot.cfg
-        x = batch[slot.hook][:_BDEC_INIT_ROWS].to(self.device, torch.float32)
+        x, target = (t if t is None else t[:_BDEC_INIT_ROWS].to(self.device, torch.float32)
+                     for t in slot.inputs(batch))
         if cfg.normalize_activations:
             d.input_scale.fill_(unit_norm_scale(x))
-        xs = d.scale_input(x)
-        if cfg.b_dec_init == "geometric_median":
-            d.b_dec.copy_(geometric_median(xs))
-        elif cfg.b_dec_init == "mean":
-            d.b_dec.copy_(xs.mean(dim=0))
-        else:
-            d.b_dec.zero_()
+            if target is not None:
+                d.output_scale.fill_(unit_norm_scale(target))
+        xs, ys = d.training_io(x, target)
+        d.b_dec.copy_(_centre(ys, cfg.b_dec_init))
+        if target is not None:  # a transcoder's input centre, the same way
+            d.b_in.copy_(_centre(xs, cfg.b_dec_init))
 
     def _set_batch_size(self, batch_size: int, plan: Mapping[str, Found | None]) -> None:
         """The first batch fixes the batch size (and so the steps); a checkpoint made with another
@@ -502,6 +526,7 @@ class Trainer:
             "model": s.dictionary.state_dict(), "optimizer": s.optimizer.state_dict(),
             "tracker": s.tracker.state_dict(), "generator": s.generator.get_state(),
             "d_in": s.dictionary.d_in, "hook": s.hook,
+            **({"d_out": s.dictionary.d_out, "input_hook": s.input_hook} if s.cfg.is_transcoder else {}),
             "loss_tail": [[step, loss] for step, loss in s.loss_tail],
             "history": self.histories[s.name].state_dict(),
             "window_stats": {**s.stats, "steps": s.stat_steps},  # the log window so far
@@ -779,15 +804,16 @@ class Trainer:
         B = int(batch[live[0].hook].shape[0])
         shard = self._own_shard(batch, B, live)
         for s in live:
-            s.step(shard[s.hook], self.step, self.total_steps, self.autocast_dtype, self.shards)
+            s.step(*s.inputs(shard), self.step, self.total_steps, self.autocast_dtype, self.shards)
         self.tokens_seen += B
         self.step += 1
         for s in live:
             every = s.dictionary.resample_every_tokens()
             if every and self.tokens_seen < self.total_tokens and self._crossed(every, B):
                 # data parallel: the whole batch, identically on every rank
-                x = batch[s.hook].to(self.device, torch.float32) if self.data_parallel else shard[s.hook]
-                self._resample(s, x)
+                x, target = s.inputs(batch if self.data_parallel else shard)
+                to = (lambda t: t if t is None else t.to(self.device, torch.float32))
+                self._resample(s, to(x), to(target))
 
     def _own_shard(self, batch: Mapping[str, Tensor], B: int, slots: Sequence[_Slot]) -> dict[str, Tensor]:
         """{hook: this process's rows of the batch, on the training device} (data parallel: its
@@ -796,7 +822,7 @@ class Trainer:
         if self.data_parallel:
             dist.check_batch_divisible(B)
             lo, hi = self.rank * B // self.world, (self.rank + 1) * B // self.world
-        hooks = dict.fromkeys(s.hook for s in slots)
+        hooks = dict.fromkeys(h for s in slots for h in (s.input_hook, s.hook))
         return {h: batch[h][lo:hi].to(self.device, torch.float32, non_blocking=True) for h in hooks}
 
     def _crossed(self, every: int, batch_size: int) -> bool:
@@ -817,13 +843,13 @@ class Trainer:
             raise UserError("data-parallel ranks drew different batches: give every rank the same batch "
                             "source with the same seed (each rank trains on its slice of every batch)")
 
-    def _resample(self, s: _Slot, x: Tensor) -> None:
+    def _resample(self, s: _Slot, x: Tensor, target: Tensor | None) -> None:
         dead = s.tracker.dead_mask(s.dictionary.resample_dead_tokens() or s.cfg.dead_after_tokens)
         floor = s.dictionary.resample_min_frequency()
         if floor is not None and s.tracker.period.tokens:
             dead |= s.tracker.period.frequencies() < floor
         s.tracker.period.restart()
-        ids = s.dictionary.resample(x, dead, s.generator)
+        ids = s.dictionary.resample(x, dead, s.generator, target=target)
         if ids.numel():
             reset_optimizer_rows(s.optimizer, s.dictionary, ids)
             s.tracker.reset(ids)
@@ -838,6 +864,8 @@ class Trainer:
         d.eval()
         d.metadata.update(self.metadata.get(s.name, {}))
         d.metadata.setdefault("hook_name", s.hook if s.hook != DEFAULT_HOOK else None)
+        if s.cfg.is_transcoder:
+            d.metadata.setdefault("input_hook", s.input_hook)
         d.metadata["tokens_trained"] = self.tokens_seen if s.divergence is None else s.good_at[1]
         d.metadata["lr_used"] = d.lr  # the hyperparameters keep lr: null when it was the default
         if d.resample_every_tokens():

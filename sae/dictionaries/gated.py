@@ -55,6 +55,9 @@ class GatedDictionary(ElementwiseDictionary):
         return {"W_enc": w["W_enc"], "b_enc": w["b_enc"], "r_mag": self.r_mag, "b_mag": self.b_mag,
                 "W_dec": w["W_dec"], "b_dec": w["b_dec"], **({"W_skip": w["W_skip"]} if "W_skip" in w else {})}
 
+    def _fold_centre_extra(self, centre: Tensor) -> None:
+        self.b_mag.sub_(centre @ (self.W_enc * torch.exp(self.r_mag)))
+
     def _resample_extra(self, ids: Tensor) -> None:
         self.r_mag[ids] = 0.0
         self.b_mag[ids] = 0.0

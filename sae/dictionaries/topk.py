@@ -246,6 +246,10 @@ class TopKDictionary(TopKStyleDictionary):
         if self.W_enc_shadow is not None:
             self.W_enc_shadow.mul_(scale)
 
+    def _fold_centre_extra(self, centre: Tensor) -> None:
+        if self.W_enc_shadow is not None:
+            self.b_enc_shadow.sub_(centre @ self.W_enc_shadow)
+
     @torch.no_grad()
     def pruned(self, keep_ids: Tensor, mode: KillMode = "after") -> SparseDictionary:
         new = super().pruned(keep_ids, mode)
