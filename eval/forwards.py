@@ -73,11 +73,13 @@ class Forwards:
         if not self.inputs:
             return contextlib.nullcontext()
 
-        def record(x: Tensor, hook) -> Tensor:
-            self._recorded[hook.name] = x.detach()
-            return x
+        def recorder(name: str):  # keyed by the name asked for (hook.name may be an alias's target)
+            def record(x: Tensor, hook) -> Tensor:
+                self._recorded[name] = x.detach()
+                return x
+            return record
 
-        return self.model.hooks(fwd_hooks=[(h, record) for h in self.inputs])
+        return self.model.hooks(fwd_hooks=[(h, recorder(h)) for h in self.inputs])
 
     def recorded(self, hook: str) -> Tensor:
         """The clean activation [b, pos, d] at one of `inputs` in the last `clean` batch."""

@@ -201,9 +201,10 @@ def _expand_entry(run: RunConfig, index: int, entry: dict[str, Any],
         raw.setdefault("hook_name", run.hooks[0])
         for key in ("hook_name", "input_hook"):
             if raw.get(key) is not None and raw[key] not in run.hooks:
-                raise ConfigError(f"dictionaries[{index}].{key}: {raw[key]!r} is not in hooks {run.hooks}"
-                                  f"{did_you_mean(str(raw[key]), run.hooks)}; list it in hooks (the harvest "
-                                  f"captures every hook there in one pass)")
+                # (a close name is suggested for hook_name; an input hook is usually another hook altogether)
+                close = did_you_mean(str(raw[key]), run.hooks) if key == "hook_name" else ""
+                raise ConfigError(f"dictionaries[{index}].{key}: {raw[key]!r} is not in hooks {run.hooks}{close}; "
+                                  f"list it in hooks (the harvest captures every hook there in one pass)")
         # a hook point shows in the name as itself (no `hook_name=`), and only when there are several
         swept = [(None if k == "hook_name" else k, v) for k, v in zip(keys, combo)
                  if k != "hook_name" or len(run.hooks) > 1]

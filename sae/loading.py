@@ -43,7 +43,11 @@ def build_dictionary(imported: Imported, device: torch.device | str = "cpu", dty
     metadata = dict(imported.metadata)
     if unknown:
         metadata.setdefault("unknown_hyperparameters", unknown)
-    d = cls(cfg, int(imported.d_in), metadata=metadata)
+    d_out = int(imported.d_out) if imported.d_out is not None else None
+    try:
+        d = cls(cfg, int(imported.d_in), metadata=metadata, d_out=d_out)
+    except ValueError as e:
+        raise UserError(f"{imported.architecture} dictionary: {e}") from None
     tensors = {k: v.detach().to("cpu") for k, v in imported.tensors.items()}
     d.prepare_for_weights(tensors)
     try:

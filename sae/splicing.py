@@ -7,6 +7,10 @@ outputs are the clean model's, bit for bit) while gradients flow through the fea
 `dataset.exclude_tokens`, else `DataConfig`'s default) keep their activation, as in the
 evaluator, so a spliced forward's CE is its `ce_sae`; the token ids are read by a pre-hook on the
 model's embedding. Features are recorded at every position either way.
+
+A transcoder (input_hook set) replaces its output hook (hook_name) with its prediction from the
+activation at its input hook in the same forward (recorded by a hook there, which must fire
+first); `feature_activations` gives its features of the input hook.
 """
 
 from __future__ import annotations
@@ -148,6 +152,7 @@ class _SpliceHook:
     mask: Tensor | None = None  # [batch, pos] bool: splice only there (None: everywhere)
     forward_tokens: _ForwardTokens | None = None  # with `exclude`: the mask comes from each forward's tokens
     exclude: list[str] | None = None
+    inputs: "_InputRecorder | None" = None  # a transcoder's input-hook activation of this forward
 
     def __call__(self, x: Tensor, hook) -> Tensor:
         mask = self._mask(x, hook.name)
@@ -170,14 +175,44 @@ class _SpliceHook:
         """x̂ in x's device and dtype, computed in the dictionary's."""
         d = self.dictionary
         xd = x.to(device=d.W_enc.device, dtype=d.W_enc.dtype)
-        f = d.encode(xd)
+        x_in = xd if self.inputs is None else self.inputs.take(self.name).to(device=d.W_enc.device,
+                                                                             dtype=d.W_enc.dtype)
+        f = d.encode(x_in)
         if self.features_require_grad:
             f = f.detach().requires_grad_(True)
-        x_hat = d.decode(f)
+        x_hat = d.decode(f, x_in) if getattr(d, "W_skip", None) is not None else d.decode(f)
         self.state.features[self.name] = f
         if self.record_errors:
             self.state.errors[self.name] = (xd - x_hat).detach()
         return x_hat.to(device=x.device, dtype=x.dtype)
+
+
+@dataclass(eq=False)
+class _InputRecorder:
+    """A forward hook at a transcoder's input hook: keeps the activation for its splice hook."""
+
+    hook_name: str
+    x: Tensor | None = None
+
+    def __call__(self, x: Tensor, hook) -> Tensor:
+        self.x = x
+        return x
+
+    def take(self, name: str) -> Tensor:
+        x, self.x = self.x, None
+        if x is None:
+            raise UserError(f"transcoder {name!r}: its input hook {self.hook_name} did not run before its output "
+                            f"hook in this forward; a transcoder must read a hook that comes before the one it writes")
+        return x
+
+
+def _input_recorders(model, named: dict[str, Any]) -> dict[str, _InputRecorder]:
+    """{name: recorder} for the transcoders among the dictionaries (HookError for a missing hook)."""
+    inputs = {name: d.cfg.input_hook for name, d in named.items() if getattr(d, "is_transcoder", False)}
+    missing = sorted(set(inputs.values()) - set(getattr(model, "hook_dict", {}) or {}))
+    if missing:
+        check_hooks(model, missing)
+    return {name: _InputRecorder(hook) for name, hook in inputs.items()}
 
 
 def _hook_points(model, named: dict[str, Any], hook_names: Mapping[str, str] | str | None) -> dict[str, str]:
@@ -239,9 +274,11 @@ def splice(model, dictionaries, *, keep_error: bool = False, hook_names: Mapping
         raise UserError("splice mask: 'auto', 'all', None or a [batch, pos] bool tensor")
     fixed_mask, excluded, forward_tokens = _positions(model, named, mask, keep_error)
     state = Splice(named, hooks, keep_error, excluded_tokens=excluded)
-    fwd = [(hooks[name], _SpliceHook(state, name, d, keep_error, features_require_grad, record_errors, fixed_mask,
-                                     forward_tokens, excluded.get(name) or None))
-           for name, d in named.items()]
+    inputs = _input_recorders(model, named)
+    fwd = [(r.hook_name, r) for r in inputs.values()]  # before the splice hooks of the same hook point
+    fwd += [(hooks[name], _SpliceHook(state, name, d, keep_error, features_require_grad, record_errors, fixed_mask,
+                                      forward_tokens, excluded.get(name) or None, inputs.get(name)))
+            for name, d in named.items()]
     try:
         with model.hooks(fwd_hooks=fwd):
             yield state

@@ -37,6 +37,7 @@ class Imported:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None  # the file's dtype name ("float32", ...), the default load dtype
+    d_out: int | None = None  # a transcoder's output width (None: d_in)
 
 
 def fold_input_centering(tensors: dict[str, Tensor], bias_names: tuple[str, ...] = ("b_enc",),

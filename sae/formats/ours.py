@@ -17,7 +17,7 @@ from sae.dictionaries.base import CFG_FILE, FORMAT_VERSION, WEIGHTS_FILE
 from sae.errors import UserError
 from sae.formats import Imported
 
-_NOT_METADATA = ("format_version", "architecture", "d_in", "d_sae", "dtype", "hyperparameters")
+_NOT_METADATA = ("format_version", "architecture", "d_in", "d_sae", "d_out", "dtype", "hyperparameters")
 
 
 def detect(directory: Path) -> bool:
@@ -46,4 +46,5 @@ def read(directory: Path) -> Imported:
     return Imported(architecture=cfg["architecture"], d_in=cfg["d_in"], d_sae=cfg["d_sae"],
                     tensors=io.load_tensors(directory / WEIGHTS_FILE),
                     hyperparameters=cfg.get("hyperparameters") or {},
-                    metadata={k: v for k, v in cfg.items() if k not in _NOT_METADATA}, dtype=cfg.get("dtype"))
+                    metadata={k: v for k, v in cfg.items() if k not in _NOT_METADATA}, dtype=cfg.get("dtype"),
+                    d_out=cfg.get("d_out"))
