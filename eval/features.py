@@ -35,6 +35,7 @@ from torch import Tensor
 
 from eval.evaluate import DEFAULT_BATCH_CONTEXTS
 from eval.folders import check_counts, heldout_tokens, load_groups
+from eval.kill_frequency import input_hook
 from sae import io
 from sae.errors import UserError
 from sae.models import stop_layer
@@ -194,9 +195,10 @@ def _example(tokens: Tensor, acts: Tensor, ctx: int, show: _Tokens) -> dict[str,
 
 
 def _lens(d, model, ids: list[int], show: _Tokens) -> dict[int, dict[str, Any]]:
-    """Logit lens and nearest embeddings per feature ({} when d_in is not the model width)."""
+    """Logit lens and nearest embeddings per feature, from its decoder row (the output side of a
+    transcoder); {} when the decoder's width is not the model width."""
     W_U, W_E = getattr(model, "W_U", None), getattr(model, "W_E", None)
-    if W_U is None or W_E is None or W_U.shape[0] != d.d_in:
+    if W_U is None or W_E is None or W_U.shape[0] != d.W_dec.shape[1]:
         return {}
     dirs = d.W_dec.detach()[ids].float().cpu()
     logits = dirs @ W_U.detach().float().cpu()
@@ -261,9 +263,9 @@ def feature_pages(directory: str | Path, *, features: list[int] | None = None, n
     (group,) = load_groups([directory], device=device, dtype=dtype, data_source=data_source)
     (name,) = group.names
     d = group.dictionaries[name]
-    hook = d.metadata.get("hook_name")
-    if not hook:
+    if not d.metadata.get("hook_name"):
         raise UserError(f"{directory}/cfg.json records no hook_name")
+    hook = input_hook(d)  # what the features read (a transcoder's input hook)
     tokens, keep = heldout_tokens(group.model, group.data_cfg, n_tokens)
     print(f"scanning {int(keep.sum())} held-out tokens for {name} ({d.architecture}, d_sae={d.d_sae}) at {hook}",
           flush=True)
@@ -271,7 +273,8 @@ def feature_pages(directory: str | Path, *, features: list[int] | None = None, n
                    min_frequency=min_frequency, max_frequency=max_frequency, top=top, quantiles=quantiles,
                    per_quantile=per_quantile, seed=seed, batch_size=batch_size)
     data = {"dictionary": str(directory), "name": name, "architecture": d.architecture, "d_in": d.d_in,
-            "d_sae": d.d_sae, "model": group.model_name, "hook": hook,
+            "d_sae": d.d_sae, "model": group.model_name, "hook": d.metadata["hook_name"],
+            **({"input_hook": hook} if hook != d.metadata["hook_name"] else {}),
             "dataset": group.data_cfg.model_dump(mode="json"), "evaluated_split": "heldout", **data}
     out = Path(out_dir) if out_dir is not None else Path(directory) / "features"
     out.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,10 @@ def run_training_activations(cache_dir: str | Path | None, model: Any, data_cfg:
 
 
 def input_hook(dictionary: Any) -> str:
+    """The hook whose activations the dictionary encodes (a transcoder's input_hook)."""
+    cfg = getattr(dictionary, "cfg", None)
+    if getattr(dictionary, "is_transcoder", False) and getattr(cfg, "input_hook", None):
+        return cfg.input_hook
     hook = dictionary.metadata.get("hook_name")
     if not hook:
         raise UserError("a dictionary without a hook_name in its cfg.json: cannot tell which activations "

@@ -42,6 +42,8 @@ CONFIGS = [
     {"name": "gated", "architecture": "gated", "hook_name": "hook.a"},
     {"name": "matryoshka", "architecture": "matryoshka_batchtopk", "k": 3, "group_sizes": [8, 16, 24],
      "hook_name": "hook.b"},
+    {"name": "transcoder", "architecture": "topk", "k": 3, "input_hook": "hook.a", "hook_name": "hook.b",
+     "skip_connection": True},
 ]
 
 

@@ -7,8 +7,8 @@ runs the same YAML (evaluated afterwards without it; a finished run with one dic
 trains only that one).
 
 The ranks run tests/dist_worker.py (synthetic batches: 6 dictionaries of every architecture on
-two hook points, 24 steps of 128 rows, a checkpoint every 8 steps; `+boom` adds a seventh whose
-huge lr makes it diverge)."""
+two hook points and a skip transcoder from one to the other, 24 steps of 128 rows, a checkpoint
+every 8 steps; `+boom` adds an eighth whose huge lr makes it diverge)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from sae.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_worker.py"
-NAMES = ["topk", "batchtopk", "relu", "jumprelu", "gated", "matryoshka"]
+NAMES = ["topk", "batchtopk", "relu", "jumprelu", "gated", "matryoshka", "transcoder"]
 
 
 def _env() -> dict[str, str]:
@@ -76,7 +76,7 @@ def one_process(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     """One launch (launches are the slow part) training, one after the other: data parallel,
-    dictionary per rank, both again with a diverging sixth dictionary, and data parallel again
+    dictionary per rank, both again with a diverging extra dictionary, and data parallel again
     with rank 1 SIGKILLing itself when it draws step 13 (checkpoints at steps 8 and 16), which
     ends the launch."""
     out = tmp_path_factory.mktemp("two")
@@ -137,7 +137,7 @@ def one_process_with_boom(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("placement", ["dp", "pr", "one"])
 def test_a_diverging_dictionary_leaves_and_the_others_finish_as_without_it(request, two_ranks, placement):
-    """A seventh dictionary with a huge lr diverges: the other six have the weights of the same
+    """An eighth dictionary with a huge lr diverges: the other seven have the weights of the same
     sweep without it (one process, data parallel, dictionary per rank), the launch went on to its
     later runs (no rank hung on a collective of the diverged one), and its folder holds its last
     good weights with status: diverged."""

@@ -350,3 +350,47 @@ def test_an_input_hook_missing_from_hooks_is_one_line(tmp_path, tiny_model_dir, 
     assert proc.stderr.strip() == (f"train.py: error: dictionaries[0].input_hook: '{IN_HOOK}' is not in hooks "
                                    f"['{OUT_HOOK}']; list it in hooks (the harvest captures every hook there in "
                                    f"one pass)")
+
+
+# ---- eval prune / ablate-frequency / features on a Matryoshka skip transcoder --------------------
+def test_eval_prune_ablate_and_features_on_a_matryoshka_skip_transcoder(tmp_path, tiny_model_dir, tiny_text_file,
+                                                                        capsys):
+    """The kill frequencies are of the features read off the input hook, the pruned transcoder keeps
+    its groups and its output side, ablate-frequency kills the same features, and the features page
+    scans the input hook (its logit lens uses the decoder rows: the output side)."""
+    from eval.__main__ import main
+
+    src = tmp_path / "t"
+    d = _randomise(_transcoder("matryoshka_batchtopk", 32, 32, d_sae=96, skip=True, k=8, group_sizes=[16, 32, 48]))
+    with torch.no_grad():
+        d.threshold.fill_(2.0)  # features fire on 13-30 % of the tokens (10th-90th percentile)
+    d.metadata.update({"model_name": str(tiny_model_dir), "context_size": 16,
+                       "dataset": {"source": str(tiny_text_file), "context_size": 16, "heldout_fraction": 0.3}})
+    d.save(src)
+    common = ["--tokens", "256", "--batch-size", "6", "--device", "cpu", "--no-progress", "--mean-tokens", "256",
+              "--frequency-tokens", "1024"]
+    main(["prune", str(src), "--max-frequency", "0.3", "--out", str(tmp_path / "pruned"), *common])
+    capsys.readouterr()
+    cfg = json.loads((tmp_path / "pruned" / "cfg.json").read_text())
+    killed = torch.zeros(96, dtype=torch.bool)
+    killed[cfg["pruning"]["killed_feature_ids"]] = True
+    assert 0 < int(killed.sum()) < 96
+    survivors = [int((~killed[a:b]).sum()) for a, b in ((0, 16), (16, 48), (48, 96))]
+    assert cfg["hyperparameters"]["group_sizes"] == [n for n in survivors if n]
+    pruned = sae.load(tmp_path / "pruned")
+    assert pruned.is_transcoder and pruned.W_skip is not None and pruned.cfg.input_hook == IN_HOOK
+    metrics = json.loads((tmp_path / "pruned" / "eval.json").read_text())
+    assert metrics["input_hook"] == IN_HOOK and metrics["hook"] == OUT_HOOK and metrics["d_sae"] == sum(survivors)
+
+    main(["ablate-frequency", str(src), "--thresholds", "0.5,0.3", *common])
+    rows = {r["threshold"]: r for r in json.loads((src / "ablation.json").read_text())["thresholds"]}
+    assert rows[0.3]["killed"] == int(killed.sum())  # the same features as the pruned transcoder's
+
+    main(["features", str(src), "--features", "0,1,2", "--tokens", "128", "--device", "cpu"])
+    page = json.loads((src / "features" / "features.json").read_text())
+    assert page["input_hook"] == IN_HOOK and page["hook"] == OUT_HOOK
+    saved = sae.load(src)
+    with torch.no_grad():
+        lens = saved.W_dec[0] @ load_model(str(tiny_model_dir)).W_U  # the output side, in raw units
+    assert page["features"][0]["id"] == 0
+    assert page["features"][0]["promoted"][0][1] == pytest.approx(float(lens.max()), rel=1e-3)
