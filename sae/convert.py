@@ -1,6 +1,7 @@
-"""python -m sae.convert SRC DST --to saelens|dictionary_learning|ours: a dictionary (or a run
-folder of them), read by `sae.load` in any format it knows, written as SAELens's format,
-dictionary_learning's (Matryoshka BatchTopK dictionaries) or ours.
+"""python -m sae.convert SRC DST --to saelens|dictionary_learning|sparsify|ours: a dictionary (or a
+run folder of them), read by `sae.load` in any format it knows, written as SAELens's format,
+dictionary_learning's (Matryoshka BatchTopK dictionaries), sparsify's (topk dictionaries,
+transcoders and skip connections included) or ours.
 
 A conversion is reported only once the written folder loads back and encodes and decodes random
 inputs like the source. In a run folder, a dictionary the target cannot express is skipped with
@@ -21,10 +22,10 @@ import torch
 
 from sae import io
 from sae.errors import UserError, cli_errors
-from sae.formats import dictionary_learning, saelens
+from sae.formats import dictionary_learning, saelens, sparsify
 from sae.loading import detect_format, dictionary_dirs, load
 
-TARGETS = ("saelens", "dictionary_learning", "ours")  # format names, as sae.load takes them
+TARGETS = ("saelens", "dictionary_learning", "sparsify", "ours")  # format names, as sae.load takes them
 FREQUENCY_FILE = "frequency.safetensors"  # what the evaluator writes next to a dictionary
 
 
@@ -44,10 +45,12 @@ def check_same_outputs(a, b, n: int = 256, seed: int = 0) -> None:
     """Raise unless dictionaries a and b encode and decode the same random inputs identically
     (up to float rounding where a conversion folded a convention into the weights)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, a.d_in, generator=g) * (a.W_dec.float().norm(dim=1).mean() + 1.0) + a.b_dec.float().cpu()
+    x = torch.randn(n, a.d_in, generator=g) * (a.W_dec.float().norm(dim=1).mean() + 1.0)
+    if not getattr(a, "is_transcoder", False):  # around an autoencoder's centre
+        x = x + a.b_dec.float().cpu()
     xa, xb = x.to(a.W_enc), x.to(b.W_enc)
     fa, fb = a.encode(xa).float().cpu(), b.encode(xb).float().cpu()
-    ya, yb = a.decode(a.encode(xa)).float().cpu(), b.decode(b.encode(xb)).float().cpu()
+    ya, yb = a(xa).float().cpu(), b(xb).float().cpu()  # with the skip path of one that has it
     tol = dict(rtol=1e-5, atol=1e-5) if a.W_enc.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     if fa.shape != fb.shape or not torch.allclose(fa, fb, **tol) or not torch.allclose(ya, yb, **tol):
         diff = (fa - fb).abs().max().item() if fa.shape == fb.shape else float("nan")
@@ -62,6 +65,8 @@ def convert_one(d, src: Path, dst: Path, to: str) -> Path:
         saelens.export(d, dst, frequency=frequency)
     elif to == "dictionary_learning":
         dictionary_learning.export(d, dst)
+    elif to == "sparsify":
+        sparsify.export(d, dst)
     else:
         d.save(dst)
         if frequency is not None:

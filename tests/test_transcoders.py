@@ -394,3 +394,65 @@ def test_eval_prune_ablate_and_features_on_a_matryoshka_skip_transcoder(tmp_path
         lens = saved.W_dec[0] @ load_model(str(tiny_model_dir)).W_U  # the output side, in raw units
     assert page["features"][0]["id"] == 0
     assert page["features"][0]["promoted"][0][1] == pytest.approx(float(lens.max()), rel=1e-3)
+
+
+# ---- sparsify's format -----------------------------------------------------------------------------
+@pytest.mark.parametrize("transcode,skip", [(True, True), (True, False), (False, True)])
+def test_a_sparsify_transcoder_or_skip_folder_loads_with_its_outputs(tmp_path, transcode, skip):
+    """sparsify's SparseCoder, written from its source: the encoder reads x (centred on b_dec only
+    when not transcoding), f = TopK(ReLU(x Wᵀ + b)), x̂ = f W_dec + b_dec (+ x W_skipᵀ)."""
+    g = torch.Generator().manual_seed(5)
+    w = {"encoder.weight": torch.randn(64, 32, generator=g) / 5, "encoder.bias": torch.randn(64, generator=g) / 5,
+         "W_dec": torch.randn(64, 32, generator=g) / 5, "b_dec": torch.randn(32, generator=g)}
+    if skip:
+        w["W_skip"] = torch.randn(32, 32, generator=g) / 10
+    folder = tmp_path / "run" / "layers.3.mlp"
+    folder.mkdir(parents=True)
+    sae.io.save_tensors(folder / "sae.safetensors", w)
+    (folder / "cfg.json").write_text(json.dumps(
+        {"activation": "topk", "expansion_factor": 2, "normalize_decoder": True, "num_latents": 64, "k": 7,
+         "multi_topk": False, "skip_connection": skip, "transcode": transcode, "d_in": 32}))
+    d = sae.load(folder)
+    assert d.is_transcoder == transcode and (d.W_skip is not None) == skip
+    assert d.cfg.hook_name == OUT_HOOK.replace("0", "3")
+    if transcode:
+        assert d.cfg.input_hook == "blocks.3.ln2.hook_normalized"
+    x = torch.randn(40, 32, generator=g) * 2
+    post = torch.nn.functional.relu(torch.nn.functional.linear(x if transcode else x - w["b_dec"],
+                                                               w["encoder.weight"], w["encoder.bias"]))
+    top = post.topk(7, dim=-1)
+    f = torch.zeros_like(post).scatter(-1, top.indices, top.values)
+    y = f @ w["W_dec"] + w["b_dec"] + (x @ w["W_skip"].mT if skip else 0)
+    with torch.no_grad():
+        torch.testing.assert_close(d.encode(x), f, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_a_skip_transcoder_to_sparsify_and_back(tmp_path, capsys):
+    from sae.convert import main as convert_main
+
+    d = _randomise(_transcoder("topk", 32, 32, skip=True))
+    d.save(tmp_path / "ours")
+    convert_main([str(tmp_path / "ours"), str(tmp_path / "sp"), "--to", "sparsify"])  # checked by load-back
+    cfg = json.loads((tmp_path / "sp" / "cfg.json").read_text())
+    assert cfg["transcode"] is True and cfg["skip_connection"] is True and cfg["k"] == 4
+    back = sae.load(tmp_path / "sp")
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), d(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,d_out,expected", [
+    ("relu", 32, "sparsify's format holds topk dictionaries only, not relu"),
+    ("topk", 20, "d_in = d_out), not d_in=32, d_out=20"),
+])
+def test_sparsify_export_refuses_what_it_cannot_express_in_one_line(tmp_path, capsys, arch, d_out, expected):
+    from sae.convert import main as convert_main
+
+    _randomise(_transcoder(arch, 32, d_out)).save(tmp_path / "ours")
+    with pytest.raises(SystemExit) as e:
+        convert_main([str(tmp_path / "ours"), str(tmp_path / "sp"), "--to", "sparsify"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err
+    assert not (tmp_path / "sp").exists()
