@@ -456,3 +456,83 @@ def test_sparsify_export_refuses_what_it_cannot_express_in_one_line(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and expected in err
     assert not (tmp_path / "sp").exists()
+
+
+# ---- SAELens 6's transcoders -----------------------------------------------------------------------
+def _saelens_transcoder_forward(w: dict, arch: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sae_lens.saes.transcoder, written from its source: the input is not centred;
+    transcoder / skip_transcoder: f = ReLU(x W_enc + b_enc); jumprelu_transcoder: ReLU(pre)·1[pre > θ];
+    x̂ = f W_dec + b_dec (+ x W_skipᵀ)."""
+    pre = x @ w["W_enc"] + w["b_enc"]
+    f = torch.relu(pre)
+    if arch == "jumprelu_transcoder":
+        f = f * (pre > w["threshold"])
+    y = f @ w["W_dec"] + w["b_dec"]
+    return f, y + x @ w["W_skip"].T if "W_skip" in w else y
+
+
+@pytest.mark.parametrize("arch,skip,expected", [("relu", False, "transcoder"), ("relu", True, "skip_transcoder"),
+                                                ("jumprelu", False, "jumprelu_transcoder"),
+                                                ("batchtopk", False, "jumprelu_transcoder"),
+                                                ("matryoshka_batchtopk", False, "jumprelu_transcoder")])
+def test_saelens_export_of_transcoders_is_what_saelens_computes_and_loads_back(tmp_path, capsys, arch, skip, expected):
+    from sae.convert import main as convert_main
+
+    d = _randomise(_transcoder(arch, 32, 20, skip=skip))
+    d.save(tmp_path / "ours")
+    convert_main([str(tmp_path / "ours"), str(tmp_path / "sl"), "--to", "saelens"])  # checked by load-back
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    assert cfg["architecture"] == expected and cfg["d_out"] == 20 and cfg["d_in"] == 32
+    assert cfg["metadata"]["hook_name"] == IN_HOOK and cfg["hook_name_out"] == OUT_HOOK
+    assert cfg["apply_b_dec_to_input"] is False
+    w = sae.io.load_tensors(tmp_path / "sl" / "sae_weights.safetensors")
+    assert w["W_dec"].shape == (64, 20) and ("W_skip" in w) == skip and (not skip or w["W_skip"].shape == (20, 32))
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(4)) * 3
+    f, y = _saelens_transcoder_forward(w, expected, x)
+    with torch.no_grad():
+        torch.testing.assert_close(d.encode(x), f, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(d(x), y, rtol=1e-4, atol=1e-5)
+    back = sae.load(tmp_path / "sl")
+    assert back.architecture == arch and back.cfg.input_hook == IN_HOOK and back.cfg.hook_name == OUT_HOOK
+
+
+def test_a_saelens_skip_transcoder_written_by_saelens_loads(tmp_path):
+    """A folder as SAELens 6 saves a SkipTranscoder (no block of ours): its hooks and weights."""
+    g = torch.Generator().manual_seed(3)
+    w = {"W_enc": torch.randn(32, 48, generator=g) / 6, "b_enc": torch.randn(48, generator=g) / 5,
+         "W_dec": torch.randn(48, 24, generator=g) / 6, "b_dec": torch.randn(24, generator=g) / 5,
+         "W_skip": torch.randn(24, 32, generator=g) / 6}
+    folder = tmp_path / "skip"
+    folder.mkdir()
+    sae.io.save_tensors(folder / "sae_weights.safetensors", w)
+    (folder / "cfg.json").write_text(json.dumps({
+        "architecture": "skip_transcoder", "d_in": 32, "d_sae": 48, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+        "d_out": 24, "hook_name_out": "blocks.2.hook_mlp_out", "hook_layer_out": 2, "hook_head_index_out": None,
+        "metadata": {"model_name": "gpt2", "hook_name": "blocks.2.ln2.hook_normalized", "hook_layer": 2,
+                     "context_size": 128}}))
+    d = sae.load(folder)
+    assert (d.architecture, d.d_in, d.d_out, d.d_sae) == ("relu", 32, 24, 48)
+    assert d.cfg.input_hook == "blocks.2.ln2.hook_normalized" and d.cfg.hook_name == "blocks.2.hook_mlp_out"
+    x = torch.randn(16, 32, generator=g)
+    f, y = _saelens_transcoder_forward(w, "skip_transcoder", x)
+    with torch.no_grad():
+        torch.testing.assert_close(d(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda: _transcoder("topk", 32, 20), "a topk transcoder has no SAELens form"),
+    (lambda: _transcoder("jumprelu", 32, 20, skip=True), "a jumprelu transcoder with a skip connection has no SAELens"),
+    (lambda: get_architecture("topk")(get_architecture("topk").Config(d_sae=64, skip_connection=True), 32),
+     "SAELens has no autoencoder with a skip connection"),
+])
+def test_saelens_export_refuses_what_it_cannot_express_in_one_line(tmp_path, capsys, make, expected):
+    from sae.convert import main as convert_main
+
+    make().save(tmp_path / "ours")
+    with pytest.raises(SystemExit) as e:
+        convert_main([str(tmp_path / "ours"), str(tmp_path / "sl"), "--to", "saelens"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err, err
+    assert not (tmp_path / "sl").exists()

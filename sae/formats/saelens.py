@@ -15,6 +15,14 @@ Matryoshka dictionaries that way too). An export also carries our own
 architecture, hyperparameters and metadata in a top-level `sae_dict` block that SAELens ignores
 and `read` uses to restore the dictionary exactly. Our aliases no other library resolves (the
 embedded model and text) are exported as names that say what they are, and read back.
+
+Transcoders (SAELens 6's `sae_lens.saes.transcoder`): `transcoder` (ReLU), `skip_transcoder` (ReLU
+plus x W_skipᵀ, `W_skip [d_out, d_in]`) and `jumprelu_transcoder`; their encoder never centres x,
+`W_dec [d_sae, d_out]`, `b_dec [d_out]`, cfg.json adds `d_out`, `hook_name_out`, `hook_layer_out`,
+and `metadata.hook_name` is the hook read. Ours export as: relu -> transcoder (skip_transcoder
+with a skip connection); jumprelu, batchtopk, matryoshka_batchtopk -> jumprelu_transcoder (no skip
+in SAELens); topk and gated transcoders, and autoencoders with a skip connection, have no SAELens
+form and are refused in one line.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from sae import __version__, io
 from sae.errors import UserError
 from sae.dtypes import dtype_name
 from sae.formats import Imported, clamp_threshold, fold_input_centering
-from sae.models import EMBEDDED_SMOLLM2
+from sae.models import EMBEDDED_SMOLLM2, hook_layer
 from sae.text import SHAKESPEARE
 
 CFG_FILE = "cfg.json"
@@ -42,6 +50,9 @@ TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated
 _ENCODER = ("W_enc", "W_dec", "b_enc", "b_dec")
 # SAELens architecture -> (ours, the tensors its file holds); "batchtopk" is a training-time name
 # some files carry, with the weights saved the inference way (a threshold)
+# SAELens 6 transcoders -> (ours, the tensors the file holds)
+TRANSCODERS = {"transcoder": ("relu", _ENCODER), "skip_transcoder": ("relu", _ENCODER + ("W_skip",)),
+               "jumprelu_transcoder": ("jumprelu", _ENCODER + ("threshold",))}
 FROM_SAELENS = {"standard": ("relu", _ENCODER), "topk": ("topk", _ENCODER),
                 "jumprelu": ("jumprelu", _ENCODER + ("threshold",)),
                 "gated": ("gated", ("W_enc", "W_dec", "b_gate", "b_mag", "r_mag", "b_dec")),
@@ -99,6 +110,8 @@ def read(path: Path) -> Imported:
     cfg = io.read_json(path / CFG_FILE)
     top, meta = _flatten_cfg(cfg)
     _check_not_per_head(top, meta, path)
+    if top.get("architecture") in TRANSCODERS:
+        return _read_transcoder(path, cfg, top, meta)
     normalization = _normalization(top, path)
     tensors = _fold_finetuning_scale(io.load_tensors(path / WEIGHTS_FILE))
     saelens_arch = top.get("architecture") or "standard"
@@ -212,6 +225,30 @@ def _restore_ours(block: dict[str, Any], ours: str, hyper: dict[str, Any]) -> tu
     return ours, hyper
 
 
+def _read_transcoder(path: Path, cfg: dict[str, Any], top: dict[str, Any], meta: dict[str, Any]) -> Imported:
+    """A SAELens 6 transcoder: reads metadata.hook_name, writes hook_name_out; no input centring."""
+    normalization = _normalization(top, path)
+    saelens_arch = top["architecture"]
+    ours, names = TRANSCODERS[saelens_arch]
+    tensors = io.load_tensors(path / WEIGHTS_FILE)
+    _check_tensor_names(tensors, names, saelens_arch, path)
+    if "W_skip" in tensors:
+        tensors["W_skip"] = tensors["W_skip"].T.contiguous()  # theirs [d_out, d_in]: x @ W_skip.T
+    if "threshold" in tensors:
+        tensors["threshold"] = clamp_threshold(tensors["threshold"])
+    block = cfg.get(EXTRA_KEY) if isinstance(cfg.get(EXTRA_KEY), dict) else {}
+    ours, hyper = _restore_ours(block, ours, {})
+    metadata = _metadata(top, meta, block, normalization)
+    if top.get("hook_name_out"):
+        metadata["hook_name"] = top["hook_name_out"]
+    metadata["input_hook"] = meta.get("hook_name") or metadata.get("input_hook") or "input"
+    hyper.update({"input_hook": metadata["input_hook"], "skip_connection": "W_skip" in tensors})
+    d_sae, d_out = tensors["W_dec"].shape
+    return Imported(architecture=ours, d_in=int(tensors["W_enc"].shape[0]), d_sae=int(d_sae), tensors=tensors,
+                    hyperparameters=hyper, metadata=metadata, dtype=dtype_name(top.get("dtype") or "float32"),
+                    d_out=int(top.get("d_out", d_out)))
+
+
 def _metadata(top: dict[str, Any], meta: dict[str, Any], block: dict[str, Any], normalization: str) -> dict:
     """Our metadata: our export's own, else SAELens's, with our aliases read back."""
     metadata = dict(block.get("metadata") or {})
@@ -268,7 +305,26 @@ def _exportable(dictionary):
     if dictionary.architecture not in TO_SAELENS:
         raise UserError(f"architecture {dictionary.architecture!r} has no SAELens equivalent "
                         f"(exportable: {', '.join(sorted(TO_SAELENS))})")
+    skip = getattr(dictionary, "W_skip", None) is not None
+    if getattr(dictionary, "is_transcoder", False):
+        _saelens_transcoder(dictionary)  # refuses what SAELens has no transcoder for
+    elif skip:
+        raise UserError("SAELens has no autoencoder with a skip connection (only skip_transcoder); export to "
+                        "sparsify or ours")
     return dictionary.in_raw_units()
+
+
+def _saelens_transcoder(d) -> str:
+    """SAELens 6's transcoder architecture for our transcoder d; a UserError when it has none."""
+    skip = d.W_skip is not None
+    if d.architecture == "relu":
+        return "skip_transcoder" if skip else "transcoder"
+    if TO_SAELENS[d.architecture] == "jumprelu" and not skip:
+        return "jumprelu_transcoder"
+    what = f"{d.architecture} transcoder" + (" with a skip connection" if skip else "")
+    raise UserError(f"a {what} has no SAELens form (SAELens 6 has transcoder and skip_transcoder (relu) and "
+                    f"jumprelu_transcoder (no skip)); export to ours" + (" or sparsify" if d.architecture == "topk"
+                                                                          and d.d_in == d.d_out else ""))
 
 
 def saelens_tensors(d) -> dict[str, Tensor]:
@@ -284,21 +340,30 @@ def saelens_tensors(d) -> dict[str, Tensor]:
     if d.architecture == "gated":
         return {"W_enc": w["W_enc"], "W_dec": w["W_dec"], "b_gate": w["b_enc"], "b_mag": w["b_mag"],
                 "r_mag": w["r_mag"], "b_dec": w["b_dec"]}
-    return {k: w[k] for k in _ENCODER + ("threshold",) if k in w}
+    out = {k: w[k] for k in _ENCODER + ("threshold",) if k in w}
+    if "W_skip" in w:
+        out["W_skip"] = w["W_skip"].T.contiguous()  # SAELens: [d_out, d_in]
+    return out
 
 
 def saelens_cfg(d) -> dict[str, Any]:
     """cfg.json: SAELens 6's layout, the pre-6.0 flat keys, and our own block."""
-    arch = TO_SAELENS[d.architecture]
+    transcoder = getattr(d, "is_transcoder", False)
+    arch = _saelens_transcoder(d) if transcoder else TO_SAELENS[d.architecture]
     k = getattr(d.cfg, "k", None) if arch == "topk" else None
     meta, aliases = _metadata_block(d)
+    if transcoder:  # SAELens's hook_name is the hook read; hook_name_out the one written
+        out_hook = meta["hook_name"]
+        meta.update(hook_name=d.cfg.input_hook, hook_layer=hook_layer(d.cfg.input_hook))
+        aliases = {**aliases, "d_out": d.d_out, "hook_name_out": out_hook,
+                   "hook_layer_out": hook_layer(out_hook) if out_hook else 0, "hook_head_index_out": None}
     return {
         "architecture": arch,
         "d_in": d.d_in,
         "d_sae": d.d_sae,
         "dtype": dtype_name(d.W_enc.dtype),
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
         **({"k": int(k)} if k is not None else {}),
