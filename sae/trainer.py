@@ -849,7 +849,8 @@ class Trainer:
         if floor is not None and s.tracker.period.tokens:
             dead |= s.tracker.period.frequencies() < floor
         s.tracker.period.restart()
-        ids = s.dictionary.resample(x, dead, s.generator, target=target)
+        extra = {} if target is None else {"target": target}  # an autoencoder's call, as before
+        ids = s.dictionary.resample(x, dead, s.generator, **extra)
         if ids.numel():
             reset_optimizer_rows(s.optimizer, s.dictionary, ids)
             s.tracker.reset(ids)
