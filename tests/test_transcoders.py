@@ -16,13 +16,12 @@ import pytest
 import torch
 
 import sae
-from eval import metrics as M
 from eval.evaluate import evaluate_dictionaries
-from eval_helpers import make_tokens
 from sae.dictionaries import get_architecture, parse_dictionary_config
 from sae.models import load_model
 from sae.synthetic import SyntheticTranscoding, feature_recovery
 from sae.trainer import train_dictionaries
+from test_splice import _ce, data, model  # noqa: F401 (the tiny model and its tokens: fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 IN_HOOK, OUT_HOOK = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
@@ -179,21 +178,6 @@ def test_pruning_a_transcoder_keeps_its_output_side(tmp_path):
 
 
 # ---- the tiny model: splicing and the evaluator ------------------------------------------------
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return load_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def data(model):
-    return make_tokens(model.tokenizer, n_ctx=6, ctx=16)
-
-
-def _ce(logits, tokens, keep) -> float:
-    pred = M.prediction_mask(keep)
-    return float(M.token_ce(M.token_log_probs(logits), tokens)[pred].double().mean())
-
-
 @pytest.mark.parametrize("full", [False, True])
 def test_a_spliced_transcoder_gives_the_evaluators_ce_sae(tmp_path, model, data, full):
     """sae.splice replaces the output hook with the transcoder's prediction from the input hook of

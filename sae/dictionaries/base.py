@@ -14,7 +14,7 @@ Architectures differ in `activation`, in their training loss and in what they do
 optimiser step; each is a subclass in its own file, registered under its `architecture`.
 
 Weights follow the SAELens layout so that export is a rename: `W_enc [d_in, d_sae]`,
-`W_dec [d_sae, d_in]`, `b_enc [d_sae]`, `b_dec [d_in]`.
+`W_dec [d_sae, d_out]`, `b_enc [d_sae]`, `b_dec [d_out]` (d_out = d_in for an autoencoder).
 """
 
 from __future__ import annotations
