@@ -473,13 +473,13 @@ class Trainer:
             for h, width in {input_hook: d_in, hook: d_out}.items():
                 expected = self._expected_d_in(h)
                 if expected is not None and expected != width:
-                    raise ConfigError(f"{name}: d_in is {expected} but the batches of {h!r} have width {width}")
+                    raise ConfigError(f"{name}: {h!r} should be {expected} wide but its batches have width {width}")
             cfg.require_width(d_in, name)
             dictionary = get_architecture(cfg.architecture)(cfg, d_in, d_out=d_out).to(self.device)
             optimizer = torch.optim.Adam(dictionary.parameters(), lr=dictionary.lr, betas=tuple(cfg.adam_betas))
             generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
-            slot = _Slot(name, cfg, hook, input_hook, dictionary, optimizer, FeatureTracker(dictionary.d_sae, self.device),
-                         generator, self.fingerprint(cfg, name),
+            slot = _Slot(name, cfg, hook, input_hook, dictionary, optimizer,
+                         FeatureTracker(dictionary.d_sae, self.device), generator, self.fingerprint(cfg, name),
                          bad_step=torch.full((), _NO_BAD_STEP, dtype=torch.long, device=self.device))
             slot.zero_stats(self.device)
             slots.append(slot)
