@@ -94,8 +94,8 @@ class SyntheticTranscoding:
     {input_hook: x_in, output_hook: x_out}."""
 
     def __init__(self, d_in: int = 32, d_out: int = 24, n_features: int = 128, *, n_dense: int = 0,
-                 dense_std: float = 0.3, input_hook: str = "in", output_hook: str = "out", seed: int = 0, batch_size: int = 1024,
-                 **codes_kwargs):
+                 dense_std: float = 0.3, input_hook: str = "in", output_hook: str = "out", seed: int = 0,
+                 batch_size: int = 1024, **codes_kwargs):
         # F_in, offset_in and the firing probabilities
         self.codes = SyntheticFeatures(d_in - n_dense, n_features, seed=seed, batch_size=batch_size, **codes_kwargs)
         self.d_in, self.d_out, self.n_dense, self.dense_std, self.seed = d_in, d_out, n_dense, dense_std, seed
