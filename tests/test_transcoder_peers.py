@@ -48,9 +48,9 @@ SPARSIFY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _peer(name: str) -> Path:
+def _peer(name: str, module: str) -> Path:
     python = VENVS / name / "bin" / "python"
-    if not python.is_file():
+    if not python.is_file() or subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode:
         pytest.skip(f"{name} is not installed (python benchmarks/quality.py --setup-peers makes "
                     f"benchmarks/.venvs/{name})")
     return python
@@ -81,7 +81,7 @@ def _run_peer(python: Path, script: str, folder: Path, x: torch.Tensor, tmp_path
 
 
 def test_saelens_loads_our_skip_transcoder_with_our_outputs(tmp_path):
-    python = _peer("sae-lens")
+    python = _peer("sae-lens", "sae_lens")
     d = _transcoder("relu", 32, 24)
     d.save(tmp_path / "ours")
     convert(tmp_path / "ours", tmp_path / "sl", to="saelens")
@@ -93,7 +93,7 @@ def test_saelens_loads_our_skip_transcoder_with_our_outputs(tmp_path):
 
 
 def test_sparsify_loads_our_skip_transcoder_with_our_outputs(tmp_path):
-    python = _peer("eai-sparsify")
+    python = _peer("eai-sparsify", "sparsify")
     d = _transcoder("topk", 32, 32, k=6)
     d.save(tmp_path / "ours")
     convert(tmp_path / "ours", tmp_path / "sp", to="sparsify")
