@@ -30,7 +30,7 @@ SAELENS_SCRIPT = textwrap.dedent("""
     out = sae(x)
     out = out[0] if isinstance(out, tuple) else out
     save_file({"y": out.detach().contiguous(), "f": sae.encode(x).detach().contiguous()}, data + ".out")
-    print(type(sae).__name__, sae.cfg.hook_name_out)
+    print(type(sae).__name__, sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_name_out)
 """)
 
 SPARSIFY_SCRIPT = textwrap.dedent("""
@@ -70,14 +70,16 @@ def _transcoder(arch: str, d_in: int, d_out: int, **hyper):
     return d.eval()
 
 
-def _run_peer(python: Path, script: str, folder: Path, x: torch.Tensor, tmp_path: Path) -> dict[str, torch.Tensor]:
+def _run_peer(python: Path, script: str, folder: Path, x: torch.Tensor,
+              tmp_path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The peer's outputs on x, and what it printed."""
     (tmp_path / "peer.py").write_text(script)
     data = tmp_path / "x.safetensors"
     io.save_tensors(data, {"x": x})
     proc = subprocess.run([str(python), str(tmp_path / "peer.py"), str(folder), str(data)], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return io.load_tensors(Path(str(data) + ".out"))
+    return io.load_tensors(Path(str(data) + ".out")), proc.stdout.strip().splitlines()[-1]  # (after any warnings)
 
 
 def test_saelens_loads_our_skip_transcoder_with_our_outputs(tmp_path):
@@ -86,7 +88,8 @@ def test_saelens_loads_our_skip_transcoder_with_our_outputs(tmp_path):
     d.save(tmp_path / "ours")
     convert(tmp_path / "ours", tmp_path / "sl", to="saelens")
     x = torch.randn(20, 32, generator=torch.Generator().manual_seed(1)) * 3
-    out = _run_peer(python, SAELENS_SCRIPT, tmp_path / "sl", x, tmp_path)
+    out, said = _run_peer(python, SAELENS_SCRIPT, tmp_path / "sl", x, tmp_path)
+    assert said.split() == ["SkipTranscoder", IN_HOOK, OUT_HOOK]
     with torch.no_grad():
         torch.testing.assert_close(out["y"], d(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out["f"], d.encode(x), rtol=1e-4, atol=1e-4)
@@ -98,6 +101,7 @@ def test_sparsify_loads_our_skip_transcoder_with_our_outputs(tmp_path):
     d.save(tmp_path / "ours")
     convert(tmp_path / "ours", tmp_path / "sp", to="sparsify")
     x = torch.randn(20, 32, generator=torch.Generator().manual_seed(1)) * 3
-    out = _run_peer(python, SPARSIFY_SCRIPT, tmp_path / "sp", x, tmp_path)
+    out, said = _run_peer(python, SPARSIFY_SCRIPT, tmp_path / "sp", x, tmp_path)
+    assert said.split() == ["SparseCoder", "True", "True"]
     with torch.no_grad():
         torch.testing.assert_close(out["y"], d(x), rtol=1e-4, atol=1e-4)

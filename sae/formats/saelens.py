@@ -18,8 +18,9 @@ embedded model and text) are exported as names that say what they are, and read 
 
 Transcoders (SAELens 6's `sae_lens.saes.transcoder`): `transcoder` (ReLU), `skip_transcoder` (ReLU
 plus x W_skipᵀ, `W_skip [d_out, d_in]`) and `jumprelu_transcoder`; their encoder never centres x,
-`W_dec [d_sae, d_out]`, `b_dec [d_out]`, cfg.json adds `d_out`, `hook_name_out`, `hook_layer_out`,
-and `metadata.hook_name` is the hook read. Ours export as: relu -> transcoder (skip_transcoder
+`W_dec [d_sae, d_out]`, `b_dec [d_out]`, cfg.json adds `d_out` and `metadata.hook_name_out` (the hook
+written; top-level `hook_name_out` in early 6.x releases, also written), and `metadata.hook_name` is
+the hook read. Ours export as: relu -> transcoder (skip_transcoder
 with a skip connection); jumprelu, batchtopk, matryoshka_batchtopk -> jumprelu_transcoder (no skip
 in SAELens); topk and gated transcoders, and autoencoders with a skip connection, have no SAELens
 form and are refused in one line.
@@ -239,8 +240,9 @@ def _read_transcoder(path: Path, cfg: dict[str, Any], top: dict[str, Any], meta:
     block = cfg.get(EXTRA_KEY) if isinstance(cfg.get(EXTRA_KEY), dict) else {}
     ours, hyper = _restore_ours(block, ours, {})
     metadata = _metadata(top, meta, block, normalization)
-    if top.get("hook_name_out"):
-        metadata["hook_name"] = top["hook_name_out"]
+    out_hook = meta.get("hook_name_out") or top.get("hook_name_out")  # metadata since SAELens 6.x
+    if out_hook:
+        metadata["hook_name"] = out_hook
     metadata["input_hook"] = meta.get("hook_name") or metadata.get("input_hook") or "input"
     hyper.update({"input_hook": metadata["input_hook"], "skip_connection": "W_skip" in tensors})
     d_sae, d_out = tensors["W_dec"].shape
@@ -352,9 +354,10 @@ def saelens_cfg(d) -> dict[str, Any]:
     arch = _saelens_transcoder(d) if transcoder else TO_SAELENS[d.architecture]
     k = getattr(d.cfg, "k", None) if arch == "topk" else None
     meta, aliases = _metadata_block(d)
-    if transcoder:  # SAELens's hook_name is the hook read; hook_name_out the one written
+    if transcoder:  # SAELens's hook_name is the hook read; hook_name_out (in metadata since 6.x) the one written
         out_hook = meta["hook_name"]
-        meta.update(hook_name=d.cfg.input_hook, hook_layer=hook_layer(d.cfg.input_hook))
+        meta.update(hook_name=d.cfg.input_hook, hook_layer=hook_layer(d.cfg.input_hook), hook_name_out=out_hook,
+                    hook_head_index_out=None)
         aliases = {**aliases, "d_out": d.d_out, "hook_name_out": out_hook,
                    "hook_layer_out": hook_layer(out_hook) if out_hook else 0, "hook_head_index_out": None}
     return {
