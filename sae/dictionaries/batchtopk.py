@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae.dictionaries.base import BatchShards, width_scaled_lr
+from sae.dictionaries.base import BatchShards
 from sae.dictionaries.registry import register
 from sae.dictionaries.topk import TopKConfig, TopKStyleDictionary
 
@@ -85,13 +85,6 @@ class BatchTopKDictionary(TopKStyleDictionary):
         self.register_buffer("threshold", torch.full((self.d_sae,), -1.0))
         # Batches averaged into the threshold so far (checkpointed, not part of the saved weights).
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
-
-    def default_lr(self) -> float:
-        # Gao et al.'s 2e-4 law, not TopK's ten times more: at 2e-3 it trains far better on the
-        # ground truth (benchmarks/quality_ablations.py batchtopk) but a resumed run and a data-
-        # parallel run no longer reproduce a one-process run (tests/test_trainer.py,
-        # tests/test_distributed.py): a latent selection sensitivity to look into first.
-        return width_scaled_lr(2e-4, self.d_sae)
 
     def weights(self) -> dict[str, Tensor]:
         return {**super().weights(), "threshold": self.threshold}
