@@ -82,8 +82,9 @@ class MatryoshkaBatchTopKDictionary(BatchTopKDictionary):
 
     @property
     def group_sizes(self) -> list[int]:
-        """Features in each group, in prefix order (they sum to d_sae)."""
-        return self.cfg.hyperparameters.resolve_group_sizes(self.d_sae)
+        """Features in each group, in prefix order (they sum to d_sae; a feature shard's, to the whole
+        dictionary's)."""
+        return self.cfg.hyperparameters.resolve_group_sizes(self.d_sae_total)
 
     def prefix_ends(self) -> list[int]:
         return list(itertools.accumulate(self.group_sizes))
