@@ -28,6 +28,7 @@ from pipeline.resume import (Saved, check_same_run, completed_run, dictionary_me
                              saved_dictionaries, to_evaluate)
 
 from sae import distributed as dist
+from sae import sharding
 from sae import io
 from sae.cache import CacheReader, StreamingSource, harvest
 from sae.config import RunConfig, dump_run_config
@@ -153,6 +154,10 @@ def _load_model(run: RunConfig, configs: list[DictionaryConfig]) -> _Loaded:
     d_in = {h: hook_d_in(model, h) for h in run.hooks}
     if dist.is_distributed() and run.distributed.placement == "data_parallel":
         dist.check_batch_divisible(run.train.batch_size, "train.batch_size")
+    if dist.is_distributed() and run.distributed.placement == "feature_sharded":
+        layout = sharding.layout_for(dist.world_size(), dist.rank(), run.distributed.feature_shards)
+        sharding.check_widths(configs, [c.name for c in configs], d_in, layout.feature_shards)
+        dist.check_batch_divisible(run.train.batch_size, "train.batch_size", layout.data_groups)
     for cfg in configs:
         cfg.require_width(d_in[cfg.hook_name])
     return _Loaded(model, device, d_in)
@@ -218,6 +223,7 @@ def _train_dictionaries(run: RunConfig, configs: list[DictionaryConfig], loaded:
                "name": run.run_name},
         autocast_dtype=autocast_dtype(run, loaded.device), log_every=run.train.log_every_steps,
         placement=run.distributed.placement if dist.is_distributed() else None,
+        feature_shards=run.distributed.feature_shards if dist.is_distributed() else None,
         stop_on_divergence=run.train.stop_on_divergence)
 
 

@@ -8,7 +8,8 @@ TASK harvest MODEL_DIR [FAIL_RANK]: harvests the tiny model (tokens from `harves
 OUT_DIR/cache with `distributed=True`; rank FAIL_RANK fails after writing its first shard.
 
 TASK train PLACEMENT [DIE_AT_STEP DIE_RANK]: trains CONFIGS on synthetic batches; PLACEMENT is none,
-data_parallel, dictionary_per_rank, or several comma-separated runs, one after the other, each
+data_parallel, dictionary_per_rank, feature_sharded (`feature_sharded@F`: F feature shards, the
+other ranks data-parallel groups), or several comma-separated runs, one after the other, each
 `NAME=PLACEMENT` into OUT_DIR/NAME. A placement may end in edits of the sweep: `+boom` adds a
 dictionary whose huge lr makes it diverge, `-gated` leaves that one out (`data_parallel-gated+boom`).
 Rank DIE_RANK SIGKILLs itself when it draws step DIE_AT_STEP (of the last run). Each rank records
@@ -125,13 +126,15 @@ def main(argv: list[str]) -> None:
         for i, run in enumerate(runs):  # several: one after the other, into OUT_DIR/<name>
             name, _, spec = run.rpartition("=")
             placement, edits = split_placement(spec)
+            placement, _, feature_shards = placement.partition("@")
             out = out_dir if len(runs) == 1 else os.path.join(out_dir, name or placement)
             os.makedirs(out, exist_ok=True)
             last = i == len(runs) - 1  # the kill applies to the last run only
             source = Source(out, die_at if last else -1, die_rank if last else -1)
             result = train_dictionaries(source, configs(edits), total_tokens=TOTAL_TOKENS,
                                         out_dir=out, checkpoint_every_tokens=8 * BATCH, progress=False,
-                                        placement=None if placement == "none" else placement)
+                                        placement=None if placement == "none" else placement,
+                                        feature_shards=int(feature_shards) if feature_shards else None)
             with open(os.path.join(out, f"trained-{distributed.rank()}.txt"), "w") as f:
                 f.write("\n".join(sorted(result)))
     elif task == "harvest":

@@ -150,6 +150,13 @@ class BatchShards:
         order, without gradients."""
         return t
 
+    # What the trainer does with the gradients between backward and the optimiser step.
+    def reduce_gradients(self, dictionary: "SparseDictionary") -> None:
+        """Make each gradient the whole batch's (and whole dictionary's): here it already is."""
+
+    def clip_gradients(self, dictionary: "SparseDictionary", max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(dictionary.parameters(), max_norm)
+
 
 WHOLE_BATCH = BatchShards()
 
