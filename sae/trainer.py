@@ -861,7 +861,8 @@ class Trainer:
         if ids.numel():
             reset_optimizer_rows(s.optimizer, s.dictionary, ids)
             s.tracker.reset(ids)
-            s.tracker.resampled += int(ids.numel())
+        # feature sharded: every shard counts the whole dictionary's
+        s.tracker.resampled += int(s.shards.feature_sum(torch.tensor(ids.numel(), device=self.device)))
 
     # -- the end ------------------------------------------------------------------------------------------
     def _finished_dictionary(self, s: _Slot) -> SparseDictionary:

@@ -51,9 +51,14 @@ BOOM = {"name": "boom", "architecture": "relu", "l1_coefficient": 3.0, "lr": 1e3
         "hook_name": "hook.b"}
 
 
+# a strong L1 silences features within a few steps: they are resampled every 4 steps
+RESAMPLE = {"name": "resample", "architecture": "relu", "l1_coefficient": 30.0, "resample_every_tokens": 4 * BATCH,
+            "resample_dead_tokens": 2 * BATCH, "hook_name": "hook.a"}
+
+
 def configs(edits: str = ""):
-    """CONFIGS edited as `edits` says: '+boom' adds BOOM, '-NAME' leaves NAME out."""
-    chosen = [*CONFIGS, BOOM] if "+boom" in edits else list(CONFIGS)
+    """CONFIGS edited as `edits` says: '+boom' adds BOOM, '+resample' RESAMPLE, '-NAME' leaves NAME out."""
+    chosen = list(CONFIGS) + [BOOM] * ("+boom" in edits) + [RESAMPLE] * ("+resample" in edits)
     left_out = {e.split("+")[0] for e in edits.split("-")[1:]}
     return [parse_dictionary_config({**COMMON, **c}) for c in chosen if c["name"] not in left_out]
 
