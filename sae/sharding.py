@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -72,10 +72,10 @@ def layout_for(world: int, rank: int, feature_shards: int | None) -> Layout:
 def check_widths(configs: Sequence[DictionaryConfig], names: Sequence[str], d_in: Any, feature_shards: int) -> None:
     """ConfigError naming the first dictionary whose width the feature shards do not divide."""
     for cfg, name in zip(configs, names):
-        width = d_in.get(cfg.hook_name) if isinstance(d_in, dict) else d_in
+        width = d_in.get(cfg.hook_name) if isinstance(d_in, Mapping) else d_in
         if cfg.d_sae is None and width is None:
             continue  # expansion_factor: checked once the batches give d_in (`shard_width`)
-        shard_width(cfg.resolve_d_sae(width or 1) if cfg.d_sae is None else cfg.d_sae, feature_shards, name)
+        shard_width(cfg.resolve_d_sae(width), feature_shards, name)
 
 
 def shard_width(d_sae: int, feature_shards: int, name: str) -> int:
