@@ -12,10 +12,11 @@ On CPU each rank gets cores // N threads, so 1 vs N processes compares the same 
 (`--threads 1`: one thread per process, the fairer comparison on a machine other jobs share,
 where a multi-threaded process loses most of its time waiting for busy cores).
 
-Each row also gives, for rank 0, the peak memory the training added (CUDA: peak allocated; CPU:
-peak resident set, over what the process held before training: the dictionary's weights,
-gradients and Adam state, and the step's activations) and the bytes it handed to collectives per
-step (tensor sizes as given to all_reduce / all_gather / gather, over the timed steps). With
+Each row also gives, for rank 0, the peak memory of the timed steps over what the process held
+before training (CUDA: peak allocated; CPU: peak resident set, Linux's VmHWM reset when the timed
+steps start): the dictionary's weights, gradients and Adam state, and the step's activations;
+and the bytes it handed to collectives per step (tensor sizes as given to all_reduce /
+all_gather / gather, over the timed steps). With
 `--placement feature_sharded` the data-parallel runs of the same dictionaries come along, for
 the bytes data parallelism sends and the memory it needs.
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -66,8 +67,10 @@ def worker(args: argparse.Namespace) -> None:
                         torch.cuda.synchronize()
                     marks["start"] = time.perf_counter()
                     marks["sent_start"] = sent[0]
+                    reset_peak_memory(device)
                 if i == args.warmup + args.steps - 1:  # the timed steps but the last: whole steps between
                     marks["sent_end"] = sent[0]
+                    marks["peak"] = peak_memory(device)
                 yield {"acts": pool[i % len(pool)]}
 
     configs = [parse_dictionary_config({"name": f"topk{i}", "architecture": "topk", "k": args.k,
@@ -80,7 +83,7 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
     distributed.barrier()  # the slowest rank's time
     elapsed = time.perf_counter() - marks["start"]
-    peak = peak_memory(device) - before
+    peak = marks["peak"] - before
     sent_per_step = (marks["sent_end"] - marks["sent_start"]) / max(args.steps - 1, 1)
     if distributed.is_main():
         tokens = args.steps * args.batch
@@ -122,12 +125,23 @@ def memory_now(device) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_memory(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: VmHWM starts again from the resident set
+            f.write("5")
+
+
 def peak_memory(device) -> int:
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ whole dictionary once; its devices never do).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -38,12 +39,15 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 import torch.distributed as tdist
 from torch import Tensor
+from safetensors import safe_open
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from sae import checkpoint as ckpt
 from sae import distributed as dist
-from sae.dictionaries.base import BatchShards, DictionaryConfig, SparseDictionary
+from sae.dictionaries import parse_dictionary_config
+from sae.dictionaries.base import CFG_FILE, WEIGHTS_FILE, BatchShards, DictionaryConfig, SparseDictionary
 from sae.dictionaries.registry import get_architecture
+from sae.dictionaries.topk import top_per_row
 from sae.errors import ConfigError
 
 SHARD_DIR = re.compile(r"^features-(\d+)-of-(\d+)$")
@@ -337,3 +341,49 @@ def remove_shards(member: Path, layout: Layout, writes: bool) -> None:
     dist.barrier()
     if dist.is_main():
         ckpt.remove_if_empty(member)
+
+
+# ---- a shard of a saved dictionary, for inference ---------------------------------------------------
+@torch.no_grad()
+def load_shard_of(directory: str | Path, shards: MeshShards, device: torch.device | str = "cpu") -> SparseDictionary:
+    """This rank's features of the dictionary saved in `directory` (cfg.json + sae.safetensors),
+    read slice by slice from the file (never the whole dictionary), in eval mode."""
+    directory = Path(directory)
+    cfg_json = json.loads((directory / CFG_FILE).read_text())
+    cfg = parse_dictionary_config(cfg_json["hyperparameters"])
+    d_in, d_sae = int(cfg_json["d_in"]), int(cfg_json["d_sae"])
+    name = directory.name
+    mine = shards.for_width(d_sae, name)
+    d = build_shard(cfg, d_in, mine, name)
+    lo, hi = mine.feature_lo, mine.feature_lo + d.d_sae
+    tensors = {}
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
+        for key in f.keys():
+            dim = d.feature_dims.get(key)
+            part = f.get_slice(key)
+            tensors[key] = part[:] if dim is None else (part[lo:hi] if dim == 0 else part[:, lo:hi])
+    if "W_enc_shadow" in tensors:
+        raise ConfigError(f"{directory}: a pruned TopK dictionary with a shadow encoder cannot be split into "
+                          f"feature shards; evaluate it in one process")
+    d.load_weights(tensors)
+    return d.to(device).eval()
+
+
+@torch.no_grad()
+def encode_shard(d: SparseDictionary, x: Tensor, shards: MeshShards) -> Tensor:
+    """f [n, this shard's d_sae]: the whole dictionary's encoding of x [n, d_in], this shard's
+    columns (TopK: each row's top k of the whole dictionary; the others act feature by feature)."""
+    if d.max_active() is None or shards.feature_count == 1:
+        return d.encode(x)
+    pre = d.pre_acts(x).float()
+    rows, cols, mine = top_per_row(pre, d.max_active(), shards)
+    f = torch.zeros_like(pre)
+    f[rows[mine], cols[mine]] = torch.relu(pre[rows[mine], cols[mine]])
+    return f.to(d.W_dec.dtype)
+
+
+@torch.no_grad()
+def decode_shard(d: SparseDictionary, f: Tensor, shards: MeshShards) -> Tensor:
+    """x̂ [n, d_in] in raw units: the sum of every shard's partial decode of its f, plus b_dec."""
+    partial = f.to(d.W_dec.dtype) @ d.W_dec
+    return (shards.feature_sum(partial) + d.b_dec) / d.input_scale

@@ -14,11 +14,14 @@ other ranks data-parallel groups), or several comma-separated runs, one after th
 dictionary whose huge lr makes it diverge, `-gated` leaves that one out (`data_parallel-gated+boom`).
 Rank DIE_RANK SIGKILLs itself when it draws step DIE_AT_STEP (of the last run). Each rank records
 the step its batches started from in start-<rank>.txt (to show a relaunch resumed) and the names
-of the dictionaries it trained in trained-<rank>.txt.
+of the dictionaries it trained in trained-<rank>.txt. A feature_sharded run then evaluates each
+saved dictionary sharded again (eval.sharded on `heldout_batches`): rank 0 writes
+eval-sharded.json ({name: metrics}).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -26,7 +29,8 @@ import sys
 import torch
 
 from cache_helpers import fail_after_shards
-from sae import distributed
+from eval.sharded import reconstruction_metrics
+from sae import distributed, sharding
 from sae.dictionaries import parse_dictionary_config
 from sae.synthetic import SyntheticFeatures
 from sae.trainer import train_dictionaries
@@ -90,6 +94,27 @@ class Source:
             i += 1
 
 
+def heldout_batches(hook: str) -> list[torch.Tensor]:
+    """Two batches of the hook's synthetic activations that no training step draws."""
+    features = SyntheticFeatures(d_in=16, n_features=40, batch_size=BATCH, seed=3 if hook == "hook.a" else 4)
+    return [features.batch(1000 + i) for i in range(2)]
+
+
+def evaluate_sharded(out_dir: str, feature_shards: int | None) -> None:
+    """Each saved dictionary of out_dir evaluated with every rank holding a shard of it."""
+    shards = sharding.make_mesh(sharding.layout_for(distributed.world_size(), distributed.rank(), feature_shards),
+                                torch.device("cpu"))
+    results = {}
+    for c in [*CONFIGS, RESAMPLE]:
+        folder = os.path.join(out_dir, c["name"])
+        if os.path.isdir(folder):
+            shard = sharding.load_shard_of(folder, shards)
+            results[c["name"]] = reconstruction_metrics(shard, heldout_batches(c["hook_name"]), shards)
+    if distributed.is_main():
+        with open(os.path.join(out_dir, "eval-sharded.json"), "w") as f:
+            json.dump(results, f)
+
+
 HARVEST_HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 HARVEST_IDENTITY = {"model": "tiny", "dataset": "random"}
 
@@ -142,6 +167,8 @@ def main(argv: list[str]) -> None:
                                         feature_shards=int(feature_shards) if feature_shards else None)
             with open(os.path.join(out, f"trained-{distributed.rank()}.txt"), "w") as f:
                 f.write("\n".join(sorted(result)))
+            if placement == "feature_sharded":
+                evaluate_sharded(out, int(feature_shards) if feature_shards else None)
     elif task == "harvest":
         run_harvest(argv[2], os.path.join(out_dir, "cache"), int(argv[3]) if len(argv) > 3 else -1)
     else:

@@ -2,7 +2,8 @@
 torch.distributed.run): every architecture's gathered dictionary equals one process's, on 2 and 4
 feature shards and on a 2 × 2 mesh (2 feature shards × 2 data groups); a killed run resumes
 bit-identically with the same layout and is refused with another; bad layouts stop train.py
-with one line before any work.
+with one line before any work; the saved dictionary evaluated sharded (eval/sharded.py) gives
+one process's metrics.
 
 The ranks run tests/dist_worker.py (the 6 dictionaries of tests/test_distributed.py plus a ReLU
 whose strong L1 makes it resample features every 4 steps; 24 steps of 128 rows, a checkpoint
@@ -17,12 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_worker import heldout_batches
 from test_distributed import REPO, launch, single, weights
 
+from eval.metrics import ReconstructionAccumulator
 from sae import checkpoint as ckpt
 from sae import sharding
 from sae.dictionaries import parse_dictionary_config
 from sae.errors import ConfigError
+from sae.loading import load_dictionary
 
 NAMES = ["topk", "batchtopk", "relu", "jumprelu", "gated", "matryoshka", "resample"]
 MESH_NAMES = ["topk", "batchtopk", "matryoshka", "resample"]
@@ -129,3 +133,24 @@ def test_train_py_refuses_a_layout_that_does_not_fit_the_ranks_before_any_work(t
                      "of the number of processes (each data group holds every feature once)"] * 2
     assert "exitcode  : 2" in r.stderr
     assert not (tmp_path / "runs" / "bad").exists()  # nothing written
+
+
+def test_sharded_evaluation_equals_one_process_on_the_saved_dictionary(two_ranks):
+    """Each saved (gathered) dictionary loads and prunes like any other, and its reconstruction
+    metrics computed by 2 ranks holding a shard each (eval.sharded, written by the worker) equal
+    those of the whole dictionary in this process."""
+    out = two_ranks / "sharded2"
+    sharded = json.loads((out / "eval-sharded.json").read_text())
+    assert set(sharded) == set(NAMES)
+    for name in NAMES:
+        d = load_dictionary(out / name)
+        hook = d.metadata["hook_name"]
+        acc = ReconstructionAccumulator(d.d_in, d.d_sae)
+        for x in heldout_batches(hook):
+            f = d.encode(x)
+            acc.update(x, d.decode(f), f)
+        whole = acc.result()
+        for key in ("l0", "l1", "fvu", "mse", "cossim", "dead", "frac_alive"):
+            assert sharded[name][key] == pytest.approx(whole[key], rel=1e-5, abs=1e-9), (name, key)
+        assert 0 < whole["fvu"] < 1 and whole["l0"] > 0
+        assert d.pruned(torch.arange(0, 48, 2)).d_sae == 24
