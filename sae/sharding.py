@@ -372,11 +372,12 @@ def load_shard_of(directory: str | Path, shards: MeshShards, device: torch.devic
 @torch.no_grad()
 def encode_shard(d: SparseDictionary, x: Tensor, shards: MeshShards) -> Tensor:
     """f [n, this shard's d_sae]: the whole dictionary's encoding of x [n, d_in], this shard's
-    columns (TopK: each row's top k of the whole dictionary; the others act feature by feature)."""
+    columns (TopK: each row's top k of the whole dictionary; the others act feature by feature).
+    `shards`: the mesh's (or this dictionary's: `for_width`)."""
     if d.max_active() is None or shards.feature_count == 1:
         return d.encode(x)
     pre = d.pre_acts(x).float()
-    rows, cols, mine = top_per_row(pre, d.max_active(), shards)
+    rows, cols, mine = top_per_row(pre, d.max_active(), shards.for_width(d.d_sae_total))
     f = torch.zeros_like(pre)
     f[rows[mine], cols[mine]] = torch.relu(pre[rows[mine], cols[mine]])
     return f.to(d.W_dec.dtype)
