@@ -116,6 +116,12 @@ class DistributedConfig(_Strict):
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl with CUDA, else gloo")
     timeout_minutes: float = Field(120.0, gt=0, description="how long a rank waits for the others")
 
+    @model_validator(mode="after")
+    def _shards_need_sharding(self) -> "DistributedConfig":
+        if self.feature_shards is not None and self.placement != "feature_sharded":
+            raise ValueError(f"feature_shards needs placement: feature_sharded (placement is {self.placement})")
+        return self
+
 
 class RunConfig(_Strict):
     """Everything a run does; see configs/*.yaml for annotated examples."""

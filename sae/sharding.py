@@ -123,7 +123,7 @@ class MeshShards(BatchShards):
         self.count, self.feature_count = layout.data_groups, layout.feature_shards
         self.feature_lo = feature_lo
         self._data = mesh.get_group("data") if mesh is not None and layout.data_groups > 1 else None
-        self._features = mesh.get_group("feature") if mesh is not None and layout.feature_shards > 1 else None
+        self.feature_group = mesh.get_group("feature") if mesh is not None and layout.feature_shards > 1 else None
 
     def for_width(self, d_sae: int, name: str = "") -> "MeshShards":
         width = shard_width(d_sae, self.feature_count, name)
@@ -144,17 +144,17 @@ class MeshShards(BatchShards):
 
     # feature shards
     def feature_sum(self, t: Tensor) -> Tensor:
-        if self._features is None:
+        if self.feature_group is None:
             return t
-        return _SumOverShards.apply(t, self._features)
+        return _SumOverShards.apply(t, self.feature_group)
 
     def once(self, t: Tensor) -> Tensor:
-        if self._features is None:
+        if self.feature_group is None:
             return t
         return _OnFirstShard.apply(t, self.layout.feature_index == 0)
 
     def feature_gather(self, t: Tensor) -> Tensor:
-        return _gather(t, self._features)
+        return _gather(t, self.feature_group)
 
     # gradients (the trainer calls these between backward and the optimiser step)
     def reduce_gradients(self, dictionary: SparseDictionary) -> None:
@@ -164,8 +164,8 @@ class MeshShards(BatchShards):
         for p in [*shared, *own]:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self._features is not None and shared:
-            _all_reduce_flat([p.grad for p in shared], self._features)
+        if self.feature_group is not None and shared:
+            _all_reduce_flat([p.grad for p in shared], self.feature_group)
         if self._data is not None:
             grads = [p.grad for p in [*shared, *own]]
             _all_reduce_flat(grads, self._data)
@@ -181,10 +181,6 @@ class MeshShards(BatchShards):
         coef = (max_norm / (total.float() + 1e-6)).clamp(max=1.0)
         for p in [*shared, *own]:
             p.grad.mul_(coef.to(p.grad.dtype))
-
-    def whole(self, t: Tensor) -> Tensor:
-        """[whole d_sae, ...] from this shard's per-feature t [d_sae, ...] (every shard gets it)."""
-        return self.feature_gather(t)
 
 
 def split_parameters(dictionary: SparseDictionary) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -269,7 +265,7 @@ def gather_whole(d: SparseDictionary, cfg: DictionaryConfig, shards: MeshShards)
 
 def _gather_to_first(t: Tensor, dim: int, shards: MeshShards) -> Tensor | None:
     """t of every feature shard concatenated along dim on feature shard 0 (CPU), else None."""
-    group = shards._features
+    group = shards.feature_group
     if group is None:
         return t.cpu()
     src = _comm(t)
