@@ -280,19 +280,28 @@ def shard_dir(member: Path, layout: Layout) -> Path:
     return member / f"features-{layout.feature_index:03d}-of-{layout.feature_shards:03d}"
 
 
-def refuse_other_layout(member: Path, layout: Layout, name: str) -> None:
-    """ConfigError when dictionary `name`'s checkpoints were written by another layout."""
-    found = None
-    if ckpt.latest_path(member) is not None:
-        found = "one process, data_parallel or dictionary_per_rank (the whole dictionary)"
+def written_shards(member: Path) -> int | None:
+    """The number of feature shards whose checkpoints `member` holds (None: none)."""
     for sub in sorted(member.iterdir()) if member.is_dir() else []:
         m = SHARD_DIR.match(sub.name)
-        if m and int(m.group(2)) != layout.feature_shards and ckpt.latest_path(sub) is not None:
-            found = f"{int(m.group(2))} feature shards"
+        if m and ckpt.latest_path(sub) is not None:
+            return int(m.group(2))
+    return None
+
+
+def refuse_other_layout(member: Path, layout: Layout | None, name: str) -> None:
+    """ConfigError when dictionary `name`'s checkpoints were written by another layout (layout
+    None: this run holds whole dictionaries: one process, data_parallel, dictionary_per_rank)."""
+    found, written = None, written_shards(member)
+    if layout is not None and ckpt.latest_path(member) is not None:
+        found = "one process, data_parallel or dictionary_per_rank (the whole dictionary)"
+    if written is not None and (layout is None or written != layout.feature_shards):
+        found = f"{written} feature shards"
     if found is None:
         return
+    this = layout.describe() if layout is not None else "whole dictionaries (not feature_sharded)"
     raise ConfigError(f"{member}: the checkpoint of {name} was written by {found}, this run has "
-                      f"{layout.describe()}: relaunch with the layout it was written with, or delete "
+                      f"{this}: relaunch with the layout it was written with, or delete "
                       f"{member} to train {name} from the start")
 
 

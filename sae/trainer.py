@@ -416,6 +416,8 @@ class Trainer:
     def _resumable(self, cfg: DictionaryConfig, name: str) -> Found | None:
         """The latest checkpoint of dictionary `name`, if it was made with the same fingerprint."""
         member = ckpt.member_dir(self.out_dir, name)
+        if not self.sharded:
+            sharding.refuse_other_layout(member, None, name)
         found = sharding.load_shard(member, self.shards.layout, name) if self.sharded else ckpt.load_latest(member)
         if found is None:
             return None

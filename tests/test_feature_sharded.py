@@ -86,6 +86,9 @@ def test_killed_run_is_refused_with_another_layout_and_resumes_identically_with_
     assert sorted(p.name for p in member.iterdir()) == ["features-000-of-002", "features-001-of-002"]
     with pytest.raises(ConfigError, match="written by 2 feature shards, this run has 4 feature shards"):
         sharding.refuse_other_layout(member, sharding.layout_for(4, 0, None), "topk")
+    with pytest.raises(ConfigError, match="written by 2 feature shards, this run has whole dictionaries"):
+        sharding.refuse_other_layout(member, None, "topk")  # what data_parallel or one process checks
+    sharding.refuse_other_layout(member, sharding.layout_for(2, 1, None), "topk")  # its own: resumes
     r = launch("train", killed, "feature_sharded+resample")
     assert r.returncode == 0, r.stderr[-3000:]
     assert [(killed / f"start-{i}.txt").read_text() for i in (0, 1)] == ["8", "8"]
