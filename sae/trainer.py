@@ -416,9 +416,11 @@ class Trainer:
     def _resumable(self, cfg: DictionaryConfig, name: str) -> Found | None:
         """The latest checkpoint of dictionary `name`, if it was made with the same fingerprint."""
         member = ckpt.member_dir(self.out_dir, name)
-        if not self.sharded:
+        if self.sharded:  # this shard's, at the latest step every shard holds
+            found = sharding.load_shard(member, self.shards.layout, name)
+        else:
             sharding.refuse_other_layout(member, None, name)
-        found = sharding.load_shard(member, self.shards.layout, name) if self.sharded else ckpt.load_latest(member)
+            found = ckpt.load_latest(member)
         if found is None:
             return None
         path, state = found
