@@ -42,10 +42,11 @@ def one_process(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
-    """2 ranks: 2 feature shards, then the same with rank 1 SIGKILLing itself when it draws step
-    13 (checkpoints at steps 8 and 16), which ends the launch."""
+    """2 ranks: 2 feature shards (and a dictionary that diverges at once), then the same without
+    it with rank 1 SIGKILLing itself when it draws step 13 (checkpoints at steps 8 and 16), which
+    ends the launch."""
     out = tmp_path_factory.mktemp("two")
-    r = launch("train", out, "sharded2=feature_sharded+resample,killed=feature_sharded+resample", 13, 1)
+    r = launch("train", out, "sharded2=feature_sharded+resample+boom,killed=feature_sharded+resample", 13, 1)
     assert r.returncode != 0 and ("SIGKILL" in r.stderr or "-9" in r.stderr), r.stderr[-3000:]
     return out
 
@@ -78,6 +79,9 @@ def test_gathered_dictionary_equals_one_process(request, one_process, run):
     assert cfg["features_resampled"] == one_cfg["features_resampled"] > 0  # every shard's counted
     assert cfg["d_sae"] == 48 and cfg["tokens_trained"] == 24 * 128
     assert not (out / ckpt.CHECKPOINT_DIR).exists()  # every shard's checkpoints removed at the end
+    if name == "sharded2":  # the diverged one left on both ranks; the others trained on as without it
+        boom = json.loads((out / "boom" / "cfg.json").read_text())
+        assert boom["status"] == "diverged" and boom["divergence"]["step"] == 1 and boom["d_sae"] == 48
 
 
 def test_killed_run_is_refused_with_another_layout_and_resumes_identically_with_its_own(two_ranks):
