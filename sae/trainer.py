@@ -498,10 +498,10 @@ class Trainer:
             hook = self._hook_for(cfg, batch)
             input_hook = cfg.input_hook or hook
             d_in, d_out = batch[input_hook].shape[1], batch[hook].shape[1]
-            for h, width in {input_hook: d_in, hook: d_out}.items():
+            for key, h, width in (("d_in", input_hook, d_in), ("d_out", hook, d_out)):
                 expected = self._expected_d_in(h)
                 if expected is not None and expected != width:
-                    raise ConfigError(f"{name}: {h!r} should be {expected} wide but its batches have width {width}")
+                    raise ConfigError(f"{name}: {key} is {expected} but the batches of {h!r} have width {width}")
             cfg.require_width(d_in, name)
             if self.sharded and cfg.is_transcoder:
                 raise ConfigError(f"{name}: a transcoder trains with placement data_parallel or dictionary_per_rank; "

@@ -66,10 +66,13 @@ RESAMPLE = {"name": "resample", "architecture": "relu", "l1_coefficient": 30.0, 
             "resample_dead_tokens": 2 * BATCH, "hook_name": "hook.a"}
 
 
-def configs(edits: str = ""):
-    """CONFIGS edited as `edits` says: '+boom' adds BOOM, '+resample' RESAMPLE, '-NAME' leaves NAME out."""
+def configs(edits: str = "", placement: str = "none"):
+    """CONFIGS edited as `edits` says: '+boom' adds BOOM, '+resample' RESAMPLE, '-NAME' leaves NAME out
+    (feature_sharded leaves the transcoder out: that placement does not take transcoders yet)."""
     chosen = list(CONFIGS) + [BOOM] * ("+boom" in edits) + [RESAMPLE] * ("+resample" in edits)
     left_out = {e.split("+")[0] for e in edits.split("-")[1:]}
+    if placement == "feature_sharded":
+        left_out.add("transcoder")
     return [parse_dictionary_config({**COMMON, **c}) for c in chosen if c["name"] not in left_out]
 
 
@@ -167,7 +170,7 @@ def main(argv: list[str]) -> None:
             os.makedirs(out, exist_ok=True)
             last = i == len(runs) - 1  # the kill applies to the last run only
             source = Source(out, die_at if last else -1, die_rank if last else -1)
-            result = train_dictionaries(source, configs(edits), total_tokens=TOTAL_TOKENS,
+            result = train_dictionaries(source, configs(edits, placement), total_tokens=TOTAL_TOKENS,
                                         out_dir=out, checkpoint_every_tokens=8 * BATCH, progress=False,
                                         placement=None if placement == "none" else placement,
                                         feature_shards=int(feature_shards) if feature_shards else None)
