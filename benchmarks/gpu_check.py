@@ -4,6 +4,7 @@ the GPU, and a harvest, a training run and an evaluation on a tiny model, all on
 
     python benchmarks/gpu_check.py                        # one CUDA GPU (under 8 minutes on an H200)
     python benchmarks/gpu_check.py --device cpu --tiny    # every check at a tiny size (seconds)
+    python benchmarks/gpu_check.py --device cpu --tiny --d-in 576 --d-sae 9216 --batch 4096 --k 64
 
 Rows (targets from issue 13, in this benchmark, not in the tests):
   - cuda tests: `pytest -m cuda` (tests/test_cuda.py and the CUDA tests of other files);
@@ -245,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (seconds, any device)")
     ap.add_argument("--no-tests", action="store_true", help="skip `pytest -m cuda`")
     ap.add_argument("--work-dir", default=None, help="where the caches go (default: a temp dir, removed)")
+    for field in ("d_in", "d_sae", "batch", "k", "steps", "read_tokens"):
+        ap.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help="override the size's")
     a = ap.parse_args(argv)
     device, s = torch.device(a.device), TINY if a.tiny else FULL
+    s = s._replace(**{f: getattr(a, f) for f in ("d_in", "d_sae", "batch", "k", "steps", "read_tokens")
+                      if getattr(a, f) is not None})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=a.work_dir) as tmp:
