@@ -8,7 +8,8 @@ the GPU, and a harvest, a training run and an evaluation on a tiny model, all on
 
 Rows (targets from issue 13, in this benchmark, not in the tests):
   - cuda tests: `pytest -m cuda` (tests/test_cuda.py and the CUDA tests of other files);
-  - bf16 matmul: an n x n x n bf16 product, the ceiling the steps are set against;
+  - bf16 matmul: an 8192^3 bf16 product, and one of the steps' encoder shape (4096 x 2048 x 65,536),
+    the ceiling the steps are set against;
   - step <architecture>: the trainer's step (loss, backward, decoder projection, clipping, Adam) at
     d_in 2048, d_sae 65,536, batch 4096, bf16 autocast, k 64 (relu-family: biases set so that L0 is
     64, as in a trained dictionary): tokens/s, TFLOP/s counted as the dense step's 12 B d_in d_sae
@@ -120,8 +121,10 @@ def cuda_tests(device: torch.device, run_tests: bool) -> list[Row]:
     return [Row("cuda tests (pytest -m cuda)", summary, "; ".join(failed)[:300], done.returncode == 0)]
 
 
-def matmul_tflops(n: int, device: torch.device, repeats: int = 10) -> float:
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+def matmul_tflops(m: int, k: int, n: int, device: torch.device, repeats: int = 10) -> float:
+    """TFLOP/s of an [m, k] @ [k, n] bf16 product (after three warm-ups)."""
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
     sync(device)
@@ -129,7 +132,17 @@ def matmul_tflops(n: int, device: torch.device, repeats: int = 10) -> float:
     for _ in range(repeats):
         a @ b
     sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
+    return 2 * m * k * n * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def matmul_rows(s: Sizes, device: torch.device) -> tuple[list[Row], float]:
+    """The square product (the machine's figure) and the step's encoder shape (the ceiling the
+    steps are set against: batch x d_in x d_sae)."""
+    square = matmul_tflops(s.matmul, s.matmul, s.matmul, device)
+    ceiling = matmul_tflops(s.batch, s.d_in, s.d_sae, device)
+    return [Row(f"bf16 matmul {s.matmul}^3", f"{square:.3g} TFLOP/s"),
+            Row(f"bf16 matmul {s.batch}x{s.d_in}x{s.d_sae}", f"{ceiling:.3g} TFLOP/s",
+                "the steps' ceiling: their encoder's shape")], ceiling
 
 
 def step_row(name: str, raw: dict, x: torch.Tensor, s: Sizes, ceiling: float) -> Row:
@@ -257,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=a.work_dir) as tmp:
         rows = guarded("cuda tests", lambda: cuda_tests(device, not a.no_tests))
-        ceiling = matmul_tflops(s.matmul, device)
-        rows.append(Row(f"bf16 matmul {s.matmul}^3", f"{ceiling:.3g} TFLOP/s", "the ceiling below"))
+        matmuls, ceiling = matmul_rows(s, device)
+        rows += matmuls
         x = torch.randn(s.batch, s.d_in, generator=torch.Generator().manual_seed(0)).to(device)
         steps = step_rows(x, s, ceiling)
         rows += steps
