@@ -282,6 +282,8 @@ def _prune_for(prune: Any, names: list[str], diverged: dict[str, Any]) -> Any:
     if any(n in diverged for n in group):
         say(f"prune.ablation skipped: {', '.join(n for n in group if n in diverged)} diverged")
     keep_ablation = ablation is not None and all(n in names for n in group)
+    if not keep_ablation and not any(p in names for p in prune.dictionaries):
+        return None
     return prune.model_copy(update={"dictionaries": [p for p in prune.dictionaries if p in names],
                                     "ablation": ablation if keep_ablation else None})
 
@@ -289,7 +291,7 @@ def _prune_for(prune: Any, names: list[str], diverged: dict[str, Any]) -> Any:
 def _kill_tokens(run: RunConfig, prune: Any, model) -> Any:
     """Where the prune block's kill decisions are measured: the first prune.frequency_tokens of the
     training tokens (from the cache when there is one), never the held-out ones."""
-    if prune is None or not (prune.dictionaries or prune.ablation):
+    if prune is None:
         return None
     cache = run.cache_dir if run.harvest.mode == "disk" else None
     return run_training_activations(cache, model, run.data, min(prune.frequency_tokens, run.train_tokens),

@@ -134,7 +134,8 @@ def test_eval_prune_and_ablate_frequency_on_a_matryoshka(tmp_path, tiny_model_di
 
     src = tmp_path / "m"
     _save_for_the_tiny_model(src, tiny_model_dir, tiny_text_file)
-    common = ["--tokens", "256", "--batch-size", "6", "--device", "cpu", "--no-progress", "--mean-tokens", "256"]
+    common = ["--tokens", "256", "--batch-size", "6", "--device", "cpu", "--no-progress", "--mean-tokens", "256",
+              "--frequency-tokens", "1024"]
     main(["prune", str(src), "--max-frequency", "0.3", "--out", str(tmp_path / "pruned"), *common])
     capsys.readouterr()
     cfg = json.loads((tmp_path / "pruned" / "cfg.json").read_text())
@@ -147,10 +148,10 @@ def test_eval_prune_and_ablate_frequency_on_a_matryoshka(tmp_path, tiny_model_di
     assert pruned.architecture == ARCH and pruned.group_sizes == survivors
     assert json.loads((tmp_path / "pruned" / "eval.json").read_text())["d_sae"] == sum(survivors)
 
-    main(["ablate-frequency", str(src), "--thresholds", "0.5,0.3", *common])
+    main(["ablate-frequency", str(src), "--thresholds", "0.3,0.05", *common])
     rows = {r["threshold"]: r for r in json.loads((src / "ablation.json").read_text())["thresholds"]}
     assert rows[0.3]["killed"] == int(killed.sum())  # the same features as the pruned dictionary's
-    assert rows[0.3]["l0"] < rows[0.5]["l0"]
+    assert rows[0.05]["killed"] > rows[0.3]["killed"] and rows[0.05]["l0"] < rows[0.3]["l0"]
 
 
 # ---- dictionary_learning's format -----------------------------------------------------------

@@ -172,7 +172,7 @@ def test_a_finished_sweep_with_dictionaries_added_trains_only_those(tmp_path, ti
     row = next(r for r in summary["dictionaries"] if r["name"] == "boom")
     assert row["fvu"] is None and row["divergence"]["step"] == 1 and row["lr"] == 1e30
     md = (run.run_dir / "summary.md").read_text()
-    assert "| boom | blocks.1.hook_mlp_out | 64 | 1e+30 | 1 | 0 |" in md
+    assert f"| boom | blocks.1.hook_mlp_out | 64 | 1e+30 | 1 | {boom['divergence']['restored_step']} |" in md
     # the same again: the run is complete, and still says so and exits 3
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(bigger)], capture_output=True, text=True)
     assert proc.returncode == 3 and "is complete with this config" in proc.stdout

@@ -39,7 +39,7 @@ data: {{source: {text}, context_size: 16}}
 train_tokens: 1024
 harvest: {{contexts_per_shard: 32}}
 train: {{batch_size: 256}}
-eval: {{enabled: false}}
+eval_tokens: 256
 dictionaries:
   - {{name: topk, architecture: topk, k: 8, d_sae: 64}}
   - {{architecture: relu, d_sae: 64, sweep: {{l1_coefficient: [1.0]}}}}

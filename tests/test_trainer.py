@@ -217,7 +217,8 @@ DIVERGE_SWEEP = [{"architecture": "relu", "d_sae": 32, "name": "good", "hook_nam
 def _diverge_sweep(out_dir, names, checkpoint_every_tokens=15 * 128, **kwargs):
     cfgs = [parse_dictionary_config(c) for c in DIVERGE_SWEEP if c["name"] in names]
     return train_dictionaries(TwoHooks(bad_step=7), cfgs, total_tokens=40 * 128, out_dir=out_dir,
-                              checkpoint_every_tokens=checkpoint_every_tokens, log_every=5, **kwargs)
+                              checkpoint_every_tokens=checkpoint_every_tokens, log_every=5,
+                              histogram_every_tokens=10 * 128, **kwargs)
 
 
 def test_a_diverging_dictionary_leaves_and_the_others_finish_as_without_it(tmp_path, monkeypatch, capsys):
@@ -228,7 +229,7 @@ def test_a_diverging_dictionary_leaves_and_the_others_finish_as_without_it(tmp_p
     logged, summary = [], {}
     fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(log=lambda row, step=None: logged.append(row),
                                                                          finish=lambda: None, summary=summary),
-                                 Histogram=lambda values, num_bins: "histogram",
+                                 Histogram=lambda values, num_bins: "histogram", Image=lambda path: "image",
                                  util=types.SimpleNamespace(generate_id=lambda: "abc"))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = _diverge_sweep(tmp_path / "with", ["good", "t", "boom"], wandb={"mode": "offline"})
