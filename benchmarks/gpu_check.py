@@ -250,7 +250,8 @@ def table(rows: list[Row]) -> str:
     """A Markdown table (it pastes into the README as it is)."""
     width = max(len(r.check) for r in rows)
     mark = {True: "ok", False: "FAIL", None: ""}
-    lines = [f"| {'check':<{width}} | {'result':>24} |      | detail |", f"|{'-' * (width + 2)}|{'-' * 25}:|------|--------|"]
+    lines = [f"| {'check':<{width}} | {'result':>24} |      | detail |",
+             f"|{'-' * (width + 2)}|{'-' * 25}:|------|--------|"]
     lines += [f"| {r.check:<{width}} | {r.result:>24} | {mark[r.ok]:4} | {r.detail} |" for r in rows]
     return "\n".join(lines)
 
