@@ -21,16 +21,16 @@ from safetensors.torch import load_file
 from transformer_lens.model_bridge import TransformerBridge
 
 import sae.cache as sc
-import sae.dictionaries
 from cache_helpers import fail_after_shards
 from sae.cache import (SUM_PREFIX, TOKEN_INDEX, CacheReader, Manifest, ShuffledBatches, StreamingSource,
                        harvest, load_shard, open_cache, scatter_read, to_device, verify_cache, verify_shard)
 from sae.cache.shards import write_shard
+from sae.dictionaries import parse_dictionary_config
 from sae.errors import CacheError, HookError
 from sae.means import means_from_cache
+from sae.models import stop_layer
 from sae.synthetic import fvu
 from sae.trainer import train_dictionaries
-from sae.models import stop_layer
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.0.hook_mlp_out",
@@ -168,7 +168,6 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from transformer_lens.model_bridge import TransformerBridge
     import sae.cache as sc
-import sae.dictionaries
     from sae.cache import harvest
     orig = sc.ActivationCapture.run
     def slow(self, t):
@@ -466,7 +465,7 @@ def test_a_bf16_cache_trains_a_float32_and_a_bf16_autocast_step(bf16_cache):
     them (the trainer widens them losslessly), and under bf16 autocast to about the same FVU."""
     def trained(out_dtype, autocast_dtype):
         reader = CacheReader(bf16_cache.cache_dir, batch_size=32, seed=2, hooks=[HOOKS[0]], out_dtype=out_dtype)
-        cfg = sae.dictionaries.parse_dictionary_config({"architecture": "topk", "k": 4, "d_sae": 64, "lr": 3e-3})
+        cfg = parse_dictionary_config({"architecture": "topk", "k": 4, "d_sae": 64, "lr": 3e-3})
         return next(iter(train_dictionaries(reader, [cfg], total_tokens=32 * 30, autocast_dtype=autocast_dtype,
                                             progress=False).values()))
     own, widened, autocast = trained(None, None), trained(torch.float32, None), trained(None, torch.bfloat16)
