@@ -75,6 +75,7 @@ def test_to_device_overlaps_the_copies_with_compute():
     resident = batches[0]["x"].cuda()
     copy = _step_seconds(batches, lambda x: x, iter) / len(batches)
     w = torch.randn(2048, 2048, device="cuda")
+    torch.tanh(resident @ w)  # warm-up: cuBLAS's first call
     one = _step_seconds([{"x": resident}] * 3, lambda x: torch.tanh(x @ w), iter) / 3
     reps = max(1, round(4 * copy / one))  # a step four times one batch's copy
 
