@@ -464,7 +464,9 @@ def test_a_bf16_cache_trains_a_float32_and_a_bf16_autocast_step(bf16_cache):
     """bf16 batches straight from the reader train exactly as the reader's float32 conversion of
     them (the trainer widens them losslessly), and under bf16 autocast to about the same FVU."""
     def trained(out_dtype, autocast_dtype):
-        reader = CacheReader(bf16_cache.cache_dir, batch_size=32, seed=2, hooks=[HOOKS[0]], out_dtype=out_dtype)
+        # no prefetch thread: one left reading after training would read on into later tests
+        reader = CacheReader(bf16_cache.cache_dir, batch_size=32, seed=2, hooks=[HOOKS[0]], out_dtype=out_dtype,
+                             prefetch=False)
         cfg = parse_dictionary_config({"architecture": "topk", "k": 4, "d_sae": 64, "lr": 3e-3})
         return next(iter(train_dictionaries(reader, [cfg], total_tokens=32 * 30, autocast_dtype=autocast_dtype,
                                             progress=False).values()))
