@@ -28,6 +28,7 @@ from pipeline.resume import (Saved, check_same_run, completed_run, dictionary_me
                              saved_dictionaries, to_evaluate)
 
 from sae import distributed as dist
+from sae import sharding
 from sae import io
 from sae.cache import CacheReader, StreamingSource, harvest
 from sae.config import RunConfig, dump_run_config
@@ -81,6 +82,7 @@ def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str
         _say_diverged(run, configs)
         return done
     check_same_run(run, configs)  # before anything is written
+    _check_layout(run, configs, {})
     to_train = _to_train(run, configs, saved_dictionaries(run, configs))
     same_eval = same_evaluation(run)  # (config.yaml is rewritten next)
     _start(run)
@@ -153,9 +155,20 @@ def _load_model(run: RunConfig, configs: list[DictionaryConfig]) -> _Loaded:
     d_in = {h: hook_d_in(model, h) for h in run.hooks}
     if dist.is_distributed() and run.distributed.placement == "data_parallel":
         dist.check_batch_divisible(run.train.batch_size, "train.batch_size")
+    _check_layout(run, configs, d_in)
     for cfg in configs:
         cfg.require_width(d_in[cfg.hook_name])
     return _Loaded(model, device, d_in)
+
+
+def _check_layout(run: RunConfig, configs: list[DictionaryConfig], d_in: dict[str, int]) -> None:
+    """feature_sharded under torchrun: the feature shards divide the ranks and every d_sae (those
+    given as expansion factors once d_in is known), the data groups the batch size."""
+    if not dist.is_distributed() or run.distributed.placement != "feature_sharded":
+        return
+    layout = sharding.layout_for(dist.world_size(), dist.rank(), run.distributed.feature_shards)
+    sharding.check_widths(configs, [c.name for c in configs], d_in, layout.feature_shards)
+    dist.check_batch_divisible(run.train.batch_size, "train.batch_size", layout.data_groups)
 
 
 def _tokens(run: RunConfig, model, split: str, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,6 +231,7 @@ def _train_dictionaries(run: RunConfig, configs: list[DictionaryConfig], loaded:
                "name": run.run_name},
         autocast_dtype=autocast_dtype(run, loaded.device), log_every=run.train.log_every_steps,
         placement=run.distributed.placement if dist.is_distributed() else None,
+        feature_shards=run.distributed.feature_shards if dist.is_distributed() else None,
         stop_on_divergence=run.train.stop_on_divergence)
 
 

@@ -55,18 +55,26 @@ def _remove_stale_temporaries(directory: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any]) -> Path:
-    """Write `state` as the checkpoint of `step`, then remove every other checkpoint in `directory`."""
+def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep_older: bool = False) -> Path:
+    """Write `state` as the checkpoint of `step`, then remove every other checkpoint in `directory`
+    (`keep_older`: not yet; the feature shards of a dictionary remove theirs with `remove_others`
+    once every shard has written the new one)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(directory)
     path = directory / f"checkpoint-{step:010d}.pt"
     with io.atomic_path(path) as tmp:
         torch.save(state, tmp)
-    for _, old in _checkpoints(directory):
-        if old != path:
-            old.unlink(missing_ok=True)
+    if not keep_older:
+        remove_others(directory, step)
     return path
+
+
+def remove_others(directory: str | Path, step: int) -> None:
+    """Remove every checkpoint in `directory` but the one of `step`."""
+    for old_step, old in _checkpoints(Path(directory)):
+        if old_step != step:
+            old.unlink(missing_ok=True)
 
 
 def load_latest(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:

@@ -106,11 +106,21 @@ class WandbConfig(_Strict):
 class DistributedConfig(_Strict):
     """Read only under torchrun (several processes, see sae.distributed); one process ignores it."""
 
-    placement: Literal["data_parallel", "dictionary_per_rank"] = Field(
+    placement: Literal["data_parallel", "dictionary_per_rank", "feature_sharded"] = Field(
         "data_parallel", description="data_parallel: every rank trains every dictionary on its slice of "
-        "each batch; dictionary_per_rank: each rank trains its share of the dictionaries on whole batches")
+        "each batch; dictionary_per_rank: each rank trains its share of the dictionaries on whole batches; "
+        "feature_sharded: each rank holds a shard of every dictionary's features (sae.sharding)")
+    feature_shards: int | None = Field(None, ge=1, description="feature_sharded: ranks sharing each "
+                                       "dictionary's features (a divisor of the ranks, the rest data-parallel "
+                                       "groups); null: all of them")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl with CUDA, else gloo")
     timeout_minutes: float = Field(120.0, gt=0, description="how long a rank waits for the others")
+
+    @model_validator(mode="after")
+    def _shards_need_sharding(self) -> "DistributedConfig":
+        if self.feature_shards is not None and self.placement != "feature_sharded":
+            raise ValueError(f"feature_shards needs placement: feature_sharded (placement is {self.placement})")
+        return self
 
 
 class RunConfig(_Strict):

@@ -4,7 +4,7 @@
 in a plain single process, where every helper here is a no-op (rank 0 of 1). The two placements
 of the training work (README, "Several GPUs") need: `RankShards` (data parallel: reductions over
 the ranks' shards of each batch, handed to the losses by the trainer), `average_gradients`, and
-`assign_dictionaries` (dictionary per rank).
+`assign_dictionaries` (dictionary per rank); the third, feature_sharded, is `sae.sharding`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import Tensor
 from sae.dictionaries.base import BatchShards
 from sae.errors import ConfigError
 
-Placement = Literal["data_parallel", "dictionary_per_rank"]
-PLACEMENTS: tuple[str, ...] = ("data_parallel", "dictionary_per_rank")
+Placement = Literal["data_parallel", "dictionary_per_rank", "feature_sharded"]
+PLACEMENTS: tuple[str, ...] = ("data_parallel", "dictionary_per_rank", "feature_sharded")
 
 
 # ---- the process group ---------------------------------------------------------------------------
@@ -51,10 +51,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_batch_divisible(batch_size: int, what: str = "a batch") -> None:
-    """Data parallel: every rank trains on an equal contiguous slice of each global batch."""
-    if batch_size % world_size():
-        raise ConfigError(f"{what} ({batch_size} rows) must be divisible by the {world_size()} "
+def check_batch_divisible(batch_size: int, what: str = "a batch", parts: int | None = None) -> None:
+    """Data parallel: every rank (or data group: `parts`) trains on an equal contiguous slice of
+    each global batch."""
+    parts = world_size() if parts is None else parts
+    if batch_size % parts:
+        raise ConfigError(f"{what} ({batch_size} rows) must be divisible by the {parts} "
                           f"data-parallel ranks: each trains on an equal slice")
 
 
@@ -181,6 +183,9 @@ class RankShards(BatchShards):
 
     def gather(self, t: Tensor) -> Tensor:
         return all_gather(t)
+
+    def reduce_gradients(self, dictionary: torch.nn.Module) -> None:
+        average_gradients(list(dictionary.parameters()))
 
 
 # ---- dictionary placement -------------------------------------------------------------------------

@@ -28,6 +28,8 @@ Under torchrun, `placement` "data_parallel" gives each rank its shard of every b
 averaged; the losses get `sae.distributed.RankShards` for whole-batch statistics; rank 0 writes),
 and "dictionary_per_rank" gives each rank its share of the dictionaries (it trains, checkpoints
 and saves them itself; a dictionary's checkpoint resumes on whichever rank owns it next).
+"feature_sharded" gives each rank a shard of every dictionary's features (`sae.sharding`: the
+losses get its `MeshShards`, each rank checkpoints its shard, rank 0 saves the gathered whole).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from torch import Tensor
 import sae
 from sae import checkpoint as ckpt
 from sae import distributed as dist
+from sae import sharding
 from sae.cache.device_feed import to_device
 from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, SparseDictionary, TrainStep,
                                    geometric_median, unit_norm_scale)
@@ -205,6 +208,7 @@ class _Slot:
     tracker: FeatureTracker
     generator: torch.Generator
     fingerprint: dict[str, Any]  # what its result depends on besides the batches (Trainer.fingerprint)
+    shards: BatchShards = WHOLE_BATCH  # how its batches (and features) are split over the ranks
     stats: dict[str, Tensor] = field(default_factory=dict)
     stat_steps: int = 0
     bad_step: Tensor | None = None  # first step with a non-finite loss (_NO_BAD_STEP: none), on device
@@ -261,11 +265,10 @@ class _Slot:
         d = self.dictionary
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if shards.count > 1:
-            dist.average_gradients(list(d.parameters()))
+        shards.reduce_gradients(d)
         d.before_optimizer_step()
         if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(d.parameters(), self.cfg.grad_clip)
+            shards.clip_gradients(d, self.cfg.grad_clip)
         self.optimizer.step()
         d.after_optimizer_step()
 
@@ -301,15 +304,16 @@ class Trainer:
                  wandb: Mapping[str, Any] | None = None, autocast_dtype: torch.dtype | None = None,
                  progress: bool = True, log_every: int | None = None,
                  histogram_every_tokens: int | None = None, keep_checkpoint: bool = False,
-                 placement: str | None = None, stop_on_divergence: bool = False):
+                 placement: str | None = None, feature_shards: int | None = None,
+                 stop_on_divergence: bool = False):
         _check_arguments(configs, total_tokens, out_dir, checkpoint_every_tokens)
         self.configs = list(configs)
         self.names = dictionary_names(self.configs)
         self.all_names = list(self.names)  # every rank's (dictionary_per_rank keeps its own in names)
-        self._place(placement, d_in)
+        self.device = torch.device(device)
+        self._place(placement, d_in, feature_shards)
         self.total_tokens = int(total_tokens)
         self.d_in = d_in
-        self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_every_tokens = checkpoint_every_tokens
         self.metadata = {k: dict(v) for k, v in (metadata or {}).items()}
@@ -335,14 +339,23 @@ class Trainer:
         self._histogram_tokens = 0  # tokens_seen when the frequency histograms were last logged
         self.histories: dict[str, TrainingHistory] = {}  # name -> curves over training (saved beside it)
 
-    def _place(self, placement: str | None, d_in: int | Mapping[str, int] | None) -> None:
+    def _place(self, placement: str | None, d_in: int | Mapping[str, int] | None,
+               feature_shards: int | None) -> None:
         """Several processes (torchrun; see sae.distributed): how they share the work. None on one."""
         if placement is not None and placement not in dist.PLACEMENTS:
             raise ConfigError(f"placement must be one of {', '.join(dist.PLACEMENTS)}, not {placement!r}")
+        if feature_shards is not None and placement != "feature_sharded":
+            raise ConfigError(f"feature_shards {feature_shards} needs placement feature_sharded, not {placement!r}")
         self.world, self.rank = dist.world_size(), dist.rank()
         self.placement = (placement or "data_parallel") if self.world > 1 else None
         # what the losses reduce whole-batch statistics over: this rank's shard and the others'
         self.shards = dist.RankShards() if self.data_parallel else WHOLE_BATCH
+        self.data_index, self.data_count = (self.rank, self.world) if self.data_parallel else (0, 1)
+        if self.placement == "feature_sharded":
+            layout = sharding.layout_for(self.world, self.rank, feature_shards)
+            sharding.check_widths(self.configs, self.names, d_in, layout.feature_shards)
+            self.shards = sharding.make_mesh(layout, self.device)
+            self.data_index, self.data_count = layout.data_index, layout.data_groups
         if self.placement == "dictionary_per_rank":
             owners = dist.assign_dictionaries(self.configs, self.world, d_in)
             mine = [i for i, owner in enumerate(owners) if owner == self.rank]
@@ -362,9 +375,19 @@ class Trainer:
         return self.placement == "data_parallel"
 
     @property
+    def sharded(self) -> bool:
+        return self.placement == "feature_sharded"
+
+    @property
+    def together(self) -> bool:
+        """Whether every rank trains every dictionary (data parallel, feature sharded): they step,
+        resume and leave off together."""
+        return self.data_parallel or self.sharded
+
+    @property
     def writes(self) -> bool:
-        """Whether this process writes checkpoints and dictionaries (data parallel: rank 0 only)."""
-        return not self.data_parallel or self.rank == 0
+        """Whether this process writes dictionaries (data parallel, feature sharded: rank 0 only)."""
+        return not self.together or self.rank == 0
 
     def _say(self, message: str) -> None:
         """One line about this process's dictionaries (data parallel: rank 0 speaks for all)."""
@@ -385,14 +408,19 @@ class Trainer:
             for name in (n for n, found in plan.items() if found is None):
                 if ckpt.latest_path(ckpt.member_dir(self.out_dir, name)) is None:
                     self._say(f"{name}: new, starts at step 0")
-        if self.data_parallel:
+        if self.together:
             self._check_same_plan(plan)
         self._wandb_id = next((f[1]["wandb_id"] for f in plan.values() if f and f[1]["wandb_id"]), None)
         return plan
 
     def _resumable(self, cfg: DictionaryConfig, name: str) -> Found | None:
         """The latest checkpoint of dictionary `name`, if it was made with the same fingerprint."""
-        found = ckpt.load_latest(ckpt.member_dir(self.out_dir, name))
+        member = ckpt.member_dir(self.out_dir, name)
+        if self.sharded:  # this shard's, at the latest step every shard holds
+            found = sharding.load_shard(member, self.shards.layout, name)
+        else:
+            sharding.refuse_other_layout(member, None, name)
+            found = ckpt.load_latest(member)
         if found is None:
             return None
         path, state = found
@@ -452,11 +480,13 @@ class Trainer:
             if expected is not None and expected != d_in:
                 raise ConfigError(f"{name}: d_in is {expected} but the batches of {hook!r} have width {d_in}")
             cfg.require_width(d_in, name)
-            dictionary = get_architecture(cfg.architecture)(cfg, d_in).to(self.device)
+            shards = self.shards.for_width(cfg.resolve_d_sae(d_in), name) if self.sharded else self.shards
+            dictionary = (sharding.build_shard(cfg, d_in, shards, name) if self.sharded else
+                          get_architecture(cfg.architecture)(cfg, d_in)).to(self.device)
             optimizer = torch.optim.Adam(dictionary.parameters(), lr=dictionary.lr, betas=tuple(cfg.adam_betas))
             generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
             slot = _Slot(name, cfg, hook, dictionary, optimizer, FeatureTracker(dictionary.d_sae, self.device),
-                         generator, self.fingerprint(cfg, name),
+                         generator, self.fingerprint(cfg, name), shards,
                          bad_step=torch.full((), _NO_BAD_STEP, dtype=torch.long, device=self.device))
             slot.zero_stats(self.device)
             slots.append(slot)
@@ -528,7 +558,10 @@ class Trainer:
         self._check_divergence()  # a checkpoint holds finite states only
         for s in self._live():
             directory = ckpt.member_dir(self.out_dir, s.name)
-            if self.writes:
+            if self.sharded:  # every shard its own (the first data group's ranks write)
+                s.last_checkpoint = sharding.save_shard(directory, self.shards.layout, self.step,
+                                                        self._member_state(s), self.data_index == 0)
+            elif self.writes:
                 s.last_checkpoint = ckpt.save_checkpoint(directory, self.step, self._member_state(s))
             else:
                 s.last_checkpoint = directory / f"checkpoint-{self.step:010d}.pt"
@@ -545,7 +578,7 @@ class Trainer:
         if not live:
             return
         flags = torch.stack([torch.stack([s.bad_step, s.nonfinite_weights()]) for s in live])  # [n, 2]
-        if self.data_parallel:  # the earliest bad step of any rank; broken weights on any
+        if self.together:  # the earliest bad step of any rank; broken weights on any
             flags = torch.stack([dist.all_reduce(flags[:, 0], "min"), dist.all_reduce(flags[:, 1], "max")], dim=1)
         for s, (bad, broken) in zip(live, flags.tolist()):
             if bad == _NO_BAD_STEP and not broken:
@@ -583,7 +616,10 @@ class Trainer:
             return {}
         rows = torch.stack([torch.stack([*(s.stats[k] for k in _STAT_KEYS),
                                          s.tracker.dead_mask(s.cfg.dead_after_tokens).sum().double()])
-                            for s in live]).tolist()
+                            for s in live])
+        if self.sharded:  # L0 and dead features: every feature shard's part
+            rows = torch.cat([rows[:, :3], self.shards.feature_sum(rows[:, 3:])], dim=1)
+        rows = rows.tolist()
         out = {}
         for s, row in zip(live, rows):
             n = max(s.stat_steps, 1)
@@ -622,7 +658,7 @@ class Trainer:
             config={"total_tokens": self.total_tokens,
                     "dictionaries": {n: c.model_dump(mode="json") for n, c in zip(self.names, self.configs)}})
 
-    def _log(self, stats: dict[str, dict[str, float]], histograms: bool) -> None:
+    def _log(self, stats: dict[str, dict[str, float]], histograms: dict[str, Tensor]) -> None:
         """One wandb row (wandb counts the rows itself: a later pass starts again at a lower step)."""
         if self._wandb_run is None:
             return
@@ -631,15 +667,14 @@ class Trainer:
         row: dict[str, Any] = {"tokens": self.tokens_seen, "train_step": self.step}
         for name, st in stats.items():
             row.update({f"{name}/{k}": v for k, v in st.items()})
-        if histograms:
-            for s in self._live():
-                freq = s.tracker.window.frequencies().cpu()
-                live = freq[freq > 0]
-                row[f"{s.name}/dead_in_window"] = int((freq == 0).sum())
-                row[f"{s.name}/dense_1e-2"] = int((freq > 1e-2).sum())
-                row[f"{s.name}/dense_1e-1"] = int((freq > 1e-1).sum())
-                if live.numel():
-                    row[f"{s.name}/log10_frequency"] = wandb.Histogram(live.log10().numpy(), num_bins=64)
+        for name, freq in histograms.items():
+            freq = freq.cpu()
+            live = freq[freq > 0]
+            row[f"{name}/dead_in_window"] = int((freq == 0).sum())
+            row[f"{name}/dense_1e-2"] = int((freq > 1e-2).sum())
+            row[f"{name}/dense_1e-1"] = int((freq > 1e-1).sum())
+            if live.numel():
+                row[f"{name}/log10_frequency"] = wandb.Histogram(live.log10().numpy(), num_bins=64)
         self._wandb_run.log(row)
 
     def _log_divergence(self, s: _Slot) -> None:
@@ -662,18 +697,21 @@ class Trainer:
         window = self.tokens_seen - self._histogram_tokens
         # the last window too, unless it is too short to say much
         histograms = window >= every or (self.tokens_seen >= self.total_tokens and 2 * window >= every)
-        self._log(stats, histograms)
-        self._record_history(stats, histograms)
+        # {name: [d_sae] firing frequencies over the window} (feature sharded: every shard's)
+        frequencies = {s.name: s.shards.feature_gather(s.tracker.window.frequencies())
+                       for s in self._live()} if histograms else {}
+        self._log(stats, frequencies)
+        self._record_history(stats, frequencies)
         if histograms:
             for s in self._live():
                 s.tracker.window.restart()
             self._histogram_tokens = self.tokens_seen
 
-    def _record_history(self, stats: dict[str, dict[str, float]], histograms: bool) -> None:
+    def _record_history(self, stats: dict[str, dict[str, float]], frequencies: dict[str, Tensor]) -> None:
         for s in self._live():
             self.histories[s.name].update(self.tokens_seen, self.step, stats[s.name])
-            if histograms:
-                self.histories[s.name].snapshot(self.tokens_seen, s.tracker.window.frequencies(),
+            if s.name in frequencies:
+                self.histories[s.name].snapshot(self.tokens_seen, frequencies[s.name],
                                                 s.tracker.window.tokens)
 
     def _save_history(self, name: str) -> None:
@@ -743,7 +781,7 @@ class Trainer:
         self.histories.update({s.name: TrainingHistory(s.cfg.dead_after_tokens) for s in self.slots})
         if self.batch_size is None:
             self._set_batch_size(int(first[self.slots[0].hook].shape[0]), plan)
-        if self.data_parallel:
+        if self.together:
             self._check_same_batches(first)
         self.step, self.tokens_seen = start, 0
         for s in self.slots:
@@ -779,23 +817,23 @@ class Trainer:
         B = int(batch[live[0].hook].shape[0])
         shard = self._own_shard(batch, B, live)
         for s in live:
-            s.step(shard[s.hook], self.step, self.total_steps, self.autocast_dtype, self.shards)
+            s.step(shard[s.hook], self.step, self.total_steps, self.autocast_dtype, s.shards)
         self.tokens_seen += B
         self.step += 1
         for s in live:
             every = s.dictionary.resample_every_tokens()
             if every and self.tokens_seen < self.total_tokens and self._crossed(every, B):
-                # data parallel: the whole batch, identically on every rank
-                x = batch[s.hook].to(self.device, torch.float32) if self.data_parallel else shard[s.hook]
+                # data parallel, feature sharded: the whole batch, identically on every rank
+                x = batch[s.hook].to(self.device, torch.float32) if self.together else shard[s.hook]
                 self._resample(s, x)
 
     def _own_shard(self, batch: Mapping[str, Tensor], B: int, slots: Sequence[_Slot]) -> dict[str, Tensor]:
-        """{hook: this process's rows of the batch, on the training device} (data parallel: its
-        contiguous slice; otherwise the whole batch)."""
+        """{hook: this process's rows of the batch, on the training device} (data parallel, and
+        each data group of a feature-sharded mesh: its contiguous slice; otherwise the whole batch)."""
         lo, hi = 0, B
-        if self.data_parallel:
-            dist.check_batch_divisible(B)
-            lo, hi = self.rank * B // self.world, (self.rank + 1) * B // self.world
+        if self.data_count > 1:
+            dist.check_batch_divisible(B, parts=self.data_count)
+            lo, hi = self.data_index * B // self.data_count, (self.data_index + 1) * B // self.data_count
         hooks = dict.fromkeys(s.hook for s in slots)
         return {h: batch[h][lo:hi].to(self.device, torch.float32, non_blocking=True) for h in hooks}
 
@@ -823,18 +861,22 @@ class Trainer:
         if floor is not None and s.tracker.period.tokens:
             dead |= s.tracker.period.frequencies() < floor
         s.tracker.period.restart()
-        ids = s.dictionary.resample(x, dead, s.generator)
+        ids = s.dictionary.resample(x, dead, s.generator, s.shards)
         if ids.numel():
             reset_optimizer_rows(s.optimizer, s.dictionary, ids)
             s.tracker.reset(ids)
-            s.tracker.resampled += int(ids.numel())
+        # feature sharded: every shard counts the whole dictionary's
+        s.tracker.resampled += int(s.shards.feature_sum(torch.tensor(ids.numel(), device=self.device)))
 
     # -- the end ------------------------------------------------------------------------------------------
     def _finished_dictionary(self, s: _Slot) -> SparseDictionary:
         """Fold, annotate and save a dictionary (trained, or diverged: its last good weights); its
-        checkpoints then go."""
+        checkpoints then go. Feature sharded: rank 0 saves (and returns) the gathered whole, the
+        other ranks return their shard."""
         d = s.dictionary
         d.fold_input_scale()
+        if self.sharded:
+            d = sharding.gather_whole(d, s.cfg, s.shards) or d
         d.eval()
         d.metadata.update(self.metadata.get(s.name, {}))
         d.metadata.setdefault("hook_name", s.hook if s.hook != DEFAULT_HOOK else None)
@@ -848,9 +890,11 @@ class Trainer:
         d.metadata["library_version"] = sae.__version__
         if self.out_dir is not None and self.writes:
             d.save(self.out_dir / s.name)
-            if not self.keep_checkpoint:
+            if not self.keep_checkpoint and not self.sharded:
                 ckpt.remove_checkpoints(ckpt.member_dir(self.out_dir, s.name))
             self._save_history(s.name)
+        if self.out_dir is not None and self.sharded and not self.keep_checkpoint:
+            sharding.remove_shards(ckpt.member_dir(self.out_dir, s.name), self.shards.layout, self.data_index == 0)
         return d
 
     def _end(self) -> None:
@@ -917,8 +961,10 @@ def train_dictionaries(source: Any, configs: Sequence[DictionaryConfig], *, tota
         autocast_dtype: e.g. torch.bfloat16 to run the forward/backward under autocast (master
             weights and Adam stay fp32); None runs in fp32.
         progress: show a progress bar (tokens/s, ETA, and loss, L0, FVU, dead per dictionary).
-        placement: under torchrun, "data_parallel" (default) or "dictionary_per_rank" (see the
-            module docstring); ignored by a single process.
+        placement: under torchrun, "data_parallel" (default), "dictionary_per_rank" or
+            "feature_sharded" (see the module docstring); ignored by a single process.
+        feature_shards: feature_sharded: how many ranks share each dictionary's features (a divisor
+            of the ranks; the rest are data-parallel groups); None: all of them.
         stop_on_divergence: stop everything (TrainingDiverged) when one dictionary's loss becomes
             NaN/inf, instead of letting that one leave and the others go on (the default).
         log_every: steps between statistics read-backs (progress bar, wandb, divergence checks).

@@ -19,6 +19,7 @@ import torch
 import sae
 from sae import checkpoint as ckpt
 from sae.dictionaries import SparseDictionary, get_architecture, parse_dictionary_config
+from sae.dictionaries.base import WHOLE_BATCH
 from sae.errors import ConfigError, TrainingDiverged
 from sae.io import load_tensors
 from sae.loading import load_dictionary
@@ -419,13 +420,13 @@ def test_resampling_low_frequency_features_reinitialises_exactly_those(monkeypat
     seen = {}
     original = SparseDictionary.resample
 
-    def spy(self, x, dead_mask, generator=None):
+    def spy(self, x, dead_mask, generator=None, shards=WHOLE_BATCH):
         with torch.no_grad():  # the period's frequencies, measured independently of the tracker
             fired = torch.stack([(self.encode(b) > 0).double().mean(0) for b in batches[:P]])
         seen["freq"], seen["dead"] = fired.mean(0), fired[P // 2:].sum(0) == 0
         seen["W_dec"] = self.W_dec.detach().clone()
         seen["mask"] = dead_mask.clone()
-        return original(self, x, dead_mask, generator)
+        return original(self, x, dead_mask, generator, shards)
 
     monkeypatch.setattr(SparseDictionary, "resample", spy)
     out = train_dictionaries(IterableSource(batches), [parse_dictionary_config(cfg)],

@@ -127,6 +127,36 @@ class BatchShards:
         """[count · n, ...]: every shard's t (the same shape on each), in shard order."""
         return t
 
+    # A dictionary's features may be split too (`sae.sharding`, placement feature_sharded): this
+    # process then holds features [feature_lo, feature_lo + its d_sae) of the whole dictionary,
+    # and every feature shard sees the same rows. Here: one feature shard, every method identity.
+    feature_count: int = 1
+    feature_lo: int = 0
+
+    def feature_sum(self, t: Tensor) -> Tensor:
+        """Σ over the feature shards of each one's partial t (a partial decode, a penalty summed
+        over its features): the same on every shard; its gradient passes back unchanged (every
+        shard computes the same loss from it)."""
+        return t
+
+    def once(self, t: Tensor) -> Tensor:
+        """t, a tensor every feature shard holds alike (b_dec), used where every shard computes the
+        same thing from it: its gradient is counted on one feature shard only, so that summing the
+        gradients of the replicated parameters over the feature shards counts it once."""
+        return t
+
+    def feature_gather(self, t: Tensor) -> Tensor:
+        """[feature_count · n, ...]: every feature shard's t (the same shape on each), in shard
+        order, without gradients."""
+        return t
+
+    # What the trainer does with the gradients between backward and the optimiser step.
+    def reduce_gradients(self, dictionary: "SparseDictionary") -> None:
+        """Make each gradient the whole batch's (and whole dictionary's): here it already is."""
+
+    def clip_gradients(self, dictionary: "SparseDictionary", max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(dictionary.parameters(), max_norm)
+
 
 WHOLE_BATCH = BatchShards()
 
@@ -167,6 +197,8 @@ class SparseDictionary(nn.Module):
         self.cfg = cfg  # stored as the DictionaryCfg view (the setter below)
         self.d_in = d_in
         self.d_sae = cfg.resolve_d_sae(d_in)
+        # the whole dictionary's width when this one holds a shard of its features (sae.sharding)
+        self.d_sae_total = self.d_sae
         # Where the dictionary came from (model_name, hook_name, dataset, context_size, ...).
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.W_enc = nn.Parameter(torch.empty(d_in, self.d_sae))
@@ -195,11 +227,12 @@ class SparseDictionary(nn.Module):
         self._cfg = DictionaryCfg(self, hyperparameters)
 
     # ---- initialisation -------------------------------------------------------------------
-    def reset_parameters(self) -> None:
-        """Decoder rows random unit vectors, encoder = decoder transpose (Gao et al. 2024)."""
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        W_dec = torch.randn(self.d_sae, self.d_in, generator=g)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+    def reset_parameters(self, first_feature: int = 0) -> None:
+        """Decoder rows random unit vectors, encoder = decoder transpose (Gao et al. 2024). A
+        feature shard (sae.sharding) whose first feature is the whole dictionary's `first_feature`
+        gets its rows of the whole dictionary's initialisation."""
+        rows = (first_feature, first_feature + self.d_sae)
+        W_dec = initial_directions(self.cfg.seed, self.d_sae_total, self.d_in, rows)
         with torch.no_grad():
             self.W_dec.copy_(W_dec * self.init_decoder_norm())
             self.W_enc.copy_((W_dec * self.init_encoder_norm()).T)
@@ -301,7 +334,8 @@ class SparseDictionary(nn.Module):
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
-    def resample(self, x: Tensor, dead_mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def resample(self, x: Tensor, dead_mask: Tensor, generator: torch.Generator | None = None,
+                 shards: BatchShards = WHOLE_BATCH) -> Tensor:
         """Re-initialise dead features from inputs the dictionary reconstructs badly.
 
         Towards Monosemanticity / dictionary_learning style: inputs are drawn from the batch `x`
@@ -310,22 +344,30 @@ class SparseDictionary(nn.Module):
         its decoder row (unit norm) and as its encoder column, scaled to 0.2 × the mean norm of
         the live encoder columns; its encoder bias is set to 0. Returns the ids re-initialised
         (the trainer then resets their optimizer state and their dead-feature counters).
+        Feature shards (`shards`, each with the whole batch x) draw the whole dictionary's inputs
+        alike and each takes those of its own dead features.
         """
         ids = dead_mask.nonzero().flatten()
-        if ids.numel() == 0:
+        dead_per_shard = shards.feature_gather(ids.new_tensor([ids.numel()])).tolist()
+        if sum(dead_per_shard) == 0:
             return ids
         xs = self.scale_input(x.to(self.W_enc.dtype))
-        err = (self.decode_scaled(self.encode(x)) - xs).pow(2).sum(dim=1)
+        x_hat = shards.feature_sum(self.encode(x) @ self.W_dec) + self.b_dec  # decode_scaled
+        err = (x_hat - xs).pow(2).sum(dim=1)
         if not torch.isfinite(err).all() or err.sum() <= 0:
             err = torch.ones_like(err)
         gen_device = generator.device if generator is not None else err.device
-        picks = torch.multinomial(err.to(gen_device), ids.numel(), replacement=True,
+        picks = torch.multinomial(err.to(gen_device), sum(dead_per_shard), replacement=True,
                                   generator=generator).to(err.device)
+        first = sum(dead_per_shard[:shards.feature_lo // self.d_sae])  # dead features of the shards before
+        picks = picks[first:first + ids.numel()]
+        if ids.numel() == 0:
+            return ids
         v = xs[picks] - self.b_dec
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
         live = ~dead_mask
-        enc_norm = self.W_enc[:, live].norm(dim=0).mean() if live.any() else self.W_enc.new_tensor(1.0)
-        dec_norm = self.W_dec[live].norm(dim=1).mean() if (live.any() and not self.unit_norm_decoder) else 1.0
+        enc_norm = _mean_of_shards(self.W_enc[:, live].norm(dim=0), shards, self.W_enc.new_tensor(1.0))
+        dec_norm = _mean_of_shards(self.W_dec[live].norm(dim=1), shards, 1.0) if not self.unit_norm_decoder else 1.0
         self.W_dec[ids] = v * dec_norm
         self.W_enc[:, ids] = (v * (0.2 * enc_norm)).T
         self.b_enc[ids] = 0.0
@@ -491,6 +533,31 @@ class SparseDictionary(nn.Module):
 
     def extra_repr(self) -> str:
         return f"architecture={self.architecture}, d_in={self.d_in}, d_sae={self.d_sae}"
+
+
+def _mean_of_shards(values: Tensor, shards: BatchShards, empty: Any) -> Any:
+    """The mean of the whole dictionary's values, given this feature shard's [n] (`empty` when
+    there are none)."""
+    if shards.feature_count == 1:
+        return values.mean() if values.numel() else empty
+    total = shards.feature_sum(torch.stack([values.sum(), values.new_tensor(float(values.numel()))]))
+    return total[0] / total[1] if total[1] > 0 else empty
+
+
+def initial_directions(seed: int, d_sae: int, d_in: int, rows: tuple[int, int] | None = None) -> Tensor:
+    """[hi - lo, d_in] rows lo..hi (default all) of the random unit decoder directions of a
+    dictionary of width d_sae: the same numbers whichever rows are asked for, drawn in blocks of
+    a multiple of 16 values (torch's CPU normal sampler then draws them alike) so that a feature
+    shard never holds the whole matrix."""
+    lo, hi = rows if rows is not None else (0, d_sae)
+    g = torch.Generator().manual_seed(seed)
+    block = 16 * 4096  # rows per draw: 16·4096·d_in values, a multiple of 16
+    parts = []
+    for start in range(0, hi, block):
+        drawn = torch.randn(min(block, d_sae - start), d_in, generator=g)
+        parts.append(drawn[max(lo - start, 0):max(hi - start, 0)])
+    W = torch.cat(parts) if parts else torch.empty(0, d_in)
+    return W / W.norm(dim=1, keepdim=True)
 
 
 def geometric_median(x: Tensor, iterations: int = 100, eps: float = 1e-6) -> Tensor:

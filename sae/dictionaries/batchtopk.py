@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from sae.dictionaries.base import BatchShards, width_scaled_lr
+from sae.dictionaries.base import BatchShards
 from sae.dictionaries.registry import register
 from sae.dictionaries.topk import TopKConfig, TopKStyleDictionary
 
@@ -51,14 +51,15 @@ def batch_topk_flat(pre: Tensor, n: int) -> Tensor:
 
 
 def batch_topk_threshold(values: Tensor, n: int, shards: BatchShards) -> Tensor:
-    """The n-th largest of the whole batch's values, given this shard's `values` (any shape)."""
+    """The n-th largest of the whole batch's values, given this shard's `values` (any shape; the
+    candidates of every feature shard and every batch shard)."""
     flat = values.detach().flatten()
     local = flat.topk(min(n, flat.numel()), sorted=False).values
     # every shard sends the same number of candidates (padded with -inf)
     count = int(shards.max(torch.tensor([local.numel()])).item())
     if local.numel() < count:
         local = torch.cat([local, local.new_full((count - local.numel(),), -torch.inf)])
-    local = shards.gather(local)
+    local = shards.gather(shards.feature_gather(local))
     return local.topk(min(n, local.numel()), sorted=False).values.min()
 
 
@@ -66,7 +67,7 @@ def whole_batch_top(pre: Tensor, n_per_row: int, shards: BatchShards) -> Tensor:
     """Flat indices (ascending) into this shard's pre [B, d] of its entries among the top
     n_per_row · (rows of every shard) of the whole batch."""
     B = pre.shape[0]
-    if shards.count == 1:
+    if shards.count == 1 and shards.feature_count == 1:
         return batch_topk_flat(pre, n_per_row * B)
     cut = batch_topk_threshold(pre, n_per_row * B * shards.count, shards)
     return (pre.flatten() >= cut).nonzero().flatten()
@@ -85,13 +86,6 @@ class BatchTopKDictionary(TopKStyleDictionary):
         self.register_buffer("threshold", torch.full((self.d_sae,), -1.0))
         # Batches averaged into the threshold so far (checkpointed, not part of the saved weights).
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
-
-    def default_lr(self) -> float:
-        # Gao et al.'s 2e-4 law, not TopK's ten times more: at 2e-3 it trains far better on the
-        # ground truth (benchmarks/quality_ablations.py batchtopk) but a resumed run and a data-
-        # parallel run no longer reproduce a one-process run (tests/test_trainer.py,
-        # tests/test_distributed.py): a latent selection sensitivity to look into first.
-        return width_scaled_lr(2e-4, self.d_sae)
 
     def weights(self) -> dict[str, Tensor]:
         return {**super().weights(), "threshold": self.threshold}
@@ -112,7 +106,9 @@ class BatchTopKDictionary(TopKStyleDictionary):
         rows, cols = flat // self.d_sae, flat % self.d_sae
         selected = pre[rows, cols]
         valid = selected > 0
-        self._update_threshold(shards.min(torch.where(valid, selected, torch.inf).min()))
+        inf = selected.new_full((1,), torch.inf)  # a feature shard may hold none of the selection
+        smallest = torch.cat([torch.where(valid, selected, torch.inf), inf]).min().reshape(1)
+        self._update_threshold(shards.min(shards.feature_gather(smallest).min()))
         return rows, cols, valid
 
     @torch.no_grad()

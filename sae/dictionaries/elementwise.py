@@ -83,9 +83,9 @@ class ElementwiseDictionary(SparseDictionary):
         if self.cfg.sparse is not False:
             pairs = touched_pairs(self.touched(pre.detach()), self.cfg.sparse, self.cfg.sparse_max_density)
         if pairs is None:
-            return self.dense_loss(xs, pre, progress)
+            return self.dense_loss(xs, pre, progress, shards)
         # the dense pre's graph is dropped: gradients flow through `selected` below
-        return self.sparse_loss(xs, pre.detach(), pairs, progress)
+        return self.sparse_loss(xs, pre.detach(), pairs, progress, shards)
 
     def training_pre_acts(self, xs: Tensor) -> Tensor:
         """[B, d_sae] the encoder's output on normalised xs [B, d_in], with autograd (one matmul)."""
@@ -95,10 +95,12 @@ class ElementwiseDictionary(SparseDictionary):
         """[B, d_sae] bool: the pairs whose output or gradient can be non-zero (a superset is exact)."""
         raise NotImplementedError
 
-    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float) -> TrainStep:
+    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float, shards: BatchShards) -> TrainStep:
+        """The loss from the dense pre [B, d_sae]; `shards` sums what feature shards hold in part
+        (the decode, the penalties: `decode_dense`, `BatchShards.feature_sum`)."""
         raise NotImplementedError
 
-    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
+    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float, shards: BatchShards) -> TrainStep:
         """The dense_loss's value and gradients from the touched pairs alone (pre is detached)."""
         raise NotImplementedError
 
@@ -110,9 +112,17 @@ class ElementwiseDictionary(SparseDictionary):
         return sparse_ops.selected_pre_acts(pre[pairs.rows, pairs.cols], xs, self.W_enc, b_enc, self.b_dec,
                                             pairs.rows, pairs.cols)
 
-    def decode_pairs(self, vals: Tensor, pairs: Pairs, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-        """[B, d_in] x̂ = f @ W_dec + b_dec for the f whose only non-zeros are vals [n] at the pairs."""
-        return sparse_ops.sparse_decode(vals, pairs.rows, pairs.cols, W_dec, pairs.n_rows) + b_dec
+    def decode_pairs(self, vals: Tensor, pairs: Pairs, W_dec: Tensor, b_dec: Tensor,
+                     shards: BatchShards = WHOLE_BATCH) -> Tensor:
+        """[B, d_in] x̂ = f @ W_dec + b_dec for the f whose only non-zeros are vals [n] at the pairs
+        (feature shards: the sum of their partial decodes, then b_dec)."""
+        partial = sparse_ops.sparse_decode(vals, pairs.rows, pairs.cols, W_dec, pairs.n_rows)
+        return shards.feature_sum(partial) + shards.once(b_dec)
+
+    @staticmethod
+    def decode_dense(f: Tensor, W_dec: Tensor, b_dec: Tensor, shards: BatchShards = WHOLE_BATCH) -> Tensor:
+        """[B, d_in] x̂ = f @ W_dec + b_dec (feature shards: the sum of their partial decodes, then b_dec)."""
+        return shards.feature_sum(f @ W_dec) + shards.once(b_dec)
 
     def per_feature_sum(self, vals: Tensor, pairs: Pairs) -> Tensor:
         """[d_sae] Σ over tokens of f, for f's non-zeros vals [n] at the pairs (differentiable)."""

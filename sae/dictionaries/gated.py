@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae.dictionaries.base import SparseDictionary, TrainStep, penalty_warmup, width_scaled_lr
+from sae.dictionaries.base import BatchShards, SparseDictionary, TrainStep, penalty_warmup, width_scaled_lr
 from sae.dictionaries.elementwise import (ElementwiseConfig, ElementwiseDictionary, Pairs, at_least_float32,
                                           pair_counts, sse_per_token)
 from sae.dictionaries.registry import register
@@ -48,7 +48,7 @@ class GatedDictionary(ElementwiseDictionary):
 
     def default_lr(self) -> float:
         # was 1e-3: ~10x too slow (benchmarks/quality_ablations.py gated)
-        return width_scaled_lr(2.5e-3, self.d_sae)
+        return width_scaled_lr(2.5e-3, self.d_sae_total)
 
     def weights(self) -> dict[str, Tensor]:
         w = super().weights()
@@ -90,32 +90,33 @@ class GatedDictionary(ElementwiseDictionary):
         # unless π_gate = s + b_enc > 0, which implies s > -b_enc (NaN counts too: it must reach the loss)
         return (pre <= -self.b_enc.to(pre.dtype)).logical_not_()
 
-    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float) -> TrainStep:
+    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float, shards: BatchShards) -> TrainStep:
         gate, mag = pre + self.b_enc, pre * torch.exp(self.r_mag) + self.b_mag
         f = (gate > 0).to(mag.dtype) * torch.relu(mag)
         gate_act = torch.relu(gate)
-        x_hat = f @ self.W_dec + self.b_dec
-        x_hat_gate = gate_act @ self.W_dec.detach() + self.b_dec.detach()
-        return self._loss(x_hat, x_hat_gate, xs, at_least_float32(gate_act).sum(dim=0), progress, f=f)
+        x_hat = self.decode_dense(f, self.W_dec, self.b_dec, shards)
+        x_hat_gate = self.decode_dense(gate_act, self.W_dec.detach(), self.b_dec.detach(), shards)
+        return self._loss(x_hat, x_hat_gate, xs, at_least_float32(gate_act).sum(dim=0), progress, shards, f=f)
 
-    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
+    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float, shards: BatchShards) -> TrainStep:
         s = self.selected(xs, pre, pairs, b_enc=self.b_enc.detach())  # b_enc enters through gate
         cols = pairs.cols
         gate, mag = s + self.b_enc[cols], s * torch.exp(self.r_mag)[cols] + self.b_mag[cols]
         vals = (gate > 0).to(mag.dtype) * torch.relu(mag)
         gate_act = torch.relu(gate)
-        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec)
-        x_hat_gate = self.decode_pairs(gate_act, pairs, self.W_dec.detach(), self.b_dec.detach())
+        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec, shards)
+        x_hat_gate = self.decode_pairs(gate_act, pairs, self.W_dec.detach(), self.b_dec.detach(), shards)
         gate_sum = self.per_feature_sum(at_least_float32(gate_act), pairs)
-        return self._loss(x_hat, x_hat_gate, xs, gate_sum, progress, counts=pair_counts(vals, cols, self.d_sae))
+        return self._loss(x_hat, x_hat_gate, xs, gate_sum, progress, shards,
+                          counts=pair_counts(vals, cols, self.d_sae))
 
     def _loss(self, x_hat: Tensor, x_hat_gate: Tensor, xs: Tensor, gate_sum: Tensor, progress: float,
-              f: Tensor | None = None, counts: Tensor | None = None) -> TrainStep:
+              shards: BatchShards, f: Tensor | None = None, counts: Tensor | None = None) -> TrainStep:
         """‖x - x̂‖² + λ·L1 + aux per token; gate_sum [d_sae] = Σ over tokens of ReLU(π_gate)."""
         sse = sse_per_token(x_hat, xs)
         if not self.unit_norm_decoder:
             gate_sum = gate_sum * self.W_dec.norm(dim=1)
-        l1 = gate_sum.sum() / xs.shape[0]
+        l1 = shards.feature_sum(gate_sum.sum()) / xs.shape[0]
         aux = sse_per_token(x_hat_gate, xs)
         lam = self.cfg.l1_coefficient * penalty_warmup(progress, self.cfg.sparsity_warmup_fraction)
         return TrainStep(loss=sse + lam * l1 + aux, x_hat=x_hat, f=f, feature_counts=counts,

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from sae.dictionaries.base import SparseDictionary, TrainStep, penalty_warmup, width_scaled_lr
+from sae.dictionaries.base import BatchShards, SparseDictionary, TrainStep, penalty_warmup, width_scaled_lr
 from sae.dictionaries.elementwise import (ElementwiseConfig, ElementwiseDictionary, Pairs, at_least_float32,
                                           pair_counts, sse_per_token)
 from sae.dictionaries.registry import register
@@ -94,7 +94,7 @@ class JumpReLUDictionary(ElementwiseDictionary):
 
     def default_lr(self) -> float:
         # was 7e-4: ~10x too slow (benchmarks/quality_ablations.py jumprelu)
-        return width_scaled_lr(1.75e-3, self.d_sae)
+        return width_scaled_lr(1.75e-3, self.d_sae_total)
 
     def weights(self) -> dict[str, Tensor]:
         return {**super().weights(), "threshold": self.threshold}
@@ -119,19 +119,19 @@ class JumpReLUDictionary(ElementwiseDictionary):
 
     # The threshold's comparisons and pseudo-gradients run in float32 even under bf16 autocast: in
     # bf16 they biased θ low (L0 2-3% above the float32 run's on the same data, tests/test_bf16.py).
-    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float) -> TrainStep:
+    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float, shards: BatchShards) -> TrainStep:
         pre, theta = at_least_float32(pre), self.threshold
         f = jumprelu(pre, theta, self.cfg.bandwidth)
-        x_hat = f @ self.W_dec + self.b_dec
-        l0 = at_least_float32(heaviside_step(pre, theta, self.cfg.bandwidth)).sum(dim=-1).mean()
+        x_hat = self.decode_dense(f, self.W_dec, self.b_dec, shards)
+        l0 = shards.feature_sum(at_least_float32(heaviside_step(pre, theta, self.cfg.bandwidth)).sum(dim=-1).mean())
         return self._loss(x_hat, xs, l0, progress, f=f)
 
-    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
+    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float, shards: BatchShards) -> TrainStep:
         z = at_least_float32(self.selected(xs, pre, pairs))
         theta = self.threshold[pairs.cols]
         vals = jumprelu(z, theta, self.cfg.bandwidth)
-        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec)
-        l0 = at_least_float32(heaviside_step(z, theta, self.cfg.bandwidth)).sum() / pairs.n_rows
+        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec, shards)
+        l0 = shards.feature_sum(at_least_float32(heaviside_step(z, theta, self.cfg.bandwidth)).sum()) / pairs.n_rows
         return self._loss(x_hat, xs, l0, progress, counts=pair_counts(vals, pairs.cols, self.d_sae))
 
     def _loss(self, x_hat: Tensor, xs: Tensor, l0: Tensor, progress: float, f: Tensor | None = None,

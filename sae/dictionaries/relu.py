@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from sae.dictionaries.base import TrainStep, penalty_warmup, width_scaled_lr
+from sae.dictionaries.base import BatchShards, TrainStep, penalty_warmup, width_scaled_lr
 from sae.dictionaries.elementwise import (ElementwiseConfig, ElementwiseDictionary, Pairs, at_least_float32,
                                           pair_counts, sse_per_token)
 from sae.dictionaries.registry import register
@@ -103,7 +103,7 @@ class ReLUDictionary(ElementwiseDictionary):
     def default_lr(self) -> float:
         # both recipes: 1.25e-3 / √(d_sae / 16384) (the old 1e-3 classic, 5e-5 april2024 trained far
         # too slowly: benchmarks/quality_ablations.py relu); `lr:` sets any value
-        return width_scaled_lr(self.recipe.lr_at_16k, self.d_sae)
+        return width_scaled_lr(self.recipe.lr_at_16k, self.d_sae_total)
 
     def resample_every_tokens(self) -> int | None:
         return self.cfg.resample_every_tokens
@@ -124,24 +124,24 @@ class ReLUDictionary(ElementwiseDictionary):
         # the ReLU's output and gradient vanish elsewhere (NaN counts too: it must reach the loss)
         return (pre <= 0).logical_not_()
 
-    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float) -> TrainStep:
+    def dense_loss(self, xs: Tensor, pre: Tensor, progress: float, shards: BatchShards) -> TrainStep:
         f = self.activation(pre)
-        x_hat = f @ self.W_dec + self.b_dec
-        return self._loss(x_hat, xs, at_least_float32(f).sum(dim=0), progress, f=f)  # f >= 0
+        x_hat = self.decode_dense(f, self.W_dec, self.b_dec, shards)
+        return self._loss(x_hat, xs, at_least_float32(f).sum(dim=0), progress, shards, f=f)  # f >= 0
 
-    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float) -> TrainStep:
+    def sparse_loss(self, xs: Tensor, pre: Tensor, pairs: Pairs, progress: float, shards: BatchShards) -> TrainStep:
         vals = self.activation(self.selected(xs, pre, pairs))
-        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec)
-        return self._loss(x_hat, xs, self.per_feature_sum(at_least_float32(vals), pairs), progress,
+        x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.b_dec, shards)
+        return self._loss(x_hat, xs, self.per_feature_sum(at_least_float32(vals), pairs), progress, shards,
                           counts=pair_counts(vals, pairs.cols, self.d_sae))
 
-    def _loss(self, x_hat: Tensor, xs: Tensor, f_sum: Tensor, progress: float, f: Tensor | None = None,
-              counts: Tensor | None = None) -> TrainStep:
+    def _loss(self, x_hat: Tensor, xs: Tensor, f_sum: Tensor, progress: float, shards: BatchShards,
+              f: Tensor | None = None, counts: Tensor | None = None) -> TrainStep:
         """‖x - x̂‖² + λ·L1 per token, from x̂ and f_sum [d_sae] = Σ over the batch's tokens of f."""
         sse = sse_per_token(x_hat, xs)
         if self.recipe.l1_times_decoder_norm:
             f_sum = f_sum * self.W_dec.norm(dim=1)
-        l1 = f_sum.sum() / xs.shape[0]
+        l1 = shards.feature_sum(f_sum.sum()) / xs.shape[0]
         lam = self.cfg.l1_coefficient * penalty_warmup(progress, self.cfg.sparsity_warmup_fraction)
         return TrainStep(loss=sse + lam * l1, x_hat=x_hat, f=f, feature_counts=counts,
                          metrics={"sse": sse.detach(), "l1_penalty": l1.detach()})

@@ -79,6 +79,22 @@ def _group_bags(rows: Tensor, cols: Tensor, ends: list[int]) -> Tensor:
     return rows * len(ends) + torch.bucketize(cols, cols.new_tensor(ends[:-1]), right=True)
 
 
+def top_per_row(pre: Tensor, k: int, shards: BatchShards) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's top k of the whole dictionary, from this feature shard's pre [B, d] (every
+    shard's per-row top k gathered, the top k of those kept): flat (rows, cols, mine), rows
+    ascending, mine marking the winners of this shard (cols local; clamped to 0 where not mine)."""
+    B, d = pre.shape
+    vals, idx = pre.topk(min(k, d), dim=1, sorted=False)
+    # one gather: values and whole-dictionary ids as float64 (exact for both)
+    local = torch.stack([vals.double(), (idx + shards.feature_lo).double()], dim=-1)[None]
+    every = shards.feature_gather(local).permute(1, 0, 2, 3).reshape(B, -1, 2)  # [B, F·k', 2]
+    _, pos = every[..., 0].topk(min(k, every.shape[1]), dim=1, sorted=False)
+    winners = every[..., 1].gather(1, pos).long() - shards.feature_lo
+    rows, cols = _row_major_coords(winners)
+    mine = (cols >= 0) & (cols < d)
+    return rows, torch.where(mine, cols, 0), mine
+
+
 def batch_variance(x: Tensor, shards: BatchShards) -> Tensor:
     """Σ over the whole batch of ‖x - x̄‖² (x̄ the whole batch's mean), from this shard's x [rows, d]."""
     if shards.count == 1:
@@ -98,12 +114,13 @@ class TopKStyleDictionary(SparseDictionary):
     cfg: TopKConfig
 
     def default_lr(self) -> float:
-        return width_scaled_lr(2e-3, self.d_sae)
+        return width_scaled_lr(2e-3, self.d_sae_total)
 
     def prefix_ends(self) -> list[int]:
         """Ascending widths of the nested prefixes of features whose reconstructions the loss
-        scores, the last d_sae: here only the whole dictionary."""
-        return [self.d_sae]
+        scores, the last d_sae (in the whole dictionary's feature ids, a feature shard's too): here
+        only the whole dictionary."""
+        return [self.d_sae_total]
 
     @property
     def aux_k(self) -> int:
@@ -115,7 +132,7 @@ class TopKStyleDictionary(SparseDictionary):
         with torch.no_grad():
             pre = sparse_ops.dense_pre_acts_no_grad(xs, self.W_enc, self.b_enc, self.b_dec).float()
             rows, cols, valid = self._select(xs, pre, shards)
-        x_hats, counts, l0 = self._decode_selected(xs, pre, rows, cols, valid)
+        x_hats, counts, l0 = self._decode_selected(xs, pre, rows, cols, valid, shards)
         return self._loss(xs, x_hats, pre, counts, l0, dead_mask, shards)
 
     def _select(self, xs: Tensor, pre: Tensor, shards: BatchShards) -> tuple[Tensor, Tensor, Tensor]:
@@ -123,25 +140,28 @@ class TopKStyleDictionary(SparseDictionary):
         flat (rows, cols, valid), rows ascending; the kept pairs with valid False decode to 0."""
         raise NotImplementedError
 
-    def _decode_selected(self, xs, pre, rows, cols, valid):
+    def _decode_selected(self, xs, pre, rows, cols, valid, shards: BatchShards = WHOLE_BATCH):
         """Each scored prefix's x̂ from the selected (rows, cols): returns (x_hats [B, P, d_in],
-        feature counts, mean L0); x_hats[:, -1] is the whole dictionary's."""
-        B, ends = xs.shape[0], self.prefix_ends()
+        feature counts, mean L0); x_hats[:, -1] is the whole dictionary's (feature shards: the
+        sum of their partial decodes)."""
+        B, ends, lo = xs.shape[0], self.prefix_ends(), shards.feature_lo
         if self.cfg.sparse:
             vals = sparse_ops.selected_pre_acts(pre[rows, cols], xs, self.W_enc, self.b_enc, self.b_dec,
                                                 rows, cols)
             vals = torch.relu(vals) * valid
-            bags = _group_bags(rows, cols, ends)
+            bags = _group_bags(rows, cols + lo, ends)
             parts = sparse_ops.sparse_decode(vals, bags, cols, self.W_dec, B * len(ends)).view(B, len(ends), -1)
         else:
             pre_g = torch.addmm(self.b_enc - self.b_dec @ self.W_enc, xs, self.W_enc)
             vals = torch.relu(pre_g[rows, cols]) * valid
             f = torch.zeros_like(pre_g).index_put_((rows, cols), vals, accumulate=True)
-            parts = torch.stack([f[:, a:b] @ self.W_dec[a:b] for a, b in zip([0, *ends[:-1]], ends)], dim=1)
-        x_hats = parts.cumsum(dim=1) + self.b_dec
+            groups = [(min(max(a - lo, 0), self.d_sae), min(max(b - lo, 0), self.d_sae))
+                      for a, b in zip([0, *ends[:-1]], ends)]  # this shard's part of each group
+            parts = torch.stack([f[:, a:b] @ self.W_dec[a:b] for a, b in groups], dim=1)
+        x_hats = shards.feature_sum(parts).cumsum(dim=1) + shards.once(self.b_dec)
         fired = (vals.detach() > 0).to(xs.dtype)
         counts = torch.zeros(self.d_sae, dtype=xs.dtype, device=xs.device).index_add_(0, cols, fired)
-        return x_hats, counts, fired.sum() / B
+        return x_hats, counts, shards.feature_sum(fired.sum()) / B
 
     def _loss(self, xs, x_hats, pre, counts, l0, dead_mask, shards: BatchShards) -> TrainStep:
         err = xs.float()[:, None] - x_hats.float()  # [B, P, d_in]
@@ -153,7 +173,7 @@ class TopKStyleDictionary(SparseDictionary):
         if len(fvu) > 1:
             metrics["prefix_fvu"] = loss.detach()
         if dead_mask is not None and self.cfg.aux_coefficient > 0:
-            aux = self._aux_loss(xs, err[:, -1].detach(), pre, dead_mask, variance)
+            aux = self._aux_loss(xs, err[:, -1].detach(), pre, dead_mask, variance, shards)
             if aux is not None:
                 loss = loss + self.cfg.aux_coefficient * aux
                 metrics["aux_loss"] = aux.detach()
@@ -161,9 +181,10 @@ class TopKStyleDictionary(SparseDictionary):
         loss = loss * shards.count
         return TrainStep(loss=loss, x_hat=x_hats[:, -1], f=None, metrics=metrics, feature_counts=counts)
 
-    def _aux_loss(self, xs, e, pre, dead_mask, variance) -> Tensor | None:
+    def _aux_loss(self, xs, e, pre, dead_mask, variance, shards: BatchShards = WHOLE_BATCH) -> Tensor | None:
         """AuxK: reconstruct the residual e from the top aux_k dead latents' pre-activations."""
-        picked = self._top_dead(pre, dead_mask)
+        picked = self._top_dead(pre, dead_mask) if shards.feature_count == 1 else \
+            self._top_dead_of_shards(pre, dead_mask, shards)
         if picked is None:
             return None
         rows, cols, scale = picked
@@ -171,7 +192,7 @@ class TopKStyleDictionary(SparseDictionary):
         vals = sparse_ops.selected_pre_acts(pre[rows, cols].masked_fill(~valid, 0.0), xs, self.W_enc,
                                             self.b_enc, self.b_dec, rows, cols)
         vals = torch.relu(vals) * valid
-        e_hat = sparse_ops.sparse_decode(vals, rows, cols, self.W_dec, xs.shape[0])
+        e_hat = shards.feature_sum(sparse_ops.sparse_decode(vals, rows, cols, self.W_dec, xs.shape[0]))
         return scale * (e - e_hat.float()).pow(2).sum() / variance
 
     def _top_dead(self, pre: Tensor, dead_mask: Tensor):
@@ -191,6 +212,18 @@ class TopKStyleDictionary(SparseDictionary):
         _, idx = masked.topk(min(self.aux_k, self.d_sae), dim=1, sorted=False)
         rows, cols = _row_major_coords(idx)
         return rows, cols, (dead_mask.sum() / self.aux_k).clamp(max=1.0)
+
+    def _top_dead_of_shards(self, pre: Tensor, dead_mask: Tensor, shards: BatchShards):
+        """`_top_dead` over the whole dictionary from this feature shard's pre and dead_mask: the
+        pairs of this shard among each row's top aux_k dead latents (cols of others' clamped to
+        0, dead_mask[cols] False there too by masking), None when no latent of any shard is dead."""
+        n_dead = int(shards.feature_sum(dead_mask.sum()))  # every shard reads the same count
+        if n_dead == 0:
+            return None
+        rows, cols, mine = top_per_row(pre.masked_fill(~dead_mask, -torch.inf), self.aux_k, shards)
+        cols = torch.where(mine & dead_mask[cols], cols, -1)
+        keep = cols >= 0  # pairs of this shard only (the dead_mask lookup below must be valid)
+        return rows[keep], cols[keep], min(n_dead / self.aux_k, 1.0)
 
 
 @register
@@ -285,6 +318,8 @@ class TopKDictionary(TopKStyleDictionary):
     def _select(self, xs: Tensor, pre: Tensor, shards: BatchShards) -> tuple[Tensor, Tensor, Tensor]:
         """Each row's top k among its latents and its shadow latents (which are not valid: they
         take a slot and decode to nothing; their cols are clamped to 0)."""
+        if shards.feature_count > 1:  # feature shards train without a shadow encoder
+            return top_per_row(pre, self.cfg.k, shards)
         shadow = self.shadow_pre_acts(xs)
         full = pre if shadow is None else torch.cat([pre, shadow.float()], dim=-1)
         _, idx = self._topk(full)

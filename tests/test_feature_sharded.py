@@ -1,0 +1,163 @@
+"""Placement feature_sharded (sae/sharding.py; gloo, 2 and 4 CPU ranks launched by
+torch.distributed.run): every architecture's gathered dictionary equals one process's, on 2 and 4
+feature shards and on a 2 × 2 mesh (2 feature shards × 2 data groups); a killed run resumes
+bit-identically with the same layout and is refused with another; bad layouts stop train.py
+with one line before any work; the saved dictionary evaluated sharded (eval/sharded.py) gives
+one process's metrics.
+
+The ranks run tests/dist_worker.py (the 6 dictionaries of tests/test_distributed.py plus a ReLU
+whose strong L1 makes it resample features every 4 steps; 24 steps of 128 rows, a checkpoint
+every 8 steps). Three launches in all (launches are the slow part)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from dist_worker import heldout_batches
+from test_distributed import REPO, launch, single, weights
+
+from eval.metrics import ReconstructionAccumulator
+from sae import checkpoint as ckpt
+from sae import sharding
+from sae.dictionaries import parse_dictionary_config
+from sae.errors import ConfigError
+from sae.loading import load_dictionary
+
+NAMES = ["topk", "batchtopk", "relu", "jumprelu", "gated", "matryoshka", "resample"]
+MESH_NAMES = ["topk", "batchtopk", "matryoshka", "resample"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one")
+    r = single("train", out, "none+resample")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """2 ranks: 2 feature shards (and a dictionary that diverges at once), then the same without
+    it with rank 1 SIGKILLing itself when it draws step 13 (checkpoints at steps 8 and 16), which
+    ends the launch."""
+    out = tmp_path_factory.mktemp("two")
+    r = launch("train", out, "sharded2=feature_sharded+resample+boom,killed=feature_sharded+resample", 13, 1)
+    assert r.returncode != 0 and ("SIGKILL" in r.stderr or "-9" in r.stderr), r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory) -> Path:
+    """4 ranks: 4 feature shards, then a 2 × 2 mesh (feature_shards 2: 2 data groups) with the
+    dictionaries whose selections and resampling span both (MESH_NAMES: a shorter launch)."""
+    out = tmp_path_factory.mktemp("four")
+    r = launch("train", out, "sharded4=feature_sharded+resample,mesh=feature_sharded@2+resample-relu-jumprelu-gated",
+               nproc=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("run", ["two:sharded2", "four:sharded4", "four:mesh"])
+def test_gathered_dictionary_equals_one_process(request, one_process, run):
+    fixture, name = run.split(":")
+    out = request.getfixturevalue({"two": "two_ranks", "four": "four_ranks"}[fixture]) / name
+    names = MESH_NAMES if name == "mesh" else NAMES
+    a, b = weights(one_process, names), weights(out, names)
+    for n in names:
+        assert set(a[n]) == set(b[n])
+        for k, w in a[n].items():
+            rel = float((b[n][k] - w).norm() / w.norm().clamp_min(1e-12))
+            # measured: <= 6e-7 (summation order of the partial decodes and gradients)
+            assert rel < 1e-5, f"{run} {n}/{k}: relative difference {rel:.1e}"
+    one_cfg = json.loads((one_process / "resample" / "cfg.json").read_text())
+    cfg = json.loads((out / "resample" / "cfg.json").read_text())
+    assert cfg["features_resampled"] == one_cfg["features_resampled"] > 0  # every shard's counted
+    assert cfg["d_sae"] == 48 and cfg["tokens_trained"] == 24 * 128
+    assert not (out / ckpt.CHECKPOINT_DIR).exists()  # every shard's checkpoints removed at the end
+    if name == "sharded2":  # the diverged one left on both ranks; the others trained on as without it
+        boom = json.loads((out / "boom" / "cfg.json").read_text())
+        assert boom["status"] == "diverged" and boom["divergence"]["step"] == 1 and boom["d_sae"] == 48
+
+
+def test_killed_run_is_refused_with_another_layout_and_resumes_identically_with_its_own(two_ranks):
+    killed = two_ranks / "killed"
+    member = ckpt.member_dir(killed, "topk")
+    assert sorted(p.name for p in member.iterdir()) == ["features-000-of-002", "features-001-of-002"]
+    with pytest.raises(ConfigError, match="written by 2 feature shards, this run has 4 feature shards"):
+        sharding.refuse_other_layout(member, sharding.layout_for(4, 0, None), "topk")
+    with pytest.raises(ConfigError, match="written by 2 feature shards, this run has whole dictionaries"):
+        sharding.refuse_other_layout(member, None, "topk")  # what data_parallel or one process checks
+    sharding.refuse_other_layout(member, sharding.layout_for(2, 1, None), "topk")  # its own: resumes
+    r = launch("train", killed, "feature_sharded+resample")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [(killed / f"start-{i}.txt").read_text() for i in (0, 1)] == ["8", "8"]
+    assert "topk: resumes at step 8" in r.stdout
+    a, b = weights(two_ranks / "sharded2", NAMES), weights(killed, NAMES)
+    for n in NAMES:
+        for k in a[n]:
+            assert torch.equal(a[n][k], b[n][k]), f"{n}/{k}: the resumed run differs from the uninterrupted one"
+    assert not (killed / ckpt.CHECKPOINT_DIR).exists()
+
+
+def test_layouts_that_do_not_fit(tmp_path):
+    assert sharding.layout_for(4, 3, 2) == sharding.Layout(data_groups=2, feature_shards=2, data_index=1,
+                                                           feature_index=1)
+    with pytest.raises(ConfigError, match="feature_shards 3 does not divide the 4 ranks"):
+        sharding.layout_for(4, 0, 3)
+    cfgs = [parse_dictionary_config({"architecture": "topk", "d_sae": 48, "k": 4}),
+            parse_dictionary_config({"architecture": "relu", "expansion_factor": 3})]
+    sharding.check_widths(cfgs, ["a", "b"], {None: 16}, 4)  # 48 features each
+    with pytest.raises(ConfigError, match="dictionary 'b': d_sae 36 is not divisible by the 8 feature shards"):
+        sharding.check_widths(cfgs, ["a", "b"], 12, 8)
+
+
+RUN = """
+run_name: bad
+output_dir: {out}
+model: {model}
+hooks: [blocks.0.hook_resid_post]
+data: {{source: {text}, context_size: 16}}
+train_tokens: 2048
+distributed: {{placement: feature_sharded, feature_shards: 3}}
+dictionaries:
+  - {{name: topk, architecture: topk, k: 4, d_sae: 64}}
+"""
+
+
+def test_train_py_refuses_a_layout_that_does_not_fit_the_ranks_before_any_work(tiny_model_dir, tiny_text_file,
+                                                                                tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(textwrap.dedent(RUN).format(out=tmp_path / "runs", model=tiny_model_dir, text=tiny_text_file))
+    r = launch(config, script=REPO / "train.py")
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert lines == ["train.py: error: distributed.feature_shards 3 does not divide the 2 ranks: give a divisor "
+                     "of the number of processes (each data group holds every feature once)"] * 2
+    assert "exitcode  : 2" in r.stderr
+    assert not (tmp_path / "runs" / "bad").exists()  # nothing written
+
+
+def test_sharded_evaluation_equals_one_process_on_the_saved_dictionary(two_ranks):
+    """Each saved (gathered) dictionary loads and prunes like any other, and its reconstruction
+    metrics computed by 2 ranks holding a shard each (eval.sharded, written by the worker) equal
+    those of the whole dictionary in this process."""
+    out = two_ranks / "sharded2"
+    sharded = json.loads((out / "eval-sharded.json").read_text())
+    assert set(sharded) == set(NAMES)
+    for name in NAMES:
+        d = load_dictionary(out / name)
+        hook = d.metadata["hook_name"]
+        acc = ReconstructionAccumulator(d.d_in, d.d_sae)
+        for x in heldout_batches(hook):
+            f = d.encode(x)
+            acc.update(x, d.decode(f), f)
+        whole = acc.result()
+        for key in ("l0", "l1", "fvu", "mse", "cossim", "dead", "frac_alive"):
+            assert sharded[name][key] == pytest.approx(whole[key], rel=1e-5, abs=1e-9), (name, key)
+        assert whole["fvu"] > 0 and whole["l0"] > 0, (name, whole["fvu"], whole["l0"])  # not all zeros
+        assert d.pruned(torch.arange(0, 48, 2)).d_sae == 24
