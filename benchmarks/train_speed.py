@@ -50,9 +50,9 @@ def calibrated_slot(raw: dict, x: torch.Tensor, l0: float):
     trainer = Trainer([parse_dictionary_config({**raw, "lr": TIMING_LR})], total_tokens=x.shape[0],
                       device=x.device, progress=False)
     batch = {DEFAULT_HOOK: x}
-    trainer._build(batch)  # the trainer's own set-up, without its loop (whose first step would fire on half)
-    trainer._init_from_data(batch)
-    slot = trainer.slots[0]
+    # the trainer's own set-up, without its loop (whose first step would fire on half)
+    slot = trainer._build(batch, trainer.names)[0]
+    trainer._init_from_data(slot, batch)
     d = slot.dictionary
     with torch.no_grad():
         xs = d.scale_input(x)
@@ -61,7 +61,7 @@ def calibrated_slot(raw: dict, x: torch.Tensor, l0: float):
         cut = projection.kthvalue(x.shape[0] - fires, dim=0).values  # [d_sae]
         if hasattr(d, "threshold") and raw["architecture"] == "jumprelu":
             d.threshold.copy_(cut.clamp_min(0))
-        elif raw["architecture"] != "topk":
+        elif raw["architecture"] in ("relu", "gated"):  # TopK-style ones select by rank: left alone
             d.b_enc.copy_(-cut)
     return slot
 

@@ -150,6 +150,7 @@ def test_resid_mid_carries_a_caveat(model, data):
     assert "MLP input" in r["splice_caveat"]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(tiny_model_dir, model, data, train_mean):
     from transformer_lens.model_bridge import TransformerBridge
