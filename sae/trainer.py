@@ -249,8 +249,8 @@ class _Slot:
         """(x, target) of this dictionary from a batch {hook: rows}: target None for an autoencoder."""
         return batch[self.input_hook], batch[self.hook] if self.cfg.is_transcoder else None
 
-    def step(self, x: Tensor, target: Tensor | None, step: int, total_steps: int,
-             autocast_dtype: torch.dtype | None, shards: BatchShards) -> None:
+    def step(self, x: Tensor, step: int, total_steps: int, autocast_dtype: torch.dtype | None,
+             shards: BatchShards, target: Tensor | None = None) -> None:
         """One optimiser step on x (and a transcoder's target: the same tokens' output hook), one of
         `shards` of the batch (gradients and feature counts are reduced over all of them)."""
         self._set_lr(step, total_steps)
@@ -845,7 +845,8 @@ class Trainer:
         B = int(batch[live[0].hook].shape[0])
         shard = self._own_shard(batch, B, live)
         for s in live:
-            s.step(*s.inputs(shard), self.step, self.total_steps, self.autocast_dtype, s.shards)
+            x, target = s.inputs(shard)
+            s.step(x, self.step, self.total_steps, self.autocast_dtype, s.shards, target)
         self.tokens_seen += B
         self.step += 1
         for s in live:
