@@ -33,8 +33,9 @@ from sae import io
 from sae.cache import CacheReader, StreamingSource, harvest
 from sae.config import RunConfig, dump_run_config
 from sae.dictionaries import DictionaryConfig, SparseDictionary
+from sae.errors import ConfigError
 from sae.means import MEAN_TOKENS, means_from_cache, means_from_model, read_mean, save_mean
-from sae.models import check_hooks, hook_d_in, load_model, resolve_device
+from sae.models import check_hooks, hook_d_in, hook_order, load_model, resolve_device
 from sae.text import keep_mask, load_contexts
 from sae.trainer import BatchSource, train_dictionaries
 
@@ -158,7 +159,21 @@ def _load_model(run: RunConfig, configs: list[DictionaryConfig]) -> _Loaded:
     _check_layout(run, configs, d_in)
     for cfg in configs:
         cfg.require_width(d_in[cfg.reads_hook])
+    _check_transcoder_order(model, configs)
     return _Loaded(model, device, d_in)
+
+
+def _check_transcoder_order(model, configs: list[DictionaryConfig]) -> None:
+    """A transcoder's input_hook must come before the hook it writes: the evaluator and sae.splice
+    replace the output from an input the same forward has already computed."""
+    pairs = {(c.input_hook, c.hook_name) for c in configs if c.input_hook is not None and c.input_hook != c.hook_name}
+    if not pairs:
+        return
+    order = hook_order(model, sorted({h for pair in pairs for h in pair}))
+    for c in configs:
+        if (c.input_hook, c.hook_name) in pairs and order.index(c.input_hook) > order.index(c.hook_name):
+            raise ConfigError(f"{c.name}: input_hook {c.input_hook!r} comes after hook_name {c.hook_name!r} in the "
+                              f"forward; a transcoder reads an earlier hook than the one it writes")
 
 
 def _check_layout(run: RunConfig, configs: list[DictionaryConfig], d_in: dict[str, int]) -> None:

@@ -187,6 +187,23 @@ def check_hooks(model, hook_names) -> None:
                             f"blocks.0.hook_resid_post, blocks.0.hook_mlp_out, blocks.0.hook_attn_out")
 
 
+def hook_order(model, hook_names) -> list[str]:
+    """The hooks in the order a forward reaches them (from a one-token forward)."""
+    fired: list[str] = []
+
+    def note(name: str):  # by the name asked for: a bridge reports an alias's canonical name
+        def hook_fn(tensor, hook):
+            fired.append(name)
+            return tensor
+        return hook_fn
+
+    tokens = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(h, note(h)) for h in hook_names],
+                             stop_at_layer=stop_layer(hook_names))
+    return list(dict.fromkeys(fired))
+
+
 def hook_d_in(model, hook_name: str) -> int:
     """Width of the activation at a hook (from a one-token forward; cheap and always right)."""
     captured = {}

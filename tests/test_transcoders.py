@@ -336,6 +336,20 @@ def test_an_input_hook_missing_from_hooks_is_one_line(tmp_path, tiny_model_dir, 
                                    f"one pass)")
 
 
+def test_an_input_hook_after_the_output_hook_is_one_line_before_any_work(tmp_path, tiny_model_dir, tiny_text_file):
+    """Reading a later hook than the one written cannot be spliced into one forward: refused."""
+    path = tmp_path / "late.yaml"
+    path.write_text(textwrap.dedent(RUN).format(out=tmp_path / "runs", model=tiny_model_dir, text=tiny_text_file,
+                                                in_hook="blocks.1.hook_resid_post", out_hook=OUT_HOOK))
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(path)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"train.py: error: tc: input_hook 'blocks.1.hook_resid_post' comes after hook_name '{OUT_HOOK}' in the "
+        f"forward; a transcoder reads an earlier hook than the one it writes")
+    assert not (tmp_path / "runs" / "tc" / "cache").exists()
+
+
 # ---- eval prune / ablate-frequency / features on a Matryoshka skip transcoder --------------------
 def test_eval_prune_ablate_and_features_on_a_matryoshka_skip_transcoder(tmp_path, tiny_model_dir, tiny_text_file,
                                                                         capsys):
