@@ -224,6 +224,7 @@ class _Slot:
     good: dict[str, Tensor] = field(default_factory=dict)  # its weights when last found finite
     good_at: tuple[int, int] = (0, 0)  # (step, tokens trained) of `good`
     divergence: dict[str, Any] | None = None  # set when it diverged: it trains no more
+    finished: SparseDictionary | None = None  # what _finished_dictionary made of it (sharded: the whole)
     last_checkpoint: Path | None = None
 
     def zero_stats(self, device: torch.device) -> None:
@@ -630,7 +631,7 @@ class Trainer:
                         "loss_tail": [[step, _loss_value(loss)] for step, loss in tail]}
         s.dictionary.load_state_dict(s.good)
         self.diverged[s.name] = s.divergence
-        self._finished_dictionary(s)
+        s.finished = self._finished_dictionary(s)  # feature_sharded: the gathered whole
         self._say(f"{s.name}: diverged (loss {window_loss:.3g} in the window ending at step {self.step}, first "
                   f"non-finite at step {bad}); its weights of step {s.good_at[0]} are saved with status: "
                   f"diverged and it trains no more ({len(self._live())} others of this pass go on)")
@@ -748,8 +749,9 @@ class Trainer:
         if self._wandb_run is not None:
             import wandb  # imported by _start_wandb already
 
-            self._wandb_run.log({f"{name}/{p.stem}": wandb.Image(str(p)) for p in written if p.suffix == ".png"},
-                                step=self.step)
+            # unstepped, as _log: a later pass or a resumed run counts its steps from lower down
+            self._wandb_run.log({"tokens": self.tokens_seen, "train_step": self.step,
+                                 **{f"{name}/{p.stem}": wandb.Image(str(p)) for p in written if p.suffix == ".png"}})
 
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self, source: Any) -> dict[str, SparseDictionary]:
@@ -793,7 +795,7 @@ class Trainer:
             self._check_divergence()
         finally:
             bar.close()
-        done = {s.name: s.dictionary if s.divergence else self._finished_dictionary(s) for s in self.slots}
+        done = {s.name: s.finished if s.divergence else self._finished_dictionary(s) for s in self.slots}
         self.slots = []
         return done
 
