@@ -176,6 +176,8 @@ def main(argv: list[str]) -> None:
                                         feature_shards=int(feature_shards) if feature_shards else None)
             with open(os.path.join(out, f"trained-{distributed.rank()}.txt"), "w") as f:
                 f.write("\n".join(sorted(result)))
+            with open(os.path.join(out, f"returned-{distributed.rank()}.json"), "w") as f:
+                json.dump({n: [d.d_sae, d.metadata.get("status")] for n, d in result.items()}, f)
             if placement == "feature_sharded":
                 evaluate_sharded(out, int(feature_shards) if feature_shards else None)
     elif task == "harvest":

@@ -82,6 +82,8 @@ def test_gathered_dictionary_equals_one_process(request, one_process, run):
     if name == "sharded2":  # the diverged one left on both ranks; the others trained on as without it
         boom = json.loads((out / "boom" / "cfg.json").read_text())
         assert boom["status"] == "diverged" and boom["divergence"]["step"] == 1 and boom["d_sae"] == 48
+        returned = json.loads((out / "returned-0.json").read_text())  # what train_dictionaries hands back
+        assert returned["boom"] == [48, "diverged"] and returned["topk"] == [48, None]  # the whole, not a shard
 
 
 def test_killed_run_is_refused_with_another_layout_and_resumes_identically_with_its_own(two_ranks):
