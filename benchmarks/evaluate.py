@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import sae.dictionaries  # noqa: E402,F401  (registers every architecture)
 from eval.evaluate import evaluate_dictionaries  # noqa: E402
+from harvest import random_tokens  # noqa: E402
 from sae import partial_forward as P  # noqa: E402
 from sae.dictionaries.registry import ARCHITECTURES  # noqa: E402
 from sae.models import load_model, model_device  # noqa: E402
@@ -113,12 +114,8 @@ def main() -> None:
     model = load_model(a.model, device=device, dtype=a.model_dtype)
     dev = model_device(model)
     T, bc = a.context_size, a.batch_contexts
-    n_ctx = max(1, n_tokens // T)
-    tokens = torch.randint(0, model.cfg.d_vocab, (n_ctx, T))
-    bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
-    tokens[:, 0] = bos if bos is not None else 0
-    keep = torch.ones_like(tokens, dtype=torch.bool)
-    keep[:, 0] = False
+    tokens, keep = random_tokens(model, n_tokens, T)
+    n_ctx = tokens.shape[0]
     batches = [tokens[i:i + bc].to(dev) for i in range(0, n_ctx, bc)]
     n_tok = tokens.numel()
     print(f"model {a.model} on {dev} ({a.model_dtype}, {len(model.blocks)} blocks), loaded in "
