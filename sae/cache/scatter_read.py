@@ -106,10 +106,11 @@ def _read_exact(f, offset: int, address: int, n: int) -> None:
         done += len(chunk)
 
 
-def _read_then_copy(f, offset: int, dest: torch.Tensor, dest_rows: np.ndarray) -> None:
-    """The portable path: the rows into a temporary tensor, then into place (two passes)."""
-    rows = torch.empty((len(dest_rows), *dest.shape[1:]), dtype=dest.dtype)
-    view = memoryview(rows.view(torch.uint8).numpy()).cast("B")
+def read_into(f, offset: int, dest: torch.Tensor) -> None:
+    """Read dest.nbytes bytes at `offset` of open raw file `f` straight into `dest` (CPU, contiguous)."""
+    if dest.numel() == 0:
+        return
+    view = memoryview(dest.view(torch.uint8).numpy()).cast("B")
     f.seek(offset)
     done = 0
     while done < len(view):
@@ -117,4 +118,10 @@ def _read_then_copy(f, offset: int, dest: torch.Tensor, dest_rows: np.ndarray) -
         if not got:
             raise _truncated(f)
         done += got
+
+
+def _read_then_copy(f, offset: int, dest: torch.Tensor, dest_rows: np.ndarray) -> None:
+    """The portable path: the rows into a temporary tensor, then into place (two passes)."""
+    rows = torch.empty((len(dest_rows), *dest.shape[1:]), dtype=dest.dtype)
+    read_into(f, offset, rows)
     dest.index_copy_(0, torch.from_numpy(np.ascontiguousarray(dest_rows, dtype=np.int64)), rows)

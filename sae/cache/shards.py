@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from sae.cache.manifest import Manifest, ShardInfo, check_identity
+from sae.cache.scatter_read import read_into
 from sae.dtypes import dtype_name
 from sae.errors import CacheError
 from sae.io import atomic_path, sha256_file
@@ -180,20 +181,6 @@ def open_cache(cache_dir: str | os.PathLike, *, identity: Mapping[str, Any] | No
 # ---- reading -----------------------------------------------------------------------------------
 
 
-def _read_into(f, offset: int, dest: torch.Tensor) -> None:
-    """Read dest.nbytes bytes at `offset` of open raw file `f` straight into `dest` (CPU, contiguous)."""
-    if dest.numel() == 0:
-        return
-    view = memoryview(dest.view(torch.uint8).numpy()).cast("B")
-    f.seek(offset)
-    done = 0
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise CacheError(f"shard {f.name} ended early; it is truncated: run the harvest again")
-        done += n
-
-
 def read_shard_tensors(path: str | os.PathLike, header: dict, data_start: int,
                        names: Iterable[str], out: Mapping[str, torch.Tensor] | None = None
                        ) -> dict[str, torch.Tensor]:
@@ -208,7 +195,7 @@ def read_shard_tensors(path: str | os.PathLike, header: dict, data_start: int,
             b0, b1 = meta["data_offsets"]
             if dest.dtype != dt or dest.numel() * dest.element_size() != b1 - b0:
                 raise CacheError(f"shard {path}: tensor {name} does not match the manifest")
-            _read_into(f, data_start + b0, dest)
+            read_into(f, data_start + b0, dest)
             result[name] = dest
     return result
 
