@@ -40,6 +40,8 @@ class MatryoshkaBatchTopKConfig(BatchTopKConfig):
     architecture: Literal["matryoshka_batchtopk"] = "matryoshka_batchtopk"  # type: ignore[assignment]
     # whole numbers summing to d_sae, or fractions of d_sae summing to 1; groups in prefix order
     group_sizes: list[int | float] = Field(min_length=1)
+    # Adam with momentum, as before TopK and BatchTopK dropped it: not measured on nested groups
+    adam_betas: tuple[float, float] = (0.9, 0.999)
 
     @field_validator("group_sizes")
     @classmethod
