@@ -50,9 +50,12 @@ VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
         "lr=8e-3": ("batchtopk", {"lr": 8e-3}, None),
         "beta=0.99": ("batchtopk", {"threshold_beta": 0.99}, None),
         "beta=0.9": ("batchtopk", {"threshold_beta": 0.9}, None),
-        "beta1=0": ("batchtopk", {"adam_betas": [0.0, 0.999]}, None),
+        "beta1=0.9": ("batchtopk", {"adam_betas": [0.9, 0.999]}, None),  # the default before β1 0
+        "window=1": ("batchtopk", {"threshold_window": 1.0}, None),  # the threshold before the window
+        "window=1 beta1=0.9": ("batchtopk", {"threshold_window": 1.0, "adam_betas": [0.9, 0.999]}, None),
+        "window=1 beta=0.99": ("batchtopk", {"threshold_window": 1.0, "threshold_beta": 0.99}, None),
         "lr=1.6e-2": ("batchtopk", {"lr": 1.6e-2}, None),
-        "beta1=0 lr=1.6e-2": ("batchtopk", {"adam_betas": [0.0, 0.999], "lr": 1.6e-2}, None),
+        "lr=1.6e-2 beta1=0.9": ("batchtopk", {"lr": 1.6e-2, "adam_betas": [0.9, 0.999]}, None),
     },
     "jumprelu": {
         "default": ("jumprelu", {}, None),
@@ -87,6 +90,7 @@ VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
         "b_dec=mean": ("topk", {"b_dec_init": "mean"}, None),
         "dead=16k": ("topk", {"dead_after_tokens": 16384}, None),
         "dead=16k aux=0.125": ("topk", {"dead_after_tokens": 16384, "aux_coefficient": 0.125}, None),
+        "beta1=0.9": ("topk", {"adam_betas": [0.9, 0.999]}, None),  # the default before β1 0
         "beta1=0.7": ("topk", {"adam_betas": [0.7, 0.999]}, None),
         "beta1=0.5": ("topk", {"adam_betas": [0.5, 0.999]}, None),
         "beta1=0": ("topk", {"adam_betas": [0.0, 0.999]}, None),

@@ -185,7 +185,27 @@ def test_batchtopk_uses_threshold_at_inference_and_batch_selection_in_training()
     assert float(out.metrics["l0"]) == pytest.approx(n / 200)
     smallest = pre.detach().flatten().topk(n).values.min()
     torch.testing.assert_close(d.threshold, torch.full_like(d.threshold, float(smallest)), rtol=1e-4, atol=1e-4)
-    assert int(d.threshold_updates) == 1
+    assert int(d.threshold_updates) == 0  # before the averaging window (the last 0.2 of training)
+
+
+def test_batchtopk_threshold_is_the_mean_over_the_last_window_of_training():
+    d = make("batchtopk")
+    d.train()
+    xs = [inputs(200, seed=s) for s in range(4)]
+    n = d.cfg.k * 200
+
+    def smallest(x):
+        return float(d.pre_acts(x).detach().flatten().topk(n).values.min())
+
+    with torch.no_grad():
+        d.training_loss(xs[0], 0.5, None)  # before the window: replaced by each batch
+        d.training_loss(xs[1], 0.7, None)
+        assert float(d.threshold[0]) == pytest.approx(smallest(xs[1]), abs=1e-4)
+        assert int(d.threshold_updates) == 0
+        d.training_loss(xs[2], 0.8, None)  # the window opens: its first batch replaces it
+        d.training_loss(xs[3], 0.9, None)
+    assert int(d.threshold_updates) == 2
+    assert float(d.threshold[0]) == pytest.approx((smallest(xs[2]) + smallest(xs[3])) / 2, abs=1e-4)
 
 
 def _grads(d, x, dead):
