@@ -27,9 +27,10 @@ from eval.evaluate import evaluate_dictionaries
 from eval.metrics import ReconstructionAccumulator
 from sae import checkpoint as ckpt
 from sae import sharding
-from sae.dictionaries import parse_dictionary_config
+from sae.dictionaries import get_architecture, parse_dictionary_config
 from sae.config import load_run_config
 from sae.errors import ConfigError, UserError
+from sae.formats import feature_shards
 from sae.loading import load_dictionary
 from sae.means import read_mean
 from sae.models import load_model
@@ -267,3 +268,33 @@ def test_feature_sharded_evaluation_needs_torchrun(tmp_path, capsys):
         eval_main(["evaluate", str(tmp_path), "--feature-sharded"])
     assert e.value.code == 2
     assert "--feature-sharded splits each dictionary's features over the ranks of torchrun" in capsys.readouterr().err
+
+
+def test_feature_shard_files_read_whole_or_by_range_and_a_missing_one_is_named(tmp_path):
+    """The feature-shards layout written by hand from a whole dictionary (a JumpReLU: its threshold
+    is per-feature too): sae.load gives it back exactly, any feature range reads only what it
+    needs, and a missing shard file is one line naming it."""
+    d = get_architecture("jumprelu")(parse_dictionary_config({"architecture": "jumprelu", "d_sae": 12}), 5)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.normal_()
+    folder = d.save(tmp_path / "whole")
+    w = d.weights()
+    shard = tmp_path / "shards"
+    for i, (lo, hi) in enumerate([(0, 4), (4, 8), (8, 12)]):
+        tensors = {k: (t[lo:hi] if dim == 0 else t[:, lo:hi]) for k, t in w.items()
+                   if (dim := d.feature_dims.get(k)) is not None}
+        feature_shards.write_shard(shard, i, 3, {**tensors, **({"b_dec": w["b_dec"]} if i == 0 else {})})
+    feature_shards.write_index(shard, 12, d.feature_dims, 3)
+    (shard / "cfg.json").write_text((folder / "cfg.json").read_text())
+    loaded = sae.load(shard)
+    for k, t in w.items():
+        assert torch.equal(loaded.weights()[k], t), k
+    part = feature_shards.read_features(shard, lo=3, hi=9)
+    assert torch.equal(part["W_enc"], w["W_enc"][:, 3:9]) and torch.equal(part["threshold"], w["threshold"][3:9])
+    assert torch.equal(part["b_dec"], w["b_dec"])
+    one_file = feature_shards.read_features(folder, d.feature_dims, 3, 9)
+    assert all(torch.equal(one_file[k], part[k]) for k in part)
+    (shard / "sae-00002-of-00003.safetensors").unlink()
+    with pytest.raises(UserError, match="sae-00002-of-00003.safetensors: missing .one of the 3 feature shards"):
+        sae.load(shard)
