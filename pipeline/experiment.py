@@ -88,11 +88,13 @@ def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str
     _check_layout(run, configs, {})
     to_train = _to_train(run, configs, saved_dictionaries(run, configs))
     same_eval = same_evaluation(run)  # (config.yaml is rewritten next)
-    _start(run)
+    if run.eval.enabled:
+        check_prune_config(run.prune)
     loaded = _load_model(run, configs)
     # Read now so that too little held-out text fails before the harvest and training, not after.
     evaluates = dist.is_main() or _in_feature_shards(run)
     heldout = _tokens(run, loaded.model, "heldout", run.eval_tokens) if run.eval.enabled and evaluates else None
+    _write_config(run)  # once every check has passed: a refused run leaves the folder as it was
     trained = _train(run, to_train, loaded) if to_train else {}
     if _in_feature_shards(run):  # every rank evaluates, each with its own features
         if run.eval.enabled:
@@ -145,10 +147,7 @@ def _print_summary(run: RunConfig) -> None:
         print((run.run_dir / "summary.md").read_text(), flush=True)
 
 
-def _start(run: RunConfig) -> None:
-    """Refuse a prune block whose thresholds would share a folder before any work; write config.yaml."""
-    if run.eval.enabled:
-        check_prune_config(run.prune)
+def _write_config(run: RunConfig) -> None:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         io.write_text(run.run_dir / "config.yaml", dump_run_config(run))
