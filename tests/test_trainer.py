@@ -55,11 +55,12 @@ RECOVERY_CONFIGS = {
     "jumprelu": {"architecture": "jumprelu", "l0_coefficient": 1.0},
     "gated": {"architecture": "gated", "l1_coefficient": 3.0},
 }
-# name: (min mean max-cosine, max FVU on held-out tokens); measured (2026-11-23, CPU) in comments
+# name: (min mean max-cosine, max FVU on held-out tokens); measured (2026-11-23, CPU; TopK-style
+# 2026-12-01, after Adam β1 0 and BatchTopK's end-of-training threshold) in comments
 BARS = {
-    "topk": (0.95, 0.20),  # 0.988, 0.149
-    "batchtopk": (0.95, 0.20),  # 0.978, 0.139
-    "matryoshka": (0.95, 0.20),  # 0.964, 0.169 (groups of 32, 96, 128)
+    "topk": (0.95, 0.20),  # 0.982, 0.137
+    "batchtopk": (0.95, 0.20),  # 0.963, 0.102
+    "matryoshka": (0.95, 0.20),  # 0.964, 0.157 (groups of 32, 96, 128)
     "relu": (0.93, 0.35),  # 0.982, 0.283
     "relu_april": (0.85, 0.40),  # 0.907, 0.262
     "jumprelu": (0.93, 0.20),  # 0.952, 0.101
