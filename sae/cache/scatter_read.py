@@ -69,6 +69,19 @@ def advise_huge_pages(t: torch.Tensor) -> None:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
 
 
+def advise_will_need(path: str | os.PathLike, offset: int, length: int) -> None:
+    """Tell the kernel that these bytes of the file will be read soon (posix_fadvise WILLNEED): it
+    starts reading them all at once, with many requests in flight, where each read's own read-ahead
+    keeps a few MB in flight. Nothing where there is no posix_fadvise (macOS, Windows)."""
+    if not hasattr(os, "posix_fadvise") or length <= 0:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 def read_rows_into(f, offset: int, dest: torch.Tensor, dest_rows: np.ndarray) -> None:
     """Read len(dest_rows) consecutive rows of dest's row size from the open raw binary file `f`
     (``open(path, "rb", buffering=0)``, one per thread) at byte `offset`; file row i goes to
