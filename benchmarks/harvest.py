@@ -6,18 +6,30 @@ Prints, in tokens/s (and MB/s for the reads), with ratios:
     same tokens, and its overhead over the bare forward (target < 10%);
   - sequential read: every shard file read front to back into memory (the reference);
   - shuffled read, epoch 1 and epoch 2: `CacheReader` batches (target: >= 90% of the sequential
-    read in both), after its start-up (verification, allocating its buffers), timed apart;
+    read in both), after its start-up (verification, allocating and touching its buffers), which
+    is timed apart;
   - read to device: the reader's batches through `sae.cache.to_device` and converted to float32
     on the training device, as the trainer takes them (CUDA when present, else the CPU).
 
 The model stages run on `--tokens` random token ids (throughput does not depend on the text). The
 read stages run on that harvested cache, or with `--read-tokens N` on a cache of N tokens of random
-activations of the same width written for the purpose (kept in `--cache-dir` to be reused; a cache
-larger than free memory measures the disk, both for the sequential and for the shuffled reads).
+activations of the same width written for the purpose (kept in `--cache-dir` to be reused).
+
+Every read stage (each of the two epochs included) starts from the same page-cache state, and the
+table says how much of the cache was in memory at each start. `--page-cache cold` (the default)
+evicts the shards (posix_fadvise DONTNEED) before each stage, so every stage reads the disk: the
+case of the caches users train on (100M to 1B tokens are 115 GB to 1.2 TB at d_in 576 in bf16),
+which never fit in memory (evicting measures it without a cache larger than memory). `--page-cache warm` reads the whole cache once, untimed, before each stage, so every stage
+reads memory (the later epochs of a cache that fits in memory next to the reader's buffers).
+Without a reset, the first stage left the shards in memory for the next, or the reader's buffers
+pushed them out, so the stages were not compared from the same state. The epochs are timed on a
+reader that does not prefetch: with a consumer that takes no time prefetching overlaps nothing,
+and no read is then in flight across the reset between the epochs.
 
     python benchmarks/harvest.py --quick                          # a smoke run, a minute
     python benchmarks/harvest.py --tokens 65536                   # the model stages
-    python benchmarks/harvest.py --tokens 8192 --read-tokens 10M --dtype bfloat16 --cache-dir /tmp/c10m
+    python benchmarks/harvest.py --no-model --read-tokens 10M --dtype bfloat16 --cache-dir /tmp/c10m
+    python benchmarks/harvest.py --no-model --read-tokens 10M --dtype bfloat16 --cache-dir /tmp/c10m --page-cache warm
 
 `read_to_device(cache_dir, device, ...)` is the reader-to-GPU measurement for other scripts (the
 GPU check): tokens/s onto the device, and with `step_ms` how much a feed slows a step that takes

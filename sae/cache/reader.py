@@ -20,9 +20,12 @@ iteration would have yielded from step k on.
 The disk reader prepares the next group on a background thread while the current one is served:
 each shard is read front to back, in large sequential reads, straight into the rows of the mixing
 buffer where its tokens go in the shuffled order (`scatter_read`), on a few I/O threads; so a group
-costs one pass over its bytes, like a plain read of its files. The mixing buffers are allocated
-(and pinned when CUDA is available) once, when the reader is made, and reused: batches are views
-into them, in the cache dtype; a batch still referenced by the caller is never overwritten.
+costs one pass over its bytes, like a plain read of its files. So that the first epoch costs what
+the later ones do, the mixing buffers are allocated (and pinned when CUDA is available) and touched
+once, when the reader is made, on 2 MB pages where Linux allows (rows written at random places then
+cost a TLB entry per 2 MB, not per 4 kB), and reused: batches are views into them, in the cache
+dtype; a batch still referenced by the caller is never overwritten. The next group's permutation
+is drawn on an I/O thread while this one is read.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 
 from sae.cache.capture import ActivationCapture
 from sae.cache.manifest import Manifest
-from sae.cache.scatter_read import advise_huge_pages, advise_will_need, read_file_rows_into
+from sae.cache.scatter_read import advise_huge_pages, read_file_rows_into
 from sae.cache.shards import ACT_PREFIX, open_cache, read_shard_tensors, token_positions, verify_shard
 from sae.errors import CacheError
 
@@ -357,7 +360,6 @@ class CacheReader(ShuffledBatches):
         out = self._alloc(n, torch.device("cpu"))
         dest = np.empty(n, dtype=order.dtype)  # numpy: these small index steps need no thread pool
         dest[order] = np.arange(n, dtype=order.dtype)
-        self._start_disk_on(chunks)
         tasks, index_parts, row = [], [], 0
         for c in chunks:
             k = self.manifest.shards[c].n_tokens
@@ -394,17 +396,6 @@ class CacheReader(ShuffledBatches):
             cf.wait(futures)  # no read may still write into the buffer once it is handed out
         for f in futures:
             f.result()
-
-    def _start_disk_on(self, chunks: list[int]) -> None:
-        """Ask the kernel to read every byte of the group now (the scatter reads then find them in
-        memory or on their way): a group of shards not in the page cache came in about twice as
-        fast here, at a third of the CPU time. Costs nothing measurable when they are in memory."""
-        for c in chunks:
-            header, start = self._header(c)
-            path = self.manifest.shard_path(self.manifest.shards[c])
-            for h in self.hooks:
-                b0, b1 = header[ACT_PREFIX + h]["data_offsets"]
-                advise_will_need(path, start + b0, b1 - b0)
 
     def _read_tasks(self, c: int, out: Group, dest: np.ndarray) -> list[tuple]:
         """(path, byte offset, buffer, destination rows) for pieces of about 16 MB of shard c."""
