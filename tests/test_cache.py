@@ -441,19 +441,6 @@ def test_reader_never_reuses_a_group_that_is_still_held():
     assert ptr(src._prepare((0, 2, [2]))) in {p["h"].untyped_storage().data_ptr() for p in src._pool}
 
 
-def test_group_order_is_numpys_permutation_of_seed_epoch_group():
-    """The shuffle depends on (seed, epoch, group) alone and keeps its draws across versions (int32
-    now, int64 before, the same values): a run resumed by a later version serves the same batches."""
-    src = ShuffledBatches([5, 7, 9, 4], lambda ch: {}, ["h"], {"h": 1}, batch_size=4, seed=11, group_chunks=2)
-    for epoch, group in [(0, 0), (0, 1), (3, 1)]:
-        n = src.group_rows(epoch, group)
-        key = np.random.SeedSequence([11, epoch, 1, group])
-        want = np.random.Generator(np.random.PCG64(key)).permutation(n)
-        got = src.group_order(epoch, group, n)
-        assert n in (9, 11, 12, 13, 14, 16) and got.dtype == np.int32 and np.array_equal(got, want)
-    assert src.next_group(0, 1) == (1, 0) and src.next_group(2, 0) == (2, 1)
-
-
 @pytest.fixture(scope="module")
 def bf16_cache(model, data, tmp_path_factory) -> Manifest:
     tokens, keep = data

@@ -24,8 +24,7 @@ costs one pass over its bytes, like a plain read of its files. So that the first
 the later ones do, the mixing buffers are allocated (and pinned when CUDA is available) and touched
 once, when the reader is made, on 2 MB pages where Linux allows (rows written at random places then
 cost a TLB entry per 2 MB, not per 4 kB), and reused: batches are views into them, in the cache
-dtype; a batch still referenced by the caller is never overwritten. The next group's permutation
-is drawn on an I/O thread while this one is read.
+dtype; a batch still referenced by the caller is never overwritten.
 """
 
 from __future__ import annotations
@@ -108,20 +107,9 @@ class ShuffledBatches:
         g = self.group_chunks
         return [order[i:i + g] for i in range(0, len(order), g)]
 
-    def group_order(self, epoch: int, group: int, n_rows: int) -> np.ndarray:
-        """Row i of the shuffled group is row order[i] of its chunks' rows, concatenated. The same
-        draws as `Generator.permutation(n_rows)` (so the same batches as ever for a seed), in int32
-        when it fits: half the memory traffic of int64 for these n_rows-long random accesses."""
-        order = np.arange(n_rows, dtype=np.int32 if n_rows < 2**31 else np.int64)
-        _rng(self.seed, epoch, 1, group).shuffle(order)
-        return order
-
-    def group_rows(self, epoch: int, group: int) -> int:
-        return sum(self.chunk_rows[c] for c in self.epoch_groups(epoch)[group])
-
-    def next_group(self, epoch: int, group: int) -> tuple[int, int]:
-        """(epoch, group) of the group served after this one."""
-        return (epoch, group + 1) if group + 1 < len(self.epoch_groups(epoch)) else (epoch + 1, 0)
+    def group_permutation(self, epoch: int, group: int, n_rows: int) -> torch.Tensor:
+        """Row i of the shuffled group is row perm[i] of its chunks' rows, concatenated."""
+        return torch.from_numpy(_rng(self.seed, epoch, 1, group).permutation(n_rows))
 
     def steps_per_epoch(self) -> float:
         return self.tokens_per_epoch / self.batch_size
@@ -158,16 +146,12 @@ class ShuffledBatches:
         """A group's rows in its shuffled order, in one buffer: batches are then contiguous slices
         of it, without a copy."""
         epoch, gi, chunks = item
+        perm = self.group_permutation(epoch, gi, sum(self.chunk_rows[c] for c in chunks))
         with self._lock:  # one group at a time per source: the buffer pool is not thread-safe
-            return self._shuffled(chunks, self._group_order(epoch, gi))
+            return self._shuffled(chunks, perm)
 
-    def _group_order(self, epoch: int, group: int) -> np.ndarray:
-        """`group_order` of this group (a subclass may have drawn it ahead of time)."""
-        return self.group_order(epoch, group, self.group_rows(epoch, group))
-
-    def _shuffled(self, chunks: list[int], order: np.ndarray) -> Group:
-        """Load the chunks, then gather their rows in the order `order` (on the rows' device)."""
-        perm = torch.from_numpy(order.astype(np.int64))
+    def _shuffled(self, chunks: list[int], perm: torch.Tensor) -> Group:
+        """Load the chunks, then gather their rows in the order `perm` (on the rows' device)."""
         raw = self._load_group(chunks)
         src0 = raw[self.hooks[0]]
         out = self._alloc(len(perm), src0.device)
@@ -335,7 +319,6 @@ class CacheReader(ShuffledBatches):
         self.io_threads = int(io_threads or _io_threads())
         self._io = cf.ThreadPoolExecutor(max_workers=max(1, self.io_threads - 1),
                                          thread_name_prefix="shard-reader")
-        self._planned: dict[tuple[int, int], cf.Future] = {}  # the next group's order, being drawn
         self._reserve(3 if prefetch else 2)
 
     def _header(self, i: int) -> tuple[dict, int]:
@@ -343,23 +326,13 @@ class CacheReader(ShuffledBatches):
             self._headers[i] = verify_shard(self.manifest, self.manifest.shards[i])
         return self._headers[i]
 
-    def _group_order(self, epoch: int, group: int) -> np.ndarray:
-        """This group's order, drawn ahead on an I/O thread while the previous group was read
-        (when it was), and the next group's order started there now: drawing a permutation of a
-        million rows costs a tenth of reading them, which then stays off the loader's path."""
-        ahead = self._planned.pop((epoch, group), None)
-        order = ahead.result() if ahead is not None else super()._group_order(epoch, group)
-        nxt = self.next_group(epoch, group)
-        self._planned = {nxt: self._io.submit(super()._group_order, *nxt)}
-        return order
-
-    def _shuffled(self, chunks: list[int], order: np.ndarray) -> Group:
+    def _shuffled(self, chunks: list[int], perm: torch.Tensor) -> Group:
         """Read the chunks' rows straight into their places in a mixing buffer: row r of the
-        group goes to row dest[r], where order[dest[r]] = r."""
-        n = len(order)
+        group goes to row dest[r], where perm[dest[r]] = r."""
+        n = len(perm)
         out = self._alloc(n, torch.device("cpu"))
-        dest = np.empty(n, dtype=order.dtype)  # numpy: these small index steps need no thread pool
-        dest[order] = np.arange(n, dtype=order.dtype)
+        dest = np.empty(n, dtype=np.int64)  # numpy: these small index steps need no thread pool
+        dest[perm.numpy()] = np.arange(n)
         tasks, index_parts, row = [], [], 0
         for c in chunks:
             k = self.manifest.shards[c].n_tokens
