@@ -10,6 +10,7 @@ from eval.ablate import ablate_dir
 from eval.evaluate import DEFAULT_BATCH_CONTEXTS
 from eval.folders import DEFAULT_EVAL_TOKENS, evaluate_dirs
 from eval.prune import prune_dir
+from sae import distributed as dist
 from sae.config import DEFAULT_FREQUENCY_TOKENS
 from sae.errors import cli_errors
 from sae.means import MEAN_TOKENS
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the model's forward passes.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="dictionary folders, or run folders (every dictionary in them)")
     p.add_argument("--summary", default=None, metavar="FOLDER", help="also write summary.md/.json into FOLDER")
+    p.add_argument("--feature-sharded", action="store_true",
+                   help="under torchrun: each rank loads only its shard of every dictionary's features (for "
+                        "dictionaries too wide for one device, e.g. saved as feature shards); same numbers")
     _common(p)
 
     p = sub.add_parser("prune", help="kill features outside a frequency band; write and evaluate the smaller dictionary",
@@ -94,17 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    with cli_errors("python -m eval"):
-        if args.command == "evaluate":
-            results = evaluate_dirs(args.dirs, n_tokens=args.tokens, batch_size=args.batch_size, device=args.device,
-                                    dtype=args.dtype, data_source=args.data, mean_tokens=args.mean_tokens,
-                                    progress=not args.no_progress)
+def _evaluate(args: argparse.Namespace) -> None:
+    started = dist.init_from_env() if args.feature_sharded else False
+    try:
+        results = evaluate_dirs(args.dirs, n_tokens=args.tokens, batch_size=args.batch_size, device=args.device,
+                                dtype=args.dtype, data_source=args.data, mean_tokens=args.mean_tokens,
+                                progress=not args.no_progress, feature_sharded=args.feature_sharded)
+        if dist.is_main():
             report.print_results(results)
             if args.summary:
                 md, js = report.write_summary(args.summary, results)
                 print(f"wrote {md} and {js}")
+    finally:
+        if started:
+            dist.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    with cli_errors("python -m eval"):
+        if args.command == "evaluate":
+            _evaluate(args)
         elif args.command == "prune":
             prune_dir(args.dir, args.out, max_frequency=args.max_frequency, min_frequency=args.min_frequency,
                       kill_ids=args.kill_ids, mode=args.mode, n_tokens=args.tokens, batch_size=args.batch_size,

@@ -141,6 +141,13 @@ def as_targets(dictionaries: Mapping[str, Any]) -> dict[str, EvalTarget]:
     return {name: d if isinstance(d, EvalTarget) else EvalTarget(d) for name, d in dictionaries.items()}
 
 
+def _accumulator(d) -> M.ReconstructionAccumulator:
+    """A dictionary's reconstruction accumulator; a feature shard seen as the whole dictionary
+    (eval.sharded.ShardView) brings its own, which adds the shards' per-feature sums up."""
+    own = getattr(d, "reconstruction_accumulator", None)
+    return own() if own is not None else M.ReconstructionAccumulator(d_out_of(d), d.d_sae, _dict_param(d).device)
+
+
 def _dict_param(d) -> Tensor:
     return d.W_enc if hasattr(d, "W_enc") else next(d.parameters())
 
@@ -176,9 +183,7 @@ def evaluate_dictionaries(model, dictionaries: Mapping[str, Any], tokens: Tensor
     check_compatibility(model, targets)
     device = model_device(model)
     mean_runs = _mean_runs(targets, dict(train_means or {}), device)
-    recon = {name: M.ReconstructionAccumulator(d_out_of(t.dictionary), t.dictionary.d_sae,
-                                               _dict_param(t.dictionary).device)
-             for name, t in targets.items()}
+    recon = {name: _accumulator(t.dictionary) for name, t in targets.items()}
     sums = M.SumAccumulator()
     forwards = Forwards(model, _hooks(targets), full=full_forwards, per_forward=variants_per_forward,
                         inputs=_input_hooks(targets))

@@ -9,15 +9,18 @@ import json
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import torch
 from torch import Tensor
 
 from eval.evaluate import DEFAULT_BATCH_CONTEXTS, EvalResult, as_targets, evaluate_dictionaries
 from eval.outputs import eval_info, write_all
-from sae.loading import load_dictionary
+from eval.sharded import ShardView
+from sae import distributed as dist
+from sae import sharding
 from sae.errors import UserError
-from sae.loading import detect_format
+from sae.loading import detect_format, load_dictionary
 from sae.means import MEAN_FILE, MEAN_TOKENS, means_from_model, read_mean
 from sae.models import load_model, resolve_device
 from sae.text import DataConfig, keep_mask, load_contexts
@@ -112,13 +115,14 @@ def data_config_for(dictionary, data_source: str | None = None) -> DataConfig:
 
 
 def load_groups(dirs: list[str | Path], device: str = "auto", dtype: str | None = None,
-                data_source: str | None = None) -> list[LoadedGroup]:
-    """Load dictionaries from folders and their models; one group per (model, held-out text)."""
-    dev = resolve_device(device) if isinstance(device, str) else device
+                data_source: str | None = None, load: Callable[..., Any] = load_dictionary) -> list[LoadedGroup]:
+    """Load dictionaries from folders and their models; one group per (model, held-out text).
+    load(folder, device=): how a folder becomes a dictionary (default: whole, in this process)."""
+    dev = dist.device_for_rank(resolve_device(device) if isinstance(device, str) else torch.device(device))
     paths = [Path(p) for p in dirs]
     groups: dict[tuple, dict] = {}
     for name, path in zip(unique_folder_names(paths), paths):
-        d = load_dictionary(path, device=dev)
+        d = load(path, device=dev)
         model_name = d.metadata.get("model_name")
         if not model_name:
             raise UserError(f"{path}/cfg.json records no model_name; cannot tell which model to run")
@@ -132,7 +136,8 @@ def load_groups(dirs: list[str | Path], device: str = "auto", dtype: str | None 
     out = []
     for g in groups.values():
         model_dtype = dtype or next(iter(g["dictionaries"].values())).metadata.get("model_dtype") or "float32"
-        print(f"loading model {g['model_name']} ({model_dtype}) on {dev}", flush=True)
+        if dist.is_main():
+            print(f"loading model {g['model_name']} ({model_dtype}) on {dev}", flush=True)
         model = load_model(g["model_name"], device=dev, dtype=model_dtype)
         out.append(LoadedGroup(model=model, **g))
     return out
@@ -160,8 +165,9 @@ def training_means(group: LoadedGroup, batch_size: int,
     if missing:
         tokens, keep = _mean_tokens(group, mean_tokens)
         n = int(keep.sum())
-        print(f"no {MEAN_FILE} for {', '.join(sum(missing.values(), []))}: computing the mean activation "
-              f"for the mean-ablation baseline from {n} training-split tokens", flush=True)
+        if dist.is_main():
+            print(f"no {MEAN_FILE} for {', '.join(sum(missing.values(), []))}: computing the mean activation "
+                  f"for the mean-ablation baseline from {n} training-split tokens", flush=True)
         computed = means_from_model(group.model, list(missing), tokens, keep, batch_size)
         for hook, names in missing.items():
             for name in names:
@@ -191,16 +197,30 @@ def expand_run_dirs(dirs: list[str | Path]) -> list[Path]:
 def evaluate_dirs(dirs: list[str | Path], n_tokens: int = DEFAULT_EVAL_TOKENS,
                   batch_size: int = DEFAULT_BATCH_CONTEXTS, device: str = "auto", dtype: str | None = None,
                   data_source: str | None = None, mean_tokens: int = MEAN_TOKENS,
-                  write: bool = True, progress: bool = True) -> dict[str, EvalResult]:
+                  write: bool = True, progress: bool = True, feature_sharded: bool = False) -> dict[str, EvalResult]:
     """`python -m eval evaluate`: evaluate dictionary folders (a run folder stands for every
-    dictionary in it), writing eval.json etc. into each."""
+    dictionary in it), writing eval.json etc. into each. feature_sharded (under torchrun): every
+    rank loads only its shard of each dictionary's features and they evaluate together
+    (eval.sharded: the same numbers); rank 0 writes."""
     check_counts(n_tokens, batch_size, mean_tokens)
     dirs = expand_run_dirs(dirs)
+    load = _shard_loader(device) if feature_sharded else load_dictionary
     results: dict[str, EvalResult] = {}
-    for group in load_groups(dirs, device=device, dtype=dtype, data_source=data_source):
+    for group in load_groups(dirs, device=device, dtype=dtype, data_source=data_source, load=load):
         group.prepare(n_tokens, batch_size, mean_tokens)
-        group_results = group.evaluate(group.dictionaries, batch_size, progress)
-        if write:
+        group_results = group.evaluate(group.dictionaries, batch_size, progress and dist.is_main())
+        if write and dist.is_main():
             write_all(group_results, group.dirs)
         results.update(group_results)
     return results
+
+
+def _shard_loader(device: str) -> Callable[..., Any]:
+    """load(folder, device=) giving this rank's shard of the dictionary's features, seen as the
+    whole dictionary (eval.sharded.ShardView); the mesh spans every rank of torchrun."""
+    if not dist.is_distributed():
+        raise UserError("--feature-sharded splits each dictionary's features over the ranks of torchrun: "
+                        "launch with torchrun --nproc-per-node N -m eval evaluate ... --feature-sharded")
+    dev = dist.device_for_rank(resolve_device(device))
+    shards = sharding.make_mesh(sharding.layout_for(dist.world_size(), dist.rank(), None), dev)
+    return lambda folder, device: ShardView(sharding.load_shard_of(folder, shards, device), shards)

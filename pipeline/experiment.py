@@ -8,7 +8,8 @@ from its own checkpoint when it has one), and only what has no evaluation yet is
 dictionary whose loss became NaN/inf is saved with status "diverged" and the others go on; the
 last line says how many diverged (`train.py` then exits with status 3). Under torchrun every rank
 runs the same steps; rank 0 alone writes the config and the means and evaluates, once every
-dictionary is saved.
+dictionary is saved; dictionaries saved as feature shards (`distributed.saved_as`) are evaluated by
+every rank together, each holding its own features.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch
 
 from eval import report
 from eval.kill_frequency import run_training_activations
-from eval.outputs import eval_info
+from eval.outputs import eval_info, write_all
 from eval.run import check_prune_config, evaluate_run
+from eval.sharded import evaluate_shards
 from pipeline.resume import (Saved, check_same_run, completed_run, dictionary_metadata, divergence_summary,
                              diverged_dictionaries, kept_evaluations, pruned_names, same_evaluation,
                              saved_dictionaries, to_evaluate)
@@ -86,11 +88,20 @@ def _run_experiment(run: RunConfig, configs: list[DictionaryConfig]) -> dict[str
     _check_layout(run, configs, {})
     to_train = _to_train(run, configs, saved_dictionaries(run, configs))
     same_eval = same_evaluation(run)  # (config.yaml is rewritten next)
-    _start(run)
+    if run.eval.enabled:
+        check_prune_config(run.prune)
     loaded = _load_model(run, configs)
     # Read now so that too little held-out text fails before the harvest and training, not after.
-    heldout = _tokens(run, loaded.model, "heldout", run.eval_tokens) if run.eval.enabled and dist.is_main() else None
+    evaluates = dist.is_main() or _in_feature_shards(run)
+    heldout = _tokens(run, loaded.model, "heldout", run.eval_tokens) if run.eval.enabled and evaluates else None
+    _write_config(run)  # once every check has passed: a refused run leaves the folder as it was
     trained = _train(run, to_train, loaded) if to_train else {}
+    if _in_feature_shards(run):  # every rank evaluates, each with its own features
+        if run.eval.enabled:
+            reusable = {c.name for c in configs if c not in to_train} if same_eval else set()
+            _evaluate_feature_shards(run, configs, loaded, heldout, reusable)
+        _say_diverged(run, configs)
+        return trained
     if not dist.is_main():  # rank 0 alone evaluates and prunes
         return trained
     saved = saved_dictionaries(run, configs)  # now with every rank's
@@ -115,7 +126,7 @@ def _to_train(run: RunConfig, configs: list[DictionaryConfig], saved: dict[str, 
         elif s.changed:
             say(f"{name}: trains again: it diverged with other settings ({'; '.join(s.changed)})")
         else:
-            say(f"{name}: diverged at step {s.dictionary.metadata['divergence']['step']} in an earlier run: "
+            say(f"{name}: diverged at step {s.header.metadata['divergence']['step']} in an earlier run: "
                 f"skipped (change its settings, e.g. a lower lr, or delete its folder to train it again)")
     return to_train
 
@@ -136,10 +147,7 @@ def _print_summary(run: RunConfig) -> None:
         print((run.run_dir / "summary.md").read_text(), flush=True)
 
 
-def _start(run: RunConfig) -> None:
-    """Refuse a prune block whose thresholds would share a folder before any work; write config.yaml."""
-    if run.eval.enabled:
-        check_prune_config(run.prune)
+def _write_config(run: RunConfig) -> None:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         io.write_text(run.run_dir / "config.yaml", dump_run_config(run))
@@ -247,7 +255,7 @@ def _train_dictionaries(run: RunConfig, configs: list[DictionaryConfig], loaded:
         autocast_dtype=autocast_dtype(run, loaded.device), log_every=run.train.log_every_steps,
         placement=run.distributed.placement if dist.is_distributed() else None,
         feature_shards=run.distributed.feature_shards if dist.is_distributed() else None,
-        stop_on_divergence=run.train.stop_on_divergence)
+        saved_as=run.distributed.saved_as, stop_on_divergence=run.train.stop_on_divergence)
 
 
 def _streamed_means(run: RunConfig, model, tokens: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -292,13 +300,54 @@ def _evaluate(run: RunConfig, configs: list[DictionaryConfig], loaded: _Loaded,
                                {n: run.run_dir / n for n in now}, run.run_dir, tokens, keep, means,
                                batch_size=run.eval.batch_contexts, prune=prune,
                                training_activations=_kill_tokens(run, prune, loaded.model), info=eval_info(run.data))
+    return _summarise(run, names, now, results, diverged)
+
+
+def _summarise(run: RunConfig, names: list[str], now: list[str], results: dict[str, Any],
+               diverged: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary (rank 0 writes it): this run's evaluations, the kept ones, the diverged."""
     kept = [n for n in names if n not in now]
     if kept:
         say(f"kept the evaluations of {', '.join(kept)} (made with these settings on the same weights)")
     everything = {**kept_evaluations(run, kept), **results}
     everything = {n: everything[n] for n in [*names, *pruned_names(run.prune, names)] if n in everything}
-    report.write_summary(run.run_dir, everything, diverged=diverged)
+    if dist.is_main():
+        report.write_summary(run.run_dir, everything, diverged=diverged)
     return everything
+
+
+def _in_feature_shards(run: RunConfig) -> bool:
+    """Whether this run's dictionaries are saved as feature shards and so evaluated by every rank."""
+    return (dist.is_distributed() and run.distributed.placement == "feature_sharded"
+            and run.distributed.saved_as == "feature_shards")
+
+
+def _evaluate_feature_shards(run: RunConfig, configs: list[DictionaryConfig], loaded: _Loaded,
+                             heldout: tuple[torch.Tensor, torch.Tensor], reusable: set[str]) -> dict[str, Any]:
+    """Every rank loads its features of each dictionary to evaluate (`sharding.load_shard_of`) and
+    they evaluate together (eval.sharded, the same numbers as one process); rank 0 writes."""
+    saved = saved_dictionaries(run, configs)  # their cfg.json only
+    diverged = {n: divergence_summary(s.header) for n, s in saved.items() if s.diverged}
+    names = [c.name for c in configs if c.name in saved and c.name not in diverged]
+    now = to_evaluate(run, names, reusable)
+    results: dict[str, Any] = {}
+    if now:
+        if dist.is_main():
+            _training_means(run, [c for c in configs if c.name in now], loaded.model)  # saved for every rank
+        dist.barrier()
+        means = {n: read_mean(run.run_dir / n) for n in now}
+        shards = sharding.make_mesh(sharding.layout_for(dist.world_size(), dist.rank(), run.distributed.feature_shards),
+                                    loaded.device)
+        tokens, keep = heldout
+        say(f"evaluating {len(now)} dictionaries on {int(keep.sum()):,} held-out tokens, {dist.world_size()} ranks "
+            f"each holding a shard of their features")
+        results = evaluate_shards(loaded.model, {n: sharding.load_shard_of(run.run_dir / n, shards, loaded.device)
+                                                 for n in now}, shards, tokens, keep, means,
+                                  batch_size=run.eval.batch_contexts, info=eval_info(run.data))
+        if dist.is_main():
+            write_all(results, {n: run.run_dir / n for n in now})
+            report.print_results(results)
+    return _summarise(run, names, now, results, diverged)
 
 
 def _prune_for(prune: Any, names: list[str], diverged: dict[str, Any]) -> Any:

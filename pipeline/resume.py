@@ -15,6 +15,8 @@ Per-dictionary checkpoints (resumed or restarted) are the trainer's (sae.trainer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -27,9 +29,10 @@ from sae import io
 from sae.checkpoint import changed_settings
 from sae.config import RunConfig, dump_run_config, expand_dictionaries
 from sae.dictionaries import DictionaryConfig, SparseDictionary
-from sae.dictionaries.base import CFG_FILE, WEIGHTS_FILE
+from sae.dictionaries.base import CFG_FILE
 from sae.errors import ConfigError, UserError
-from sae.loading import load_dictionary
+from sae.formats import feature_shards
+from sae.loading import Header, load_dictionary, read_header
 from sae.models import hook_layer
 
 CONFIG_FILE = "config.yaml"
@@ -107,14 +110,25 @@ def same_evaluation(run: RunConfig) -> bool:
 # ---- each dictionary's folder ----------------------------------------------------------------------
 @dataclass
 class Saved:
-    """A dictionary an earlier run saved in its folder."""
+    """A dictionary an earlier run saved in its folder (its weights read only when asked for: a
+    dictionary saved as feature shards may not fit in one process)."""
 
-    dictionary: SparseDictionary  # its weights (a diverged one's last good weights)
+    folder: Path
+    header: Header  # its cfg.json
     changed: list[str]  # the settings it was trained with that differ from today's ("k: 4 -> 5")
 
     @property
     def diverged(self) -> bool:
-        return self.dictionary.metadata.get("status") == "diverged"
+        return self.header.metadata.get("status") == "diverged"
+
+    @property
+    def feature_shards(self) -> bool:
+        return feature_shards.is_sharded(self.folder)
+
+    @cached_property
+    def dictionary(self) -> SparseDictionary:
+        """Its weights (a diverged one's last good weights)."""
+        return load_dictionary(self.folder)
 
 
 def _trained_with(hyperparameters: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
@@ -123,10 +137,10 @@ def _trained_with(hyperparameters: dict[str, Any], metadata: dict[str, Any]) -> 
             **{k: metadata.get(k) for k in ("model_name", "model_dtype", "dataset")}}
 
 
-def _changed(run: RunConfig, cfg: DictionaryConfig, d: SparseDictionary) -> list[str]:
-    saved = _trained_with(d.cfg.hyperparameters.model_dump(mode="json"), d.metadata)
+def _changed(run: RunConfig, cfg: DictionaryConfig, header: Header) -> list[str]:
+    saved = _trained_with(header.hyperparameters.model_dump(mode="json"), header.metadata)
     # a loaded dictionary states its width as d_sae: compare widths, not how they were asked for
-    as_width = cfg.model_copy(update={"d_sae": cfg.resolve_d_sae(d.d_in), "expansion_factor": None})
+    as_width = cfg.model_copy(update={"d_sae": cfg.resolve_d_sae(header.d_in), "expansion_factor": None})
     wanted = _trained_with(as_width.model_dump(mode="json"), dictionary_metadata(run, cfg))
     return changed_settings(saved, wanted)
 
@@ -139,10 +153,10 @@ def saved_dictionaries(run: RunConfig, configs: list[DictionaryConfig]) -> dict[
     found: dict[str, Saved] = {}
     for cfg in configs:
         folder = run.run_dir / cfg.name
-        if not (folder / WEIGHTS_FILE).is_file() or not (folder / CFG_FILE).is_file():
+        if not feature_shards.has_weights(folder) or not (folder / CFG_FILE).is_file():
             continue
-        d = load_dictionary(folder)
-        saved = Saved(d, _changed(run, cfg, d))
+        header = read_header(folder)
+        saved = Saved(folder, header, _changed(run, cfg, header))
         if saved.changed and not saved.diverged:
             raise ConfigError(f"{folder} was trained with other settings ({'; '.join(saved.changed)}); pick "
                               f"another run_name or dictionary name, or delete that folder to retrain")

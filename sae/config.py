@@ -113,6 +113,12 @@ class DistributedConfig(_Strict):
     feature_shards: int | None = Field(None, ge=1, description="feature_sharded: ranks sharing each "
                                        "dictionary's features (a divisor of the ranks, the rest data-parallel "
                                        "groups); null: all of them")
+    saved_as: Literal["one_file", "feature_shards"] = Field(
+        "one_file", description="feature_sharded: how a finished dictionary is saved. one_file: gathered "
+        "tensor by tensor into rank 0's host memory and saved as one sae.safetensors (evaluated, pruned "
+        "and ablated by rank 0 like any other); feature_shards: each rank writes its own features "
+        "(sae-<i>-of-<F>.safetensors + sae.safetensors.index.json, which sae.load reads), no process ever "
+        "holds it whole, and every rank evaluates it together (no prune block)")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl with CUDA, else gloo")
     timeout_minutes: float = Field(120.0, gt=0, description="how long a rank waits for the others")
 
@@ -120,6 +126,9 @@ class DistributedConfig(_Strict):
     def _shards_need_sharding(self) -> "DistributedConfig":
         if self.feature_shards is not None and self.placement != "feature_sharded":
             raise ValueError(f"feature_shards needs placement: feature_sharded (placement is {self.placement})")
+        if self.saved_as != "one_file" and self.placement != "feature_sharded":
+            raise ValueError(f"saved_as: {self.saved_as} needs placement: feature_sharded (placement is "
+                             f"{self.placement}); the other placements hold every dictionary whole")
         return self
 
 
@@ -166,6 +175,14 @@ class RunConfig(_Strict):
     def _unique_hooks(self) -> "RunConfig":
         if len(set(self.hooks)) != len(self.hooks):
             raise ValueError("hooks lists a hook point twice")
+        return self
+
+    @model_validator(mode="after")
+    def _prune_needs_whole_dictionaries(self) -> "RunConfig":
+        if self.prune is not None and self.distributed.saved_as == "feature_shards":
+            raise ValueError("prune: kills features of whole dictionaries, and distributed.saved_as: feature_shards "
+                             "never holds one in a process: drop the prune block (prune afterwards in one process "
+                             "with python -m eval prune, which loads the shards whole) or save as one_file")
         return self
 
     @property

@@ -9,7 +9,7 @@ sae/formats/) and make the module in `build_dictionary`, the one place a loaded 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -57,6 +57,26 @@ def build_dictionary(imported: Imported, device: torch.device | str = "cpu", dty
     d = d.to(device=device, dtype=dtype) if dtype is not None else d.to(device=device)
     d.requires_grad_(trainable)
     return d.eval()
+
+
+class Header(NamedTuple):
+    """What a dictionary folder of ours says about its dictionary, without reading its weights."""
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    hyperparameters: Any  # the architecture's Config
+    metadata: dict[str, Any]
+    d_out: int | None  # a transcoder's output width (None: d_in)
+
+
+def read_header(directory: str | Path) -> Header:
+    """The cfg.json of a dictionary folder in our format, its hyperparameters validated as
+    `load` validates them (a dictionary saved as feature shards may not fit in memory)."""
+    imported = ours.read(Path(directory), with_tensors=False)
+    cfg, _ = _validated_config(get_architecture(imported.architecture), imported)
+    return Header(imported.architecture, int(imported.d_in), int(imported.d_sae), cfg, dict(imported.metadata),
+                  None if imported.d_out is None else int(imported.d_out))
 
 
 def _validated_config(cls, imported: Imported):

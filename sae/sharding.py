@@ -26,12 +26,12 @@ Checkpoints: the first data group's ranks each write their shard into
 shard has written the new one, so a kill leaves a step all shards hold); a relaunch resumes from
 the latest step every shard holds, with the same layout only. At the end the shards are gathered
 onto rank 0 one tensor at a time and saved as one sae.safetensors (rank 0's host memory holds the
-whole dictionary once; its devices never do).
+whole dictionary once; its devices never do), or, with `saved_as: feature_shards`, each rank saves
+its own features beside an index (sae.formats.feature_shards) and nothing is ever gathered.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -39,16 +39,17 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 import torch.distributed as tdist
 from torch import Tensor
-from safetensors import safe_open
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from sae import checkpoint as ckpt
 from sae import distributed as dist
-from sae.dictionaries import parse_dictionary_config
-from sae.dictionaries.base import CFG_FILE, WEIGHTS_FILE, BatchShards, DictionaryConfig, SparseDictionary
+from sae import io
+from sae.dictionaries.base import CFG_FILE, BatchShards, DictionaryConfig, SparseDictionary
 from sae.dictionaries.registry import get_architecture
 from sae.dictionaries.topk import top_per_row
 from sae.errors import ConfigError
+from sae.formats import feature_shards
+from sae.loading import read_header
 
 SHARD_DIR = re.compile(r"^features-(\d+)-of-(\d+)$")
 
@@ -233,14 +234,15 @@ def make_mesh(layout: Layout, device: torch.device) -> MeshShards:
 
 
 # ---- a feature shard of a dictionary ----------------------------------------------------------------
-def build_shard(cfg: DictionaryConfig, d_in: int, shards: MeshShards, name: str) -> SparseDictionary:
+def build_shard(cfg: DictionaryConfig, d_in: int, shards: MeshShards, name: str,
+                d_out: int | None = None) -> SparseDictionary:
     """This rank's features of dictionary `cfg`, initialised as the whole dictionary's rows."""
     d_sae = cfg.resolve_d_sae(d_in)
     width = shard_width(d_sae, shards.feature_count, name)
     # the hyperparameters as given, at this shard's width (not validated again: k, group_sizes
     # and the default lr keep meaning the whole dictionary's, through d_sae_total)
     local = cfg.model_copy(update={"d_sae": width, "expansion_factor": None})
-    d = get_architecture(cfg.architecture)(local, d_in)
+    d = get_architecture(cfg.architecture)(local, d_in, d_out=d_out)
     d.d_sae_total = d_sae
     d.reset_parameters(first_feature=shards.feature_lo)
     return d
@@ -256,11 +258,30 @@ def gather_whole(d: SparseDictionary, cfg: DictionaryConfig, shards: MeshShards)
         tensors[key] = t.detach().cpu() if dim is None else _gather_to_first(t.detach(), dim, shards)
     if shards.layout.feature_index != 0 or shards.layout.data_index != 0:
         return None
-    whole = get_architecture(cfg.architecture)(cfg, d.d_in, metadata=dict(d.metadata))
+    whole = get_architecture(cfg.architecture)(cfg, d.d_in, metadata=dict(d.metadata), d_out=d.d_out)
     whole.prepare_for_weights(tensors)
     whole.load_weights(tensors)
     whole.input_scale.copy_(d.input_scale.cpu())
     return whole.to(d.W_enc.device)
+
+
+@torch.no_grad()
+def save_feature_shards(d: SparseDictionary, cfg: DictionaryConfig, shards: MeshShards, directory: Path,
+                        writes: bool) -> None:
+    """Save dictionary `cfg` as feature shards (sae.formats.feature_shards, a collective): each rank
+    that `writes` (the first data group) saves its own features, feature shard 0 the shared tensors
+    too; once all have, rank 0 writes the index and the whole dictionary's cfg.json."""
+    layout = shards.layout
+    folded = d.in_raw_units()
+    if writes:
+        tensors = {k: t.cpu() for k, t in folded.weights().items() if k in d.feature_dims or layout.feature_index == 0}
+        feature_shards.write_shard(directory, layout.feature_index, layout.feature_shards, tensors)
+    dist.barrier()
+    if dist.is_main():
+        feature_shards.write_index(directory, d.d_sae_total, d.feature_dims, layout.feature_shards)
+        io.write_json(directory / CFG_FILE, {**folded.cfg_dict(), "d_sae": d.d_sae_total,
+                                             "hyperparameters": cfg.model_dump(mode="json")})
+    dist.barrier()
 
 
 def _gather_to_first(t: Tensor, dim: int, shards: MeshShards) -> Tensor | None:
@@ -351,22 +372,14 @@ def remove_shards(member: Path, layout: Layout, writes: bool) -> None:
 # ---- a shard of a saved dictionary, for inference ---------------------------------------------------
 @torch.no_grad()
 def load_shard_of(directory: str | Path, shards: MeshShards, device: torch.device | str = "cpu") -> SparseDictionary:
-    """This rank's features of the dictionary saved in `directory` (cfg.json + sae.safetensors),
-    read slice by slice from the file (never the whole dictionary), in eval mode."""
+    """This rank's features of the dictionary saved in `directory` (cfg.json + sae.safetensors, or
+    its feature shards), read slice by slice (never the whole dictionary), in eval mode."""
     directory = Path(directory)
-    cfg_json = json.loads((directory / CFG_FILE).read_text())
-    cfg = parse_dictionary_config(cfg_json["hyperparameters"])
-    d_in, d_sae = int(cfg_json["d_in"]), int(cfg_json["d_sae"])
-    name = directory.name
-    mine = shards.for_width(d_sae, name)
-    d = build_shard(cfg, d_in, mine, name)
-    lo, hi = mine.feature_lo, mine.feature_lo + d.d_sae
-    tensors = {}
-    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
-        for key in f.keys():
-            dim = d.feature_dims.get(key)
-            part = f.get_slice(key)
-            tensors[key] = part[:] if dim is None else (part[lo:hi] if dim == 0 else part[:, lo:hi])
+    header = read_header(directory)
+    mine = shards.for_width(header.d_sae, directory.name)
+    d = build_shard(header.hyperparameters, header.d_in, mine, directory.name, d_out=header.d_out)
+    d.metadata.update(header.metadata)
+    tensors = feature_shards.read_features(directory, d.feature_dims, mine.feature_lo, mine.feature_lo + d.d_sae)
     if "W_enc_shadow" in tensors:
         raise ConfigError(f"{directory}: a pruned TopK dictionary with a shadow encoder cannot be split into "
                           f"feature shards; evaluate it in one process")
@@ -389,7 +402,9 @@ def encode_shard(d: SparseDictionary, x: Tensor, shards: MeshShards) -> Tensor:
 
 
 @torch.no_grad()
-def decode_shard(d: SparseDictionary, f: Tensor, shards: MeshShards) -> Tensor:
-    """x̂ [n, d_in] in raw units: the sum of every shard's partial decode of its f, plus b_dec."""
+def decode_shard(d: SparseDictionary, f: Tensor, shards: MeshShards, x: Tensor | None = None) -> Tensor:
+    """x̂ [n, d_out] in raw units: the sum of every shard's partial decode of its f, plus b_dec
+    (and x @ W_skip for a dictionary with a skip connection, given its raw input x)."""
     partial = f.to(d.W_dec.dtype) @ d.W_dec
-    return (shards.feature_sum(partial) + d.b_dec) / d.input_scale
+    offset = d.b_dec if x is None else d.decoder_offset(d.scale_input(x))
+    return (shards.feature_sum(partial) + offset) / d.target_scale

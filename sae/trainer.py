@@ -55,6 +55,7 @@ from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, S
 from sae.dictionaries.naming import dictionary_names
 from sae.dictionaries.registry import get_architecture
 from sae.errors import ConfigError, TrainingDiverged, UserError
+from sae.formats import feature_shards
 from sae.progress import token_bar
 from sae.training_history import TrainingHistory
 
@@ -321,13 +322,14 @@ class Trainer:
                  progress: bool = True, log_every: int | None = None,
                  histogram_every_tokens: int | None = None, keep_checkpoint: bool = False,
                  placement: str | None = None, feature_shards: int | None = None,
-                 stop_on_divergence: bool = False):
+                 saved_as: str = "one_file", stop_on_divergence: bool = False):
         _check_arguments(configs, total_tokens, out_dir, checkpoint_every_tokens)
         self.configs = list(configs)
         self.names = dictionary_names(self.configs)
         self.all_names = list(self.names)  # every rank's (dictionary_per_rank keeps its own in names)
         self.device = torch.device(device)
         self._place(placement, d_in, feature_shards)
+        self.saved_as = saved_as if self.sharded else "one_file"
         self.total_tokens = int(total_tokens)
         self.d_in = d_in
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -504,11 +506,8 @@ class Trainer:
                 if expected is not None and expected != width:
                     raise ConfigError(f"{name}: {key} is {expected} but the batches of {h!r} have width {width}")
             cfg.require_width(d_in, name)
-            if self.sharded and cfg.is_transcoder:
-                raise ConfigError(f"{name}: a transcoder trains with placement data_parallel or dictionary_per_rank; "
-                                  f"feature_sharded does not take transcoders yet")
             shards = self.shards.for_width(cfg.resolve_d_sae(d_in), name) if self.sharded else self.shards
-            dictionary = (sharding.build_shard(cfg, d_in, shards, name) if self.sharded else
+            dictionary = (sharding.build_shard(cfg, d_in, shards, name, d_out=d_out) if self.sharded else
                           get_architecture(cfg.architecture)(cfg, d_in, d_out=d_out)).to(self.device)
             optimizer = torch.optim.Adam(dictionary.parameters(), lr=dictionary.lr, betas=tuple(cfg.adam_betas))
             generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
@@ -908,7 +907,7 @@ class Trainer:
         other ranks return their shard."""
         d = s.dictionary
         d.fold_input_scale()
-        if self.sharded:
+        if self.saved_as == "one_file" and self.sharded:
             d = sharding.gather_whole(d, s.cfg, s.shards) or d
         d.eval()
         d.metadata.update(self.metadata.get(s.name, {}))
@@ -923,8 +922,13 @@ class Trainer:
             d.metadata["status"] = "diverged"
             d.metadata["divergence"] = s.divergence
         d.metadata["library_version"] = sae.__version__
-        if self.out_dir is not None and self.writes:
+        if self.out_dir is not None and self.saved_as == "feature_shards":
+            sharding.save_feature_shards(d, s.cfg, s.shards, self.out_dir / s.name, self.data_index == 0)
+            if self.writes:
+                self._save_history(s.name)
+        elif self.out_dir is not None and self.writes:
             d.save(self.out_dir / s.name)
+            feature_shards.remove_shards(self.out_dir / s.name)  # an earlier save's other layout
             if not self.keep_checkpoint and not self.sharded:
                 ckpt.remove_checkpoints(ckpt.member_dir(self.out_dir, s.name))
             self._save_history(s.name)
@@ -1000,6 +1004,9 @@ def train_dictionaries(source: Any, configs: Sequence[DictionaryConfig], *, tota
             "feature_sharded" (see the module docstring); ignored by a single process.
         feature_shards: feature_sharded: how many ranks share each dictionary's features (a divisor
             of the ranks; the rest are data-parallel groups); None: all of them.
+        saved_as: feature_sharded: "one_file" (the shards gathered into one sae.safetensors on rank
+            0, which returns the whole dictionary) or "feature_shards" (each rank saves its own
+            features, sae.formats.feature_shards, and every rank returns its shard).
         stop_on_divergence: stop everything (TrainingDiverged) when one dictionary's loss becomes
             NaN/inf, instead of letting that one leave and the others go on (the default).
         log_every: steps between statistics read-backs (progress bar, wandb, divergence checks).

@@ -11,7 +11,8 @@ TASK train PLACEMENT [DIE_AT_STEP DIE_RANK]: trains CONFIGS on synthetic batches
 data_parallel, dictionary_per_rank, feature_sharded (`feature_sharded@F`: F feature shards, the
 other ranks data-parallel groups), or several comma-separated runs, one after the other, each
 `NAME=PLACEMENT` into OUT_DIR/NAME. A placement may end in edits of the sweep: `+boom` adds a
-dictionary whose huge lr makes it diverge, `-gated` leaves that one out (`data_parallel-gated+boom`).
+dictionary whose huge lr makes it diverge, `-gated` leaves that one out (`data_parallel-gated+boom`);
+`+files` saves feature_sharded dictionaries as feature shards (saved_as: feature_shards).
 Rank DIE_RANK SIGKILLs itself when it draws step DIE_AT_STEP (of the last run). Each rank records
 the step its batches started from in start-<rank>.txt (to show a relaunch resumed) and the names
 of the dictionaries it trained in trained-<rank>.txt. A feature_sharded run then evaluates each
@@ -66,13 +67,10 @@ RESAMPLE = {"name": "resample", "architecture": "relu", "l1_coefficient": 30.0, 
             "resample_dead_tokens": 2 * BATCH, "hook_name": "hook.a"}
 
 
-def configs(edits: str = "", placement: str = "none"):
-    """CONFIGS edited as `edits` says: '+boom' adds BOOM, '+resample' RESAMPLE, '-NAME' leaves NAME out
-    (feature_sharded leaves the transcoder out: that placement does not take transcoders yet)."""
+def configs(edits: str = ""):
+    """CONFIGS edited as `edits` says: '+boom' adds BOOM, '+resample' RESAMPLE, '-NAME' leaves NAME out."""
     chosen = list(CONFIGS) + [BOOM] * ("+boom" in edits) + [RESAMPLE] * ("+resample" in edits)
     left_out = {e.split("+")[0] for e in edits.split("-")[1:]}
-    if placement == "feature_sharded":
-        left_out.add("transcoder")
     return [parse_dictionary_config({**COMMON, **c}) for c in chosen if c["name"] not in left_out]
 
 
@@ -118,7 +116,10 @@ def evaluate_sharded(out_dir: str, feature_shards: int | None) -> None:
         folder = os.path.join(out_dir, c["name"])
         if os.path.isdir(folder):
             shard = sharding.load_shard_of(folder, shards)
-            results[c["name"]] = reconstruction_metrics(shard, heldout_batches(c["hook_name"]), shards)
+            batches = heldout_batches(c["hook_name"])
+            if "input_hook" in c:  # a transcoder: (input, target) pairs
+                batches = list(zip(heldout_batches(c["input_hook"]), batches))
+            results[c["name"]] = reconstruction_metrics(shard, batches, shards)
     if distributed.is_main():
         with open(os.path.join(out_dir, "eval-sharded.json"), "w") as f:
             json.dump(results, f)
@@ -170,10 +171,11 @@ def main(argv: list[str]) -> None:
             os.makedirs(out, exist_ok=True)
             last = i == len(runs) - 1  # the kill applies to the last run only
             source = Source(out, die_at if last else -1, die_rank if last else -1)
-            result = train_dictionaries(source, configs(edits, placement), total_tokens=TOTAL_TOKENS,
+            result = train_dictionaries(source, configs(edits), total_tokens=TOTAL_TOKENS,
                                         out_dir=out, checkpoint_every_tokens=8 * BATCH, progress=False,
                                         placement=None if placement == "none" else placement,
-                                        feature_shards=int(feature_shards) if feature_shards else None)
+                                        feature_shards=int(feature_shards) if feature_shards else None,
+                                        saved_as="feature_shards" if "+files" in edits else "one_file")
             with open(os.path.join(out, f"trained-{distributed.rank()}.txt"), "w") as f:
                 f.write("\n".join(sorted(result)))
             with open(os.path.join(out, f"returned-{distributed.rank()}.json"), "w") as f:

@@ -35,6 +35,7 @@ from sae.dictionaries.base import WHOLE_BATCH, BatchShards
 from sae.dictionaries.batchtopk import batch_topk_flat, whole_batch_top
 from sae.dictionaries.topk import batch_variance
 from sae.distributed import free_port
+from sae.formats import feature_shards
 from sae.io import load_tensors
 from pipeline import run_experiment
 from sae.trainer import Trainer
@@ -62,7 +63,7 @@ def single(*args: str, script: Path = WORKER) -> subprocess.CompletedProcess:
 
 
 def weights(out_dir: Path, names=NAMES) -> dict[str, dict[str, torch.Tensor]]:
-    return {n: load_tensors(out_dir / n / "sae.safetensors") for n in names}
+    return {n: feature_shards.read_features(out_dir / n) for n in names}  # one file or feature shards
 
 
 @pytest.fixture(scope="module")

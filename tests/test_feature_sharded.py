@@ -12,24 +12,32 @@ every 8 steps). Three launches in all (launches are the slow part)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+import sae
 from dist_worker import heldout_batches
 from test_distributed import REPO, launch, single, weights
 
+from eval.__main__ import main as eval_main
+from eval.evaluate import evaluate_dictionaries
 from eval.metrics import ReconstructionAccumulator
 from sae import checkpoint as ckpt
 from sae import sharding
-from sae.dictionaries import parse_dictionary_config
-from sae.errors import ConfigError
+from sae.dictionaries import get_architecture, parse_dictionary_config
+from sae.config import load_run_config
+from sae.errors import ConfigError, UserError
+from sae.formats import feature_shards
 from sae.loading import load_dictionary
+from sae.means import read_mean
+from sae.models import load_model
+from sae.text import keep_mask, load_contexts
 
-NAMES = ["topk", "batchtopk", "relu", "jumprelu", "gated", "matryoshka", "resample"]
-MESH_NAMES = ["topk", "batchtopk", "matryoshka", "resample"]
+NAMES = ["topk", "batchtopk", "relu", "jumprelu", "gated", "matryoshka", "transcoder", "resample"]
+MESH_NAMES = ["topk", "batchtopk", "matryoshka", "transcoder", "resample"]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +51,10 @@ def one_process(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     """2 ranks: 2 feature shards (and a dictionary that diverges at once), then the same without
-    it with rank 1 SIGKILLing itself when it draws step 13 (checkpoints at steps 8 and 16), which
-    ends the launch."""
+    it, saved as feature shards, with rank 1 SIGKILLing itself when it draws step 13 (checkpoints
+    at steps 8 and 16), which ends the launch."""
     out = tmp_path_factory.mktemp("two")
-    r = launch("train", out, "sharded2=feature_sharded+resample+boom,killed=feature_sharded+resample", 13, 1)
+    r = launch("train", out, "sharded2=feature_sharded+resample+boom,killed=feature_sharded+resample+files", 13, 1)
     assert r.returncode != 0 and ("SIGKILL" in r.stderr or "-9" in r.stderr), r.stderr[-3000:]
     return out
 
@@ -95,7 +103,7 @@ def test_killed_run_is_refused_with_another_layout_and_resumes_identically_with_
     with pytest.raises(ConfigError, match="written by 2 feature shards, this run has whole dictionaries"):
         sharding.refuse_other_layout(member, None, "topk")  # what data_parallel or one process checks
     sharding.refuse_other_layout(member, sharding.layout_for(2, 1, None), "topk")  # its own: resumes
-    r = launch("train", killed, "feature_sharded+resample")
+    r = launch("train", killed, "feature_sharded+resample+files")
     assert r.returncode == 0, r.stderr[-3000:]
     assert [(killed / f"start-{i}.txt").read_text() for i in (0, 1)] == ["8", "8"]
     assert "topk: resumes at step 8" in r.stdout
@@ -153,13 +161,140 @@ def test_sharded_evaluation_equals_one_process_on_the_saved_dictionary(two_ranks
     assert set(sharded) == set(NAMES)
     for name in NAMES:
         d = load_dictionary(out / name)
-        hook = d.metadata["hook_name"]
-        acc = ReconstructionAccumulator(d.d_in, d.d_sae)
-        for x in heldout_batches(hook):
+        hook, input_hook = d.metadata["hook_name"], d.metadata.get("input_hook")
+        acc = ReconstructionAccumulator(d.d_out, d.d_sae)
+        for x, y in zip(heldout_batches(input_hook or hook), heldout_batches(hook)):
             f = d.encode(x)
-            acc.update(x, d.decode(f), f)
+            acc.update(y, d.decode(f, x), f)
         whole = acc.result()
         for key in ("l0", "l1", "fvu", "mse", "cossim", "dead", "frac_alive"):
             assert sharded[name][key] == pytest.approx(whole[key], rel=1e-5, abs=1e-9), (name, key)
         assert whole["fvu"] > 0 and whole["l0"] > 0, (name, whole["fvu"], whole["l0"])  # not all zeros
         assert d.pruned(torch.arange(0, 48, 2)).d_sae == 24
+
+
+def test_saved_as_feature_shards_loads_and_evaluates_as_the_one_file(two_ranks):
+    """The resumed run saved every dictionary as 2 feature shards + an index (no sae.safetensors);
+    sae.load reads them into the very dictionary the uninterrupted run saved as one file, and the
+    sharded evaluation that read each rank's features from the shards gives the same metrics."""
+    killed, whole = two_ranks / "killed", two_ranks / "sharded2"
+    for name in NAMES:
+        files = sorted(p.name for p in (killed / name).glob("sae*"))
+        assert files == ["sae-00001-of-00002.safetensors", "sae-00002-of-00002.safetensors",
+                         "sae.safetensors.index.json"], files
+        a, b = sae.load(killed / name), sae.load(whole / name)
+        assert (a.d_sae, a.architecture, a.metadata["hook_name"]) == (48, b.architecture, b.metadata["hook_name"])
+        for key, w in b.weights().items():
+            assert torch.equal(a.weights()[key], w), (name, key)
+    assert json.loads((killed / "eval-sharded.json").read_text()) == json.loads((whole / "eval-sharded.json").read_text())
+
+
+WIDE_RUN = """
+run_name: wide
+output_dir: {out}
+model: {model}
+hooks: [blocks.0.hook_resid_post, blocks.1.hook_mlp_out]
+data: {{source: {text}, context_size: 16}}
+train_tokens: 2048
+eval_tokens: 128
+harvest: {{contexts_per_shard: 16}}
+train: {{batch_size: 128}}
+distributed: {{placement: feature_sharded, saved_as: feature_shards}}
+dictionaries:
+  - {{name: topk, architecture: topk, k: 4, d_sae: 64, hook_name: blocks.0.hook_resid_post}}
+  - {{name: relu, architecture: relu, d_sae: 64, l1_coefficient: 0.3, hook_name: blocks.1.hook_mlp_out}}
+  - {{name: skip, architecture: topk, k: 4, d_sae: 64, input_hook: blocks.0.hook_resid_post,
+      hook_name: blocks.1.hook_mlp_out, skip_connection: true}}
+"""
+
+
+def test_train_py_saves_feature_shards_and_evaluates_them_sharded_as_one_process_would(tiny_model_dir, tiny_text_file,
+                                                                                        tmp_path):
+    """train.py under torchrun with saved_as: feature_shards: each rank writes its features (no
+    sae.safetensors anywhere), the two ranks evaluate together, and eval.json (loss recovered, KL,
+    FVU, L0, frequencies) equals one process's evaluation of the whole dictionary that sae.load
+    reads from the shards, on the same held-out tokens."""
+    config = tmp_path / "run.yaml"
+    config.write_text(textwrap.dedent(WIDE_RUN).format(out=tmp_path / "runs", model=tiny_model_dir,
+                                                       text=tiny_text_file))
+    r = launch(config, script=REPO / "train.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("2 ranks each holding a shard of their features") == 1
+    run_dir = tmp_path / "runs" / "wide"
+    run, _ = load_run_config(config)
+    model = load_model(str(tiny_model_dir), device="cpu")
+    tokens = load_contexts(run.data, model.tokenizer, "heldout", run.eval_tokens)
+    keep = keep_mask(tokens, model.tokenizer, run.data.exclude_tokens)
+    names = ["topk", "relu", "skip"]
+    assert not list(run_dir.glob("*/sae.safetensors"))
+    whole = {n: sae.load(run_dir / n) for n in names}
+    means = {n: read_mean(run_dir / n) for n in names}
+    one = evaluate_dictionaries(model, whole, tokens, keep, train_means=means, progress=False)
+    for n in names:
+        sharded = json.loads((run_dir / n / "eval.json").read_text())
+        assert sharded["d_sae"] == 64 and sharded["tokens_evaluated"] == one[n]["tokens_evaluated"] > 0
+        for key in ("fvu", "l0", "l1", "mse", "cossim", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "dead", "dense_1e-1"):
+            assert sharded[key] == pytest.approx(one[n][key], rel=1e-5, abs=1e-6), (n, key)
+        # ratios of small CE differences on the tiny model (ce_mean - ce_clean ~ 0.02) amplify the
+        # partial decodes' summation order: measured within 3e-4 relative
+        for key in ("loss_recovered", "loss_recovered_mean_ablation", "kl_recovered"):
+            assert sharded[key] == pytest.approx(one[n][key], rel=1e-3), (n, key)
+        assert sharded["fvu"] < 1 and sharded["loss_recovered"] > 0.1, (n, sharded["fvu"], sharded["loss_recovered"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [row["name"] for row in summary["dictionaries"]] == names
+    # the command line does the same from the saved folders
+    before = json.loads((run_dir / "skip" / "eval.json").read_text())
+    (run_dir / "skip" / "eval.json").unlink()
+    r = launch("eval", "evaluate", run_dir / "skip", "--feature-sharded", "--tokens", "128", "--no-progress",
+               script="-m")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((run_dir / "skip" / "eval.json").read_text())
+    assert again.pop("mean_ablation_source") == "activation_mean.safetensors (training tokens)"  # the CLI says
+    assert again == before
+    assert r.stdout.count("loss_recovered") <= 1 and "skip" in r.stdout  # rank 0 alone prints the table
+
+
+def test_a_prune_block_is_refused_with_feature_shards(tmp_path, tiny_model_dir, tiny_text_file):
+    config = tmp_path / "run.yaml"
+    config.write_text(textwrap.dedent(WIDE_RUN).format(out=tmp_path / "runs", model=tiny_model_dir,
+                                                       text=tiny_text_file) + "prune: {dictionaries: [relu], max_frequency: [0.1]}\n")
+    with pytest.raises(UserError, match="prune: kills features of whole dictionaries, and distributed.saved_as: "
+                                        "feature_shards never holds one in a process"):
+        load_run_config(config)
+
+
+def test_feature_sharded_evaluation_needs_torchrun(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_main(["evaluate", str(tmp_path), "--feature-sharded"])
+    assert e.value.code == 2
+    assert "--feature-sharded splits each dictionary's features over the ranks of torchrun" in capsys.readouterr().err
+
+
+def test_feature_shard_files_read_whole_or_by_range_and_a_missing_one_is_named(tmp_path):
+    """The feature-shards layout written by hand from a whole dictionary (a JumpReLU: its threshold
+    is per-feature too): sae.load gives it back exactly, any feature range reads only what it
+    needs, and a missing shard file is one line naming it."""
+    d = get_architecture("jumprelu")(parse_dictionary_config({"architecture": "jumprelu", "d_sae": 12}), 5)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.normal_()
+    folder = d.save(tmp_path / "whole")
+    w = d.weights()
+    shard = tmp_path / "shards"
+    for i, (lo, hi) in enumerate([(0, 4), (4, 8), (8, 12)]):
+        tensors = {k: (t[lo:hi] if dim == 0 else t[:, lo:hi]) for k, t in w.items()
+                   if (dim := d.feature_dims.get(k)) is not None}
+        feature_shards.write_shard(shard, i, 3, {**tensors, **({"b_dec": w["b_dec"]} if i == 0 else {})})
+    feature_shards.write_index(shard, 12, d.feature_dims, 3)
+    (shard / "cfg.json").write_text((folder / "cfg.json").read_text())
+    loaded = sae.load(shard)
+    for k, t in w.items():
+        assert torch.equal(loaded.weights()[k], t), k
+    part = feature_shards.read_features(shard, lo=3, hi=9)
+    assert torch.equal(part["W_enc"], w["W_enc"][:, 3:9]) and torch.equal(part["threshold"], w["threshold"][3:9])
+    assert torch.equal(part["b_dec"], w["b_dec"])
+    one_file = feature_shards.read_features(folder, d.feature_dims, 3, 9)
+    assert all(torch.equal(one_file[k], part[k]) for k in part)
+    (shard / "sae-00002-of-00003.safetensors").unlink()
+    with pytest.raises(UserError, match="sae-00002-of-00003.safetensors: missing .one of the 3 feature shards"):
+        sae.load(shard)

@@ -203,4 +203,4 @@ def test_settings_that_need_the_model_fail_before_the_harvest(tmp_path, tiny_mod
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]  # (after the model-loading bar)
     assert last.startswith("train.py: error: ") and expected in last, proc.stderr[-2000:]
-    assert not (tmp_path / "runs-disk" / "e2e" / "cache").exists()  # nothing harvested
+    assert not (tmp_path / "runs-disk" / "e2e").exists()  # nothing harvested, not even config.yaml written
