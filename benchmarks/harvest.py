@@ -6,18 +6,30 @@ Prints, in tokens/s (and MB/s for the reads), with ratios:
     same tokens, and its overhead over the bare forward (target < 10%);
   - sequential read: every shard file read front to back into memory (the reference);
   - shuffled read, epoch 1 and epoch 2: `CacheReader` batches (target: >= 90% of the sequential
-    read in both), after its start-up (verification, allocating its buffers), timed apart;
+    read in both), after its start-up (verification, allocating and touching its buffers), which
+    is timed apart;
   - read to device: the reader's batches through `sae.cache.to_device` and converted to float32
     on the training device, as the trainer takes them (CUDA when present, else the CPU).
 
 The model stages run on `--tokens` random token ids (throughput does not depend on the text). The
 read stages run on that harvested cache, or with `--read-tokens N` on a cache of N tokens of random
-activations of the same width written for the purpose (kept in `--cache-dir` to be reused; a cache
-larger than free memory measures the disk, both for the sequential and for the shuffled reads).
+activations of the same width written for the purpose (kept in `--cache-dir` to be reused).
+
+Every read stage (each of the two epochs included) starts from the same page-cache state, and the
+table says how much of the cache was in memory at each start. `--page-cache cold` (the default)
+evicts the shards (posix_fadvise DONTNEED) before each stage, so every stage reads the disk: the
+case of the caches users train on (100M to 1B tokens are 115 GB to 1.2 TB at d_in 576 in bf16),
+which never fit in memory (evicting measures it without a cache larger than memory). `--page-cache warm` reads the whole cache once, untimed, before each stage, so every stage
+reads memory (the later epochs of a cache that fits in memory next to the reader's buffers).
+Without a reset, the first stage left the shards in memory for the next, or the reader's buffers
+pushed them out, so the stages were not compared from the same state. The epochs are timed on a
+reader that does not prefetch: with a consumer that takes no time prefetching overlaps nothing,
+and no read is then in flight across the reset between the epochs.
 
     python benchmarks/harvest.py --quick                          # a smoke run, a minute
     python benchmarks/harvest.py --tokens 65536                   # the model stages
-    python benchmarks/harvest.py --tokens 8192 --read-tokens 10M --dtype bfloat16 --cache-dir /tmp/c10m
+    python benchmarks/harvest.py --no-model --read-tokens 10M --dtype bfloat16 --cache-dir /tmp/c10m
+    python benchmarks/harvest.py --no-model --read-tokens 10M --dtype bfloat16 --cache-dir /tmp/c10m --page-cache warm
 
 `read_to_device(cache_dir, device, ...)` is the reader-to-GPU measurement for other scripts (the
 GPU check): tokens/s onto the device, and with `step_ms` how much a feed slows a step that takes
@@ -37,6 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -206,15 +219,42 @@ def sequential_read(m: Manifest) -> tuple[float, float]:
     return time.perf_counter() - t0, cpu_seconds() - c0
 
 
-def shuffled_epochs(r: CacheReader, epochs: int = 2) -> list[tuple[float, float]]:
-    """(wall, CPU) seconds of each of the reader's first epochs of shuffled batches."""
+def drop_from_page_cache(m: Manifest) -> None:
+    """Evict the cache's shards from the page cache (posix_fadvise DONTNEED, after a flush: only
+    clean pages can be dropped), so that the next read comes from the disk."""
+    if not hasattr(os, "posix_fadvise"):
+        raise SystemExit("--page-cache cold needs posix_fadvise (Linux); use --page-cache warm")
+    for s in m.shards:
+        fd = os.open(m.shard_path(s), os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def page_cache_reset(m: Manifest, state: str) -> Callable[[], float | None]:
+    """A function that puts the cache's shards in the page-cache `state` ('cold': none of them in
+    memory; 'warm': all, after one untimed sequential read) and returns the fraction resident."""
+    def reset() -> float | None:
+        drop_from_page_cache(m) if state == "cold" else sequential_read(m)
+        return resident(m)
+    return reset
+
+
+def shuffled_epochs(r: CacheReader, reset: Callable[[], float | None], epochs: int = 2
+                    ) -> list[tuple[float, float, float | None]]:
+    """(wall, CPU) seconds of each of the reader's first epochs of shuffled batches, each after
+    `reset` (its result, the fraction of the cache in memory, comes third). The reader must not
+    prefetch: a group read in flight across the reset would start the next epoch ahead."""
     n, b, it, served, times = r.tokens_per_epoch, r.batch_size, r.batches(), 0, []
     for e in range(epochs):
+        held = reset()
         t0, c0 = time.perf_counter(), cpu_seconds()
         while served + b <= (e + 1) * n:
             next(it)
             served += b
-        times.append((time.perf_counter() - t0, cpu_seconds() - c0))
+        times.append((time.perf_counter() - t0, cpu_seconds() - c0, held))
     return times
 
 
@@ -266,38 +306,51 @@ def _stand_in_step(d_in: int, device: torch.device, step_ms: float):
     return lambda x: [once(x) for _ in range(reps)]
 
 
+def read_round(m: Manifest, a, device: torch.device) -> dict[str, tuple]:
+    """One round of the read stages, each after the same page-cache reset: {stage: (wall s, CPU s,
+    fraction of the cache in memory at its start)}; 'start-up' is the reader's construction."""
+    reset, out = page_cache_reset(m, a.page_cache), {}
+    held = reset()
+    out["sequential file read"] = (*sequential_read(m), held)
+    t0 = time.perf_counter()
+    r = CacheReader(m.cache_dir, batch_size=a.read_batch, seed=0, buffer_shards=a.buffer_shards,
+                    prefetch=False)
+    out["start-up"] = (time.perf_counter() - t0, 0.0, None)
+    for e, t in enumerate(shuffled_epochs(r, reset), 1):
+        out[f"shuffled read, epoch {e}"] = t
+    del r
+    gc.collect()  # free its buffers before the next reader's
+    r = CacheReader(m.cache_dir, batch_size=a.read_batch, seed=0, buffer_shards=a.buffer_shards)
+    held = reset()
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    read_to_device(m.cache_dir, device, reader=r)
+    out[f"read to device ({device.type}, as float32)"] = (time.perf_counter() - t0, cpu_seconds() - c0, held)
+    del r
+    gc.collect()
+    return out
+
+
 def read_stages(m: Manifest, a, device: torch.device) -> list[tuple]:
     """Rows for the sequential read, shuffled epochs 1 and 2 and read to device: each the median
-    of `a.read_repeat` rounds (sequential read, a new reader, its epochs, then to the device)."""
-    runs: dict[str, list[tuple[float, float]]] = {}
-    held = [resident(m)]
+    of `a.read_repeat` rounds, every stage started from the same page-cache state."""
+    runs: dict[str, list[tuple]] = {}
     for _ in range(a.read_repeat):
-        runs.setdefault("sequential file read", []).append(sequential_read(m))
-        t0 = time.perf_counter()
-        r = CacheReader(m.cache_dir, batch_size=a.read_batch, seed=0, buffer_shards=a.buffer_shards)
-        runs.setdefault("start-up", []).append((time.perf_counter() - t0, 0.0))
-        for e, t in enumerate(shuffled_epochs(r), 1):
-            runs.setdefault(f"shuffled read, epoch {e}", []).append(t)
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        read_to_device(m.cache_dir, device, reader=r)
-        runs.setdefault(f"read to device ({device.type}, as float32)", []).append(
-            (time.perf_counter() - t0, cpu_seconds() - c0))
-        del r
-        gc.collect()  # free its buffers before the next round
-        held.append(resident(m))
+        for name, t in read_round(m, a, device).items():
+            runs.setdefault(name, []).append(t)
     n, gb = m.n_tokens, m.n_tokens * m.bytes_per_token() / 1e9
-    start = statistics.median(w for w, _ in runs.pop("start-up"))
-    seq = statistics.median(w for w, _ in runs["sequential file read"])
-    in_memory = "unknown" if None in held else "/".join(f"{100 * h:.0f}%" for h in held)
+    start = statistics.median(t[0] for t in runs.pop("start-up"))
+    seq = statistics.median(t[0] for t in runs["sequential file read"])
     notes = {"sequential file read": f"{m.n_shards} shards, {gb * 1e3:,.0f} MB ({m.dtype}, d_in "
-                                     f"{sum(m.d_in.values())}), in the page cache {in_memory}",
+                                     f"{sum(m.d_in.values())})",
              "shuffled read, epoch 1": f"batch {a.read_batch}, reader start-up {start:.1f}s (apart)"}
     rows = []
     for name, ts in runs.items():
-        wall, cpu = statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)
-        spread = ", ".join(f"{n / w:,.0f}" for w, _ in ts)
+        wall, cpu = statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)
+        spread = ", ".join(f"{n / t[0]:,.0f}" for t in ts)
+        held = "/".join("?" if t[2] is None else f"{100 * t[2]:.0f}%" for t in ts)
         rows.append((name, n / wall, gb * 1e3 / wall, f"{seq / wall:.2f}x",
-                     f"cpu {cpu / gb:.2f} s/GB; runs {spread}; {notes.get(name, '')}".rstrip("; ")))
+                     f"cpu {cpu / gb:.2f} s/GB; runs {spread}; in memory at start {held}; "
+                     f"{notes.get(name, '')}".rstrip("; ")))
     return rows
 
 
@@ -322,6 +375,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None, help="where the caches go (default: a temp dir, removed)")
     ap.add_argument("--repeat", type=int, default=2, help="harvest runs (alternating with bare ones)")
     ap.add_argument("--read-repeat", type=int, default=3, help="rounds of the read stages (medians shown)")
+    ap.add_argument("--page-cache", choices=["cold", "warm"], default="cold",
+                    help="the cache's state before every read stage: cold (evicted; default) or warm")
     ap.add_argument("--no-model", action="store_true", help="skip the model stages (needs --read-tokens)")
     ap.add_argument("--quick", action="store_true", help="8192 tokens, for a smoke run")
     a = ap.parse_args()

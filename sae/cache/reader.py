@@ -20,9 +20,11 @@ iteration would have yielded from step k on.
 The disk reader prepares the next group on a background thread while the current one is served:
 each shard is read front to back, in large sequential reads, straight into the rows of the mixing
 buffer where its tokens go in the shuffled order (`scatter_read`), on a few I/O threads; so a group
-costs one pass over its bytes, like a plain read of its files. The mixing buffers are allocated
-(and pinned when CUDA is available) once, when the reader is made, and reused: batches are views
-into them, in the cache dtype; a batch still referenced by the caller is never overwritten.
+costs one pass over its bytes, like a plain read of its files. So that the first epoch costs what
+the later ones do, the mixing buffers are allocated (and pinned when CUDA is available) and touched
+once, when the reader is made, on 2 MB pages where Linux allows (rows written at random places then
+cost a TLB entry per 2 MB, not per 4 kB), and reused: batches are views into them, in the cache
+dtype; a batch still referenced by the caller is never overwritten.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 
 from sae.cache.capture import ActivationCapture
 from sae.cache.manifest import Manifest
-from sae.cache.scatter_read import read_file_rows_into
+from sae.cache.scatter_read import advise_huge_pages, read_file_rows_into
 from sae.cache.shards import ACT_PREFIX, open_cache, read_shard_tensors, token_positions, verify_shard
 from sae.errors import CacheError
 
@@ -166,8 +168,12 @@ class ShuffledBatches:
 
     def _new_buffers(self, n: int, device: torch.device) -> Group:
         pin = self.pin_memory and device.type == "cpu"
-        return {h: torch.empty((n, self.d_in[h]), dtype=self._buffer_dtype, device=device, pin_memory=pin)
-                for h in self.hooks}
+        group = {h: torch.empty((n, self.d_in[h]), dtype=self._buffer_dtype, device=device, pin_memory=pin)
+                 for h in self.hooks}
+        if not pin:  # (pinned memory is already mapped and locked: too late to ask for huge pages)
+            for t in group.values():
+                advise_huge_pages(t)
+        return group
 
     def _alloc(self, n: int, device: torch.device) -> Group:
         """Mixing buffers for a group of n rows. On the CPU, a buffer from an earlier group is reused

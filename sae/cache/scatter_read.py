@@ -6,6 +6,8 @@ the kernel copies each row from the page cache straight to its place (`preadv` w
 row, IOV_MAX rows per call), while the file is still read front to back in large sequential reads
 (so the disk's read-ahead works when the shard is not in the page cache). Where libc has no
 `preadv` (Windows), it reads the rows into a temporary tensor and copies them into place.
+`advise_huge_pages` puts a destination buffer on 2 MB pages, where rows written at random places
+cost fewer TLB misses.
 """
 
 from __future__ import annotations
@@ -23,13 +25,25 @@ from sae.errors import CacheError
 _IOV_MAX = 1024  # POSIX guarantees at least this many iovecs per call (Linux and macOS allow 1024)
 
 
-def _find_preadv():
-    """libc's preadv with a 64-bit offset, or None where there is none."""
+def _load_libc():
+    """The C library (None on Windows or where it cannot be loaded)."""
     if sys.platform == "win32":
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+_MADV_HUGEPAGE = 14  # Linux's value; other systems have no such advice
+_HUGE_PAGE = 2 << 20
+
+
+def _find_preadv():
+    """libc's preadv with a 64-bit offset, or None where there is none."""
+    libc = _LIBC
+    if libc is None:
         return None
     for name in ("preadv64", "preadv"):  # glibc's 32-bit builds take a 32-bit off_t in plain preadv
         fn = getattr(libc, name, None)
@@ -41,6 +55,20 @@ def _find_preadv():
 
 
 _PREADV = _find_preadv()
+
+
+def advise_huge_pages(t: torch.Tensor) -> None:
+    """Ask Linux to back a large CPU tensor with 2 MB pages (madvise MADV_HUGEPAGE; call it before
+    the memory is first touched). Rows read into random places of a mixing buffer then cost one TLB
+    entry per 2 MB instead of one per 4 kB: a warm 1 GB group loaded 2.71 GB/s against 2.41 GB/s on
+    4 kB pages here (medians of 12 loads each, alternated). Silently nothing where the system has
+    no such advice or refuses it (transparent huge pages off)."""
+    if _LIBC is None or not sys.platform.startswith("linux") or t.device.type != "cpu":
+        return
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # the whole 2 MB pages inside t
+    end = (t.data_ptr() + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
 
 
 def read_rows_into(f, offset: int, dest: torch.Tensor, dest_rows: np.ndarray) -> None:
