@@ -90,7 +90,7 @@ VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
         "b_dec=mean": ("topk", {"b_dec_init": "mean"}, None),
         "dead=16k": ("topk", {"dead_after_tokens": 16384}, None),
         "dead=16k aux=0.125": ("topk", {"dead_after_tokens": 16384, "aux_coefficient": 0.125}, None),
-        "beta1=0.9": ("topk", {"adam_betas": [0.9, 0.999]}, None),  # the default before β1 0
+        "beta1=0.9": ("topk", {"adam_betas": [0.9, 0.999]}, None),  # the default before β1 0.5
         "beta1=0.7": ("topk", {"adam_betas": [0.7, 0.999]}, None),
         "beta1=0.5": ("topk", {"adam_betas": [0.5, 0.999]}, None),
         "beta1=0": ("topk", {"adam_betas": [0.0, 0.999]}, None),

@@ -185,6 +185,17 @@ class FeatureTracker:
         self.resampled = int(state["resampled"])
 
 
+def make_optimizer(dictionary: SparseDictionary, cfg: DictionaryConfig) -> torch.optim.Adam:
+    """Adam over the dictionary's parameters with `cfg.adam_betas`; a skip connection's W_skip, a
+    dense linear map with a gradient from every token, takes `cfg.skip_adam_betas` (momentum: at
+    TopK's β1 0.5 it missed the linear map of tests/test_transcoders.py, error 0.144)."""
+    skip = dictionary.W_skip
+    groups = [{"params": [p for p in dictionary.parameters() if p is not skip], "betas": tuple(cfg.adam_betas)}]
+    if skip is not None:
+        groups.append({"params": [skip], "betas": tuple(cfg.skip_adam_betas)})
+    return torch.optim.Adam(groups, lr=dictionary.lr)
+
+
 def reset_optimizer_rows(optimizer: torch.optim.Optimizer, dictionary: SparseDictionary, ids: Tensor) -> None:
     """Zero the Adam moments of features `ids` in every feature-indexed parameter (resampling)."""
     params = {id(p): name for name, p in dictionary.named_parameters()}
@@ -446,6 +457,9 @@ class Trainer:
             changed = [f"checkpoint format {state.get('format')} -> {CHECKPOINT_FORMAT}"]
         else:
             changed = ckpt.changed_settings(state["fingerprint"], self.fingerprint(cfg, name))
+        groups = len(state["optimizer"]["param_groups"])
+        if not changed and groups != 1 + cfg.skip_connection:  # W_skip's own Adam group came later
+            changed = [f"{groups} Adam parameter group(s) -> {1 + cfg.skip_connection}"]
         if changed:
             self._say(f"{name}: restarts at step 0: its checkpoint {path} was made with other settings "
                       f"({'; '.join(changed)}); it is replaced at the next checkpoint")
@@ -509,7 +523,7 @@ class Trainer:
             shards = self.shards.for_width(cfg.resolve_d_sae(d_in), name) if self.sharded else self.shards
             dictionary = (sharding.build_shard(cfg, d_in, shards, name, d_out=d_out) if self.sharded else
                           get_architecture(cfg.architecture)(cfg, d_in, d_out=d_out)).to(self.device)
-            optimizer = torch.optim.Adam(dictionary.parameters(), lr=dictionary.lr, betas=tuple(cfg.adam_betas))
+            optimizer = make_optimizer(dictionary, cfg)
             generator = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
             slot = _Slot(name, cfg, hook, input_hook, dictionary, optimizer,
                          FeatureTracker(dictionary.d_sae, self.device), generator, self.fingerprint(cfg, name), shards,

@@ -68,6 +68,7 @@ class DictionaryConfig(BaseModel):
     # Transcoder: the hook read (hook_name is the hook written and scored on); None: an autoencoder
     input_hook: str | None = None
     skip_connection: bool = False  # add x_in @ W_skip [d_in, d_out] (zero init) to the prediction
+    skip_adam_betas: tuple[float, float] = (0.9, 0.999)  # W_skip's Adam betas (a dense map: with momentum)
 
     @field_validator("name")
     @classmethod
@@ -92,8 +93,9 @@ class DictionaryConfig(BaseModel):
             raise ValueError("give either d_sae or expansion_factor, not both")
         if self.d_sae is None and self.expansion_factor is None:
             raise ValueError("give d_sae or expansion_factor")
-        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must both be in [0, 1), got {list(self.adam_betas)}")
+        for key in ("adam_betas", "skip_adam_betas"):
+            if not all(0.0 <= b < 1.0 for b in getattr(self, key)):
+                raise ValueError(f"{key} must both be in [0, 1), got {list(getattr(self, key))}")
         return self
 
     def resolve_d_sae(self, d_in: int) -> int:
