@@ -55,7 +55,6 @@ from sae.dictionaries.base import (WHOLE_BATCH, BatchShards, DictionaryConfig, S
 from sae.dictionaries.naming import dictionary_names
 from sae.dictionaries.registry import get_architecture
 from sae.errors import ConfigError, TrainingDiverged, UserError
-from sae.formats import feature_shards
 from sae.progress import token_bar
 from sae.training_history import TrainingHistory
 
@@ -399,6 +398,18 @@ class Trainer:
                   "metadata": self.metadata.get(name, {})}
         return json.loads(json.dumps(record, sort_keys=True, default=str))
 
+    def _comparable(self, cfg: DictionaryConfig, name: str, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """This run's fingerprint of `name` without the config fields a checkpoint written by an
+        earlier version lacks while they are at their defaults (fields added since, e.g.
+        skip_adam_betas, change nothing it was trained with)."""
+        wanted = self.fingerprint(cfg, name)
+        old = saved.get("dictionary") or {}
+        fields = type(cfg).model_fields
+        for key in [k for k in wanted["dictionary"] if k not in old and k in fields]:
+            if ckpt.changed_settings({key: wanted["dictionary"][key]}, {key: fields[key].default}) == []:
+                del wanted["dictionary"][key]
+        return wanted
+
     @property
     def data_parallel(self) -> bool:
         return self.placement == "data_parallel"
@@ -456,7 +467,7 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             changed = [f"checkpoint format {state.get('format')} -> {CHECKPOINT_FORMAT}"]
         else:
-            changed = ckpt.changed_settings(state["fingerprint"], self.fingerprint(cfg, name))
+            changed = ckpt.changed_settings(state["fingerprint"], self._comparable(cfg, name, state["fingerprint"]))
         groups = len(state["optimizer"]["param_groups"])
         if not changed and groups != 1 + cfg.skip_connection:  # W_skip's own Adam group came later
             changed = [f"{groups} Adam parameter group(s) -> {1 + cfg.skip_connection}"]
@@ -942,7 +953,6 @@ class Trainer:
                 self._save_history(s.name)
         elif self.out_dir is not None and self.writes:
             d.save(self.out_dir / s.name)
-            feature_shards.remove_shards(self.out_dir / s.name)  # an earlier save's other layout
             if not self.keep_checkpoint and not self.sharded:
                 ckpt.remove_checkpoints(ckpt.member_dir(self.out_dir, s.name))
             self._save_history(s.name)

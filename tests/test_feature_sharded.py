@@ -298,3 +298,6 @@ def test_feature_shard_files_read_whole_or_by_range_and_a_missing_one_is_named(t
     (shard / "sae-00002-of-00003.safetensors").unlink()
     with pytest.raises(UserError, match="sae-00002-of-00003.safetensors: missing .one of the 3 feature shards"):
         sae.load(shard)
+    d.save(shard)  # a one-file save over it replaces the shards (else the index would still be read)
+    assert sorted(p.name for p in shard.glob("sae*")) == ["sae.safetensors"]
+    assert all(torch.equal(sae.load(shard).weights()[k], t) for k, t in w.items())

@@ -442,3 +442,22 @@ def test_resampling_low_frequency_features_reinitialises_exactly_those(monkeypat
     changed = (d.W_dec.detach() - seen["W_dec"]).abs().amax(dim=1) > 1e-6
     assert torch.equal(changed, expected)
     assert d.metadata["features_resampled"] == int(expected.sum())
+
+
+def test_a_checkpoint_from_before_a_new_config_field_resumes_while_that_field_is_at_its_default(tmp_path, capsys):
+    """A checkpoint written by an earlier version lacks the config fields added since: at their
+    defaults they change nothing it was trained with (it resumes); set otherwise, it restarts."""
+    data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=4)
+    r = parse_dictionary_config({"architecture": "relu", "d_sae": 32, "name": "r"})
+    kwargs = dict(total_tokens=20 * 128, out_dir=tmp_path, checkpoint_every_tokens=5 * 128, progress=False)
+    train_dictionaries(data, [r], keep_checkpoint=True, **kwargs)
+    path = ckpt.latest_path(ckpt.member_dir(tmp_path, "r"))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    del state["fingerprint"]["dictionary"]["skip_adam_betas"]  # as an earlier version wrote it
+    torch.save(state, path)
+    capsys.readouterr()
+    train_dictionaries(data, [r], keep_checkpoint=True, **kwargs)
+    assert "[train] r: resumes at step 15" in capsys.readouterr().out
+    other = parse_dictionary_config({"architecture": "relu", "d_sae": 32, "name": "r", "skip_adam_betas": [0.5, 0.9]})
+    train_dictionaries(data, [other], **kwargs)
+    assert "r: restarts at step 0" in capsys.readouterr().out

@@ -594,8 +594,11 @@ class SparseDictionary(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write sae.safetensors + cfg.json (atomically), in raw-activation units."""
+        from sae.formats import feature_shards  # (here: sae.formats imports this module)
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        feature_shards.remove_shards(directory)  # an earlier save as feature shards would be read first
         folded = self.in_raw_units()
         io.save_tensors(directory / WEIGHTS_FILE, folded.weights())
         io.write_json(directory / CFG_FILE, folded.cfg_dict())
