@@ -117,6 +117,9 @@ def _to_train(run: RunConfig, configs: list[DictionaryConfig], saved: dict[str, 
     """The dictionaries to train: those not saved yet, and those that diverged with other settings.
     One line says what happens to each one an earlier run saved."""
     to_train = [c for c in configs if c.name not in saved or (saved[c.name].diverged and saved[c.name].changed)]
+    for name, s in saved.items():
+        if s.old_defaults:
+            say(f"{name}: trained under earlier defaults ({'; '.join(s.old_defaults)}); reused as trained")
     if not to_train:
         say(f"every dictionary is already trained in {run.run_dir}" + ("; evaluating" if run.eval.enabled else ""))
         return []

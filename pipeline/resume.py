@@ -14,7 +14,7 @@ Per-dictionary checkpoints (resumed or restarted) are the trainer's (sae.trainer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,7 @@ class Saved:
     folder: Path
     header: Header  # its cfg.json
     changed: list[str]  # the settings it was trained with that differ from today's ("k: 4 -> 5")
+    old_defaults: list[str] = field(default_factory=list)  # hyperparameters left at a default that changed since
 
     @property
     def diverged(self) -> bool:
@@ -156,7 +157,10 @@ def saved_dictionaries(run: RunConfig, configs: list[DictionaryConfig]) -> dict[
         if not feature_shards.has_weights(folder) or not (folder / CFG_FILE).is_file():
             continue
         header = read_header(folder)
-        saved = Saved(folder, header, _changed(run, cfg, header))
+        changed = _changed(run, cfg, header)
+        unset = set(type(cfg).model_fields) - cfg.model_fields_set - {"d_sae", "expansion_factor"}
+        old_defaults = [c for c in changed if c.split(":")[0] in unset]  # not asked for: a newer default
+        saved = Saved(folder, header, [c for c in changed if c not in old_defaults], old_defaults)
         if saved.changed and not saved.diverged:
             raise ConfigError(f"{folder} was trained with other settings ({'; '.join(saved.changed)}); pick "
                               f"another run_name or dictionary name, or delete that folder to retrain")

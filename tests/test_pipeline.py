@@ -98,6 +98,17 @@ def test_rerun_reuses_finished_dictionaries(tmp_path, tiny_model_dir, tiny_text_
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "trained with other settings (k: 4 -> 5)" in proc.stderr.strip().splitlines()[-1]
+    # a dictionary trained under a default that changed since (as an earlier version saved it) is
+    # reused as trained, with a line saying so, not refused
+    cfg_file = run.run_dir / "topk" / "cfg.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["hyperparameters"]["adam_betas"] = [0.9, 0.999]
+    cfg_file.write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), str(path), "eval.batch_contexts=4"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("topk: trained under earlier defaults (adam_betas: [0.9, 0.999] -> [0.5, 0.999]); reused as "
+            "trained") in proc.stdout
     # so is a change to what every dictionary was trained on (batches, model, dataset, a hook point):
     # one line naming it, exit status 2, and nothing already written is touched
     other_model = make_tiny_model(tmp_path / "other_model", seed=1)
