@@ -342,7 +342,7 @@ def reconstruction_metrics(dictionary, activations: Tensor, batch_size: int = 40
     prediction is compared with `targets` [n, d_out] (its output hook's activations of the same
     tokens). Returns (metrics, frequency)."""
     p = _dict_param(dictionary)
-    acc = M.ReconstructionAccumulator(d_out_of(dictionary), dictionary.d_sae, p.device)
+    acc = _accumulator(dictionary)
     was_training = dictionary.training
     try:
         dictionary.eval()  # inference mode, as in evaluate_dictionaries

@@ -5,7 +5,7 @@ with the whole dictionary.
     shards = sharding.make_mesh(sharding.layout_for(world, rank, None), device)
     shard = sharding.load_shard_of("runs/big/topk", shards, device)   # reads only its features
     results = evaluate_shards(model, {"topk": shard}, shards, tokens, keep, train_means)  # eval.json's numbers
-    metrics = reconstruction_metrics(shard, batches, shards)          # from activations alone
+    metrics = reconstruction_metrics(shard, activations, shards)      # from activations alone
 
 `ShardView` shows the evaluator (eval.evaluate) a shard as the whole dictionary: `encode` gives
 this shard's columns of the whole dictionary's f (TopK: each row's top k of the whole, from every
@@ -18,12 +18,13 @@ needs the whole dictionary: load it in one process (`sae.load` reads the feature
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from eval.evaluate import EvalResult, decode_from, evaluate_dictionaries
+from eval.evaluate import EvalResult, evaluate_dictionaries
+from eval.evaluate import reconstruction_metrics as eval_reconstruction
 from eval.metrics import ReconstructionAccumulator
 from sae import distributed as dist
 from sae import sharding
@@ -97,17 +98,11 @@ def evaluate_shards(model, shards_of: Mapping[str, SparseDictionary], shards: sh
                                  progress=progress and dist.is_main(), **kwargs)
 
 
-@torch.no_grad()
-def reconstruction_metrics(shard: SparseDictionary, batches: Iterable[Tensor | tuple[Tensor, Tensor]],
-                           shards: sharding.MeshShards) -> dict[str, Any]:
-    """The reconstruction metrics of the whole dictionary over batches x [n, d_in] (raw units,
-    kept tokens only; every rank the same batches; a transcoder's batches are (x_in, x_out) pairs)
-    from this rank's `shard` of it."""
-    view = ShardView(shard, shards)
-    acc = view.reconstruction_accumulator()
-    for batch in batches:
-        x, y = batch if isinstance(batch, (tuple, list)) else (batch, batch)
-        x, y = x.to(shard.W_enc.device), y.to(shard.W_enc.device)
-        f = view.encode(x)
-        acc.update(y, decode_from(view, f, x), f)
-    return acc.result()
+def reconstruction_metrics(shard: SparseDictionary, activations: Tensor, shards: sharding.MeshShards,
+                           targets: Tensor | None = None, batch_size: int = 4096) -> dict[str, Any]:
+    """The reconstruction metrics of the whole dictionary on activations [n, d_in] (raw units, kept
+    tokens only, the same on every rank; a transcoder's prediction is compared with `targets`
+    [n, d_out]) from this rank's `shard` of it: `eval.evaluate.reconstruction_metrics` of its
+    ShardView (a collective)."""
+    metrics, _ = eval_reconstruction(ShardView(shard, shards), activations, batch_size, targets)
+    return metrics

@@ -31,7 +31,7 @@ from sae.config import RunConfig, dump_run_config, expand_dictionaries
 from sae.dictionaries import DictionaryConfig, SparseDictionary
 from sae.dictionaries.base import CFG_FILE
 from sae.errors import ConfigError, UserError
-from sae.formats import feature_shards
+from sae.formats import ours
 from sae.loading import Header, load_dictionary, read_header
 from sae.models import hook_layer
 
@@ -122,10 +122,6 @@ class Saved:
     def diverged(self) -> bool:
         return self.header.metadata.get("status") == "diverged"
 
-    @property
-    def feature_shards(self) -> bool:
-        return feature_shards.is_sharded(self.folder)
-
     @cached_property
     def dictionary(self) -> SparseDictionary:
         """Its weights (a diverged one's last good weights)."""
@@ -154,7 +150,7 @@ def saved_dictionaries(run: RunConfig, configs: list[DictionaryConfig]) -> dict[
     found: dict[str, Saved] = {}
     for cfg in configs:
         folder = run.run_dir / cfg.name
-        if not feature_shards.has_weights(folder) or not (folder / CFG_FILE).is_file():
+        if not ours.detect(folder):
             continue
         header = read_header(folder)
         changed = _changed(run, cfg, header)

@@ -116,10 +116,9 @@ def evaluate_sharded(out_dir: str, feature_shards: int | None) -> None:
         folder = os.path.join(out_dir, c["name"])
         if os.path.isdir(folder):
             shard = sharding.load_shard_of(folder, shards)
-            batches = heldout_batches(c["hook_name"])
-            if "input_hook" in c:  # a transcoder: (input, target) pairs
-                batches = list(zip(heldout_batches(c["input_hook"]), batches))
-            results[c["name"]] = reconstruction_metrics(shard, batches, shards)
+            x_out = torch.cat(heldout_batches(c["hook_name"]))
+            x_in = torch.cat(heldout_batches(c["input_hook"])) if "input_hook" in c else x_out  # a transcoder's
+            results[c["name"]] = reconstruction_metrics(shard, x_in, shards, targets=x_out)
     if distributed.is_main():
         with open(os.path.join(out_dir, "eval-sharded.json"), "w") as f:
             json.dump(results, f)
