@@ -770,6 +770,9 @@ class Trainer:
     def _save_history(self, name: str) -> None:
         """The curves beside the saved dictionary, and into wandb when it logs."""
         written = self.histories[name].save(self.out_dir / name, title=name)
+        moved = self.histories[name].describe_last_fifth()
+        if moved is not None:
+            self._say(f"{name}: {moved}")
         if self._wandb_run is not None:
             import wandb  # imported by _start_wandb already
 
