@@ -69,6 +69,7 @@ VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
         "beta1=0.9": ("batchtopk", {"adam_betas": [0.9, 0.999]}, None),  # the default before β1 0
         "window=1": ("batchtopk", {"threshold_window": 1.0}, None),  # the threshold before the window
         "window=1 beta1=0.9": ("batchtopk", {"threshold_window": 1.0, "adam_betas": [0.9, 0.999]}, None),
+        "b_enc x11": ("batchtopk", {"b_enc_lr_scale": 11.3}, None),
         "window=1 beta=0.99": ("batchtopk", {"threshold_window": 1.0, "threshold_beta": 0.99}, None),
         "lr=1.6e-2": ("batchtopk", {"lr": 1.6e-2}, None),
         "lr=1.6e-2 beta1=0.9": ("batchtopk", {"lr": 1.6e-2, "adam_betas": [0.9, 0.999]}, None),
@@ -117,6 +118,7 @@ VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
         "beta1=0.8 raw": ("topk", {"adam_betas": [0.8, 0.999], "normalize_activations": False}, None),
         "beta1=0 lr=1.2e-2": ("topk", {"adam_betas": [0.0, 0.999], "lr": 1.2e-2}, None),
         "beta1=0 lr=5e-3": ("topk", {"adam_betas": [0.0, 0.999], "lr": 5e-3}, None),
+        "b_enc x11": ("topk", {"b_enc_lr_scale": 11.3}, None),  # ReLU's √d_in at d_in 128
     },
 }
 
