@@ -46,8 +46,10 @@ CONFIGS = [
     # comparison about the maths (tests/test_distributed.py's thread-sharded test checks the
     # selection itself exactly)
     {"name": "batchtopk", "architecture": "batchtopk", "k": 3, "lr": 4e-3, "hook_name": "hook.b"},
+    # ReLU's b_enc steps at √d_in (4) times its lr: at the capped 2e-2 the float-order differences
+    # flip features across 0 (2.6e-6 in W_enc after 24 steps); 5e-3 keeps b_enc's step at 2e-2
     {"name": "relu", "architecture": "relu", "l1_coefficient": 3.0, "resample_every_tokens": 8 * BATCH,
-     "hook_name": "hook.a"},
+     "lr": 5e-3, "hook_name": "hook.a"},
     {"name": "jumprelu", "architecture": "jumprelu", "hook_name": "hook.b"},
     {"name": "gated", "architecture": "gated", "hook_name": "hook.a"},
     {"name": "matryoshka", "architecture": "matryoshka_batchtopk", "k": 3, "group_sizes": [8, 16, 24],
@@ -153,6 +155,22 @@ def run_harvest(model_dir: str, cache_dir: str, fail_rank: int = -1):
                    distributed=distributed.is_distributed())
 
 
+def resample_one_shard(out_dir: str) -> None:
+    """Two feature shards of a ReLU dictionary, dead features on the second only: both must meet
+    in the same collectives (the first has nothing to resample, but takes part in the norms)."""
+    cfg = parse_dictionary_config({"architecture": "relu", "d_sae": 16})
+    shards = sharding.make_mesh(sharding.layout_for(2, distributed.rank(), 2), torch.device("cpu")).for_width(16)
+    d = sharding.build_shard(cfg, 8, shards, "relu")
+    dead = torch.zeros(8, dtype=torch.bool)
+    if distributed.rank() == 1:
+        dead[[2, 5]] = True
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ids = d.resample(x, dead, torch.Generator().manual_seed(1), shards)
+    with open(os.path.join(out_dir, f"resampled-{distributed.rank()}.txt"), "w") as f:
+        f.write(" ".join(map(str, ids.tolist())))
+
+
 def fail_together(out_dir: str, fail_rank: int) -> None:
     """Rank fail_rank fails inside a failing_together block; each rank records what it raised and
     then meets the others once more (a rank left waiting would time the test out instead)."""
@@ -196,6 +214,8 @@ def main(argv: list[str]) -> None:
                 json.dump({n: [d.d_sae, d.metadata.get("status")] for n, d in result.items()}, f)
             if placement == "feature_sharded":
                 evaluate_sharded(out, int(feature_shards) if feature_shards else None)
+    elif task == "resample_one_shard":
+        resample_one_shard(out_dir)
     elif task == "fail_together":
         fail_together(out_dir, int(argv[2]))
     elif task == "harvest":

@@ -346,3 +346,12 @@ def test_a_malformed_index_is_one_line_naming_it(tmp_path, text, reason):
     with pytest.raises(UserError, match=reason) as e:
         sae.load(folder)
     assert str(e.value).startswith(str(folder / feature_shards.INDEX_FILE)) and "\n" not in str(e.value)
+
+
+def test_resampling_when_only_one_shard_has_dead_features(tmp_path):
+    """The shard without dead features still takes part in the resampling's collectives (it
+    returned early and left the other waiting in a mismatched all-reduce: gloo aborted)."""
+    r = launch("resample_one_shard", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "resampled-0.txt").read_text() == ""
+    assert (tmp_path / "resampled-1.txt").read_text() == "2 5"

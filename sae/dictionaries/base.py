@@ -456,13 +456,13 @@ class SparseDictionary(nn.Module):
                                   generator=generator).to(err.device)
         first = sum(dead_per_shard[:shards.feature_lo // self.d_sae])  # dead features of the shards before
         picks = picks[first:first + ids.numel()]
+        live = ~dead_mask  # the norms are collectives: every shard takes part, dead features or none
+        enc_norm = _mean_of_shards(self.W_enc[:, live].norm(dim=0), shards, self.W_enc.new_tensor(1.0))
+        dec_norm = _mean_of_shards(self.W_dec[live].norm(dim=1), shards, 1.0) if not self.unit_norm_decoder else 1.0
         if ids.numel() == 0:
             return ids
         v_out = _unit_rows(ys[picks] - self.b_dec)
         v_in = v_out if not self.is_transcoder else _unit_rows(xs[picks] - self.b_pre)
-        live = ~dead_mask
-        enc_norm = _mean_of_shards(self.W_enc[:, live].norm(dim=0), shards, self.W_enc.new_tensor(1.0))
-        dec_norm = _mean_of_shards(self.W_dec[live].norm(dim=1), shards, 1.0) if not self.unit_norm_decoder else 1.0
         self.W_dec[ids] = v_out * dec_norm
         self.W_enc[:, ids] = (v_in * (0.2 * enc_norm)).T
         self.b_enc[ids] = 0.0
