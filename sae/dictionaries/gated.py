@@ -32,6 +32,7 @@ class GatedConfig(ElementwiseConfig):
     l1_coefficient: float = Field(1.0, ge=0)
     sparsity_warmup_fraction: float = Field(0.05, ge=0, le=1)
     normalize_decoder: bool = True
+    b_gate_init: float = 0.0  # initial b_enc (the gate's bias), in normalised pre-activation units
 
 
 @register
@@ -46,6 +47,11 @@ class GatedDictionary(ElementwiseDictionary):
         self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
 
+    def reset_parameters(self, first_feature: int = 0) -> None:
+        super().reset_parameters(first_feature)
+        with torch.no_grad():
+            self.b_enc.fill_(self.cfg.b_gate_init)
+
     def default_lr(self) -> float:
         # was 1e-3: ~10x too slow (benchmarks/quality_ablations.py gated)
         return width_scaled_lr(2.5e-3, self.d_sae_total)
@@ -59,6 +65,7 @@ class GatedDictionary(ElementwiseDictionary):
         self.b_mag.sub_(centre @ (self.W_enc * torch.exp(self.r_mag)))
 
     def _resample_extra(self, ids: Tensor) -> None:
+        self.b_enc[ids] = self.cfg.b_gate_init
         self.r_mag[ids] = 0.0
         self.b_mag[ids] = 0.0
 
