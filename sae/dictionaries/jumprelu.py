@@ -17,6 +17,13 @@ Loss: ‖x - x̂‖² (summed over dimensions, mean over tokens, normalised unit
 θ is kept ≥ 0 after each step. The threshold is saved as `threshold` [d_sae], in
 pre-activation units: folding the input scale leaves pre-activations unchanged
 ((x - b/s)(s·W_enc) = (s·x - b) W_enc), so the threshold needs no folding.
+
+Defaults (issue 12; benchmarks/quality_ablations.py jumprelu, README "Dictionary quality"): θ starts
+at 0.7 and decoder rows are free (`threshold_init: 0.1, normalize_decoder: true` are the old
+ones). In normalised units (E‖x‖² = d_in) a unit direction's projection of a token has std about
+1, so at θ 0.1 every latent fired on ~45 % of the tokens at init (at 0.7 on ~20 %), and Adam moves
+θ by about lr per step: the thresholds stayed far below that interference for most of a short
+run, many latents fired on most tokens and the dense true features were split across them.
 """
 
 from __future__ import annotations
@@ -38,9 +45,9 @@ class JumpReLUConfig(ElementwiseConfig):
     l0_coefficient: float = Field(0.1, ge=0)
     sparsity_warmup_fraction: float = Field(0.05, ge=0, le=1)
     bandwidth: float = Field(0.05, gt=0)  # ε of the rectangle kernel, in normalised pre-activation units
-    threshold_init: float = Field(0.1, ge=0)
+    threshold_init: float = Field(0.7, ge=0)  # in normalised units, where a unit direction's projection has std ~1
     ste_to_input: bool = False  # the threshold's pseudo-gradients reach the pre-activations too
-    normalize_decoder: bool = True
+    normalize_decoder: bool = False
 
 
 def _rectangle(u: Tensor) -> Tensor:
