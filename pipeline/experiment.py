@@ -335,9 +335,9 @@ def _evaluate_feature_shards(run: RunConfig, configs: list[DictionaryConfig], lo
     now = to_evaluate(run, names, reusable)
     results: dict[str, Any] = {}
     if now:
-        if dist.is_main():
-            _training_means(run, [c for c in configs if c.name in now], loaded.model)  # saved for every rank
-        dist.barrier()
+        with dist.failing_together("computing the training means"):
+            if dist.is_main():
+                _training_means(run, [c for c in configs if c.name in now], loaded.model)  # saved for every rank
         means = {n: read_mean(run.run_dir / n) for n in now}
         shards = sharding.make_mesh(sharding.layout_for(dist.world_size(), dist.rank(), run.distributed.feature_shards),
                                     loaded.device)

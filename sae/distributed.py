@@ -12,14 +12,15 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from typing import Any, Literal, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from sae.dictionaries.base import BatchShards
-from sae.errors import ConfigError
+from sae.errors import ConfigError, UserError
 
 Placement = Literal["data_parallel", "dictionary_per_rank", "feature_sharded"]
 PLACEMENTS: tuple[str, ...] = ("data_parallel", "dictionary_per_rank", "feature_sharded")
@@ -105,6 +106,24 @@ def barrier() -> None:
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
+
+
+@contextmanager
+def failing_together(what: str) -> Iterator[None]:
+    """A block some ranks may fail in (rank 0 writing what the others then read, each rank writing
+    its own file), ending in a collective: when any rank fails, every rank raises, instead of the
+    others waiting at the next collective for the process group's timeout."""
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as e:  # re-raised below, once the other ranks know
+        error = e
+    failed = int(all_reduce(torch.tensor([float(error is not None)])).item())
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(f"{what}: failed on {failed} other rank(s) (their error is above); nothing was lost "
+                        f"that a rerun of the same command does not redo")
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

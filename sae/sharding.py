@@ -270,18 +270,23 @@ def save_feature_shards(d: SparseDictionary, cfg: DictionaryConfig, shards: Mesh
                         writes: bool) -> None:
     """Save dictionary `cfg` as feature shards (sae.formats.feature_shards, a collective): each rank
     that `writes` (the first data group) saves its own features, feature shard 0 the shared tensors
-    too; once all have, rank 0 writes the index and the whole dictionary's cfg.json."""
+    too; once all have, rank 0 writes the index and the whole dictionary's cfg.json. The earlier
+    index goes first, so a save killed half-way leaves no index over old and new shards. A rank
+    failing in any step makes every rank raise (`dist.failing_together`)."""
     layout = shards.layout
     folded = d.in_raw_units()
-    if writes:
-        tensors = {k: t.cpu() for k, t in folded.weights().items() if k in d.feature_dims or layout.feature_index == 0}
-        feature_shards.write_shard(directory, layout.feature_index, layout.feature_shards, tensors)
-    dist.barrier()
-    if dist.is_main():
-        feature_shards.write_index(directory, d.d_sae_total, d.feature_dims, layout.feature_shards)
-        io.write_json(directory / CFG_FILE, {**folded.cfg_dict(), "d_sae": d.d_sae_total,
-                                             "hyperparameters": cfg.model_dump(mode="json")})
-    dist.barrier()
+    with dist.failing_together(f"saving {directory.name}'s index"):
+        if dist.is_main():
+            feature_shards.unlink_index(directory)
+    with dist.failing_together(f"saving {directory.name}'s feature shards"):
+        if writes:
+            tensors = {k: t.cpu() for k, t in folded.weights().items() if k in d.feature_dims or layout.feature_index == 0}
+            feature_shards.write_shard(directory, layout.feature_index, layout.feature_shards, tensors)
+    with dist.failing_together(f"saving {directory.name}'s index"):
+        if dist.is_main():
+            feature_shards.write_index(directory, d.d_sae_total, d.feature_dims, layout.feature_shards)
+            io.write_json(directory / CFG_FILE, {**folded.cfg_dict(), "d_sae": d.d_sae_total,
+                                                 "hyperparameters": cfg.model_dump(mode="json")})
 
 
 def _gather_to_first(t: Tensor, dim: int, shards: MeshShards) -> Tensor | None:

@@ -189,10 +189,21 @@ def make_optimizer(dictionary: SparseDictionary, cfg: DictionaryConfig) -> torch
     dense linear map with a gradient from every token, takes `cfg.skip_adam_betas` (momentum: at
     TopK's β1 0.5 it missed the linear map of tests/test_transcoders.py, error 0.144)."""
     skip = dictionary.W_skip
-    groups = [{"params": [p for p in dictionary.parameters() if p is not skip], "betas": tuple(cfg.adam_betas)}]
+    b_enc_scale = type(dictionary).b_enc_lr_scale_for(cfg, dictionary.d_in)
+    b_enc = dictionary.b_enc if b_enc_scale != 1 else None
+    groups = [{"params": [p for p in dictionary.parameters() if p is not skip and p is not b_enc],
+               "betas": tuple(cfg.adam_betas)}]
     if skip is not None:
         groups.append({"params": [skip], "betas": tuple(cfg.skip_adam_betas)})
+    if b_enc is not None:  # its lr is the weights' times lr_scale (_Slot._set_lr)
+        groups.append({"params": [b_enc], "betas": tuple(cfg.adam_betas), "lr_scale": b_enc_scale})
     return torch.optim.Adam(groups, lr=dictionary.lr)
+
+
+def adam_group_count(cfg: DictionaryConfig, d_in: int) -> int:
+    """How many Adam groups `make_optimizer` makes for cfg (the weights, W_skip, a scaled b_enc)."""
+    scaled_b_enc = get_architecture(cfg.architecture).b_enc_lr_scale_for(cfg, d_in) != 1
+    return 1 + cfg.skip_connection + scaled_b_enc
 
 
 def reset_optimizer_rows(optimizer: torch.optim.Optimizer, dictionary: SparseDictionary, ids: Tensor) -> None:
@@ -276,7 +287,7 @@ class _Slot:
         cfg = self.cfg
         lr = self.dictionary.lr * lr_factor(step, total_steps, cfg.lr_warmup_fraction, cfg.lr_decay_fraction)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def _loss(self, x: Tensor, target: Tensor | None, progress: float, autocast_dtype: torch.dtype | None,
               shards: BatchShards) -> TrainStep:
@@ -406,7 +417,10 @@ class Trainer:
         old = saved.get("dictionary") or {}
         fields = type(cfg).model_fields
         for key in [k for k in wanted["dictionary"] if k not in old and k in fields]:
-            if ckpt.changed_settings({key: wanted["dictionary"][key]}, {key: fields[key].default}) == []:
+            field = fields[key]  # a field may say which value means what versions without it did
+            before = [field.default, *([field.json_schema_extra["absent_means"]]
+                                       if isinstance(field.json_schema_extra, dict) else [])]
+            if any(ckpt.changed_settings({key: wanted["dictionary"][key]}, {key: v}) == [] for v in before):
                 del wanted["dictionary"][key]
         return wanted
 
@@ -469,8 +483,12 @@ class Trainer:
         else:
             changed = ckpt.changed_settings(state["fingerprint"], self._comparable(cfg, name, state["fingerprint"]))
         groups = len(state["optimizer"]["param_groups"])
-        if not changed and groups != 1 + cfg.skip_connection:  # W_skip's own Adam group came later
-            changed = [f"{groups} Adam parameter group(s) -> {1 + cfg.skip_connection}"]
+        want = adam_group_count(cfg, int(state["d_in"]))
+        if not changed and groups != want:  # W_skip's and b_enc's own Adam groups came later
+            older = groups == want - 1 and adam_group_count(cfg.model_copy(update={"b_enc_lr_scale": 1.0}),
+                                                            int(state["d_in"])) == groups
+            hint = "; `b_enc_lr_scale: 1` resumes a checkpoint from before b_enc's own lr" if older else ""
+            changed = [f"{groups} Adam parameter group(s) -> {want}{hint}"]
         if changed:
             self._say(f"{name}: restarts at step 0: its checkpoint {path} was made with other settings "
                       f"({'; '.join(changed)}); it is replaced at the next checkpoint")
@@ -770,6 +788,9 @@ class Trainer:
     def _save_history(self, name: str) -> None:
         """The curves beside the saved dictionary, and into wandb when it logs."""
         written = self.histories[name].save(self.out_dir / name, title=name)
+        moved = self.histories[name].describe_last_fifth()
+        if moved is not None:
+            self._say(f"{name}: {moved}")
         if self._wandb_run is not None:
             import wandb  # imported by _start_wandb already
 
@@ -941,6 +962,7 @@ class Trainer:
             d.metadata.setdefault("input_hook", s.input_hook)
         d.metadata["tokens_trained"] = self.tokens_seen if s.divergence is None else s.good_at[1]
         d.metadata["lr_used"] = d.lr  # the hyperparameters keep lr: null when it was the default
+        d.metadata["b_enc_lr_scale_used"] = type(d).b_enc_lr_scale_for(s.cfg, d.d_in)
         if d.resample_every_tokens():
             d.metadata["features_resampled"] = s.tracker.resampled
         if s.divergence is not None:

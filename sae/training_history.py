@@ -13,6 +13,7 @@ complete), and `save`s it next to the dictionary:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +27,7 @@ CURVES_FILE = "training_curves.png"
 HISTOGRAMS_FILE = "frequency_over_training.png"
 _ROW_KEYS = ("loss", "l0", "fvu", "dead")  # of the trainer's window statistics
 _PANELS = 6  # histograms drawn (evenly spread over the snapshots, the last always among them)
+_END = 0.05  # share of training averaged at each end of the last fifth (one window is noisy)
 
 
 class TrainingHistory:
@@ -50,6 +52,33 @@ class TrainingHistory:
     def state_dict(self) -> dict[str, Any]:
         return {"dead_after_tokens": self.dead_after_tokens, "rows": self.rows, "snapshots": self.snapshots}
 
+    def last_fifth(self) -> dict[str, float] | None:
+        """How much L0 and FVU moved over the last fifth of training, relative to where it began:
+        (mean over the last 5 % of training - mean over the 5 % before 80 %) / the latter (the usual
+        test of convergence: both under 2 %). None without enough rows to tell."""
+        if len(self.rows) < 2:
+            return None
+        total = self.rows[-1]["tokens"]
+        start = [r for r in self.rows if (0.8 - _END) * total < r["tokens"] <= 0.8 * total]
+        end = [r for r in self.rows if r["tokens"] > (1 - _END) * total]
+        if not start or start[-1] is self.rows[-1]:
+            return None
+
+        def change(key: str) -> float:
+            before = sum(r[key] for r in start) / len(start)
+            after = sum(r[key] for r in end) / len(end)
+            return (after - before) / before if before else math.inf
+
+        return {"l0": change("l0"), "fvu": change("fvu"), "from_tokens": start[-1]["tokens"], "to_tokens": total}
+
+    def describe_last_fifth(self) -> str | None:
+        """One line on `last_fifth` for the log (None when it cannot tell)."""
+        moved = self.last_fifth()
+        if moved is None:
+            return None
+        verdict = "converged (both under 2 %)" if max(abs(moved["l0"]), abs(moved["fvu"])) < 0.02 else "still moving"
+        return (f"over the last fifth of training L0 moved {moved['l0']:+.1%}, FVU {moved['fvu']:+.1%}: {verdict}")
+
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         """From `state_dict`; None (a checkpoint written before histories were kept): start empty."""
         state = state or {}
@@ -60,7 +89,7 @@ class TrainingHistory:
     def save(self, folder: str | Path, title: str = "") -> list[Path]:
         """training_history.json and the two figures (those there is data for) into `folder`."""
         folder = Path(folder)
-        io.write_json(folder / HISTORY_FILE, self.state_dict())
+        io.write_json(folder / HISTORY_FILE, {**self.state_dict(), "last_fifth": self.last_fifth()})
         written = [folder / HISTORY_FILE]
         if self.rows:
             written.append(plot_curves(self, folder / CURVES_FILE, title))

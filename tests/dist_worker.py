@@ -153,6 +153,21 @@ def run_harvest(model_dir: str, cache_dir: str, fail_rank: int = -1):
                    distributed=distributed.is_distributed())
 
 
+def fail_together(out_dir: str, fail_rank: int) -> None:
+    """Rank fail_rank fails inside a failing_together block; each rank records what it raised and
+    then meets the others once more (a rank left waiting would time the test out instead)."""
+    try:
+        with distributed.failing_together("the test's block"):
+            if distributed.rank() == fail_rank:
+                raise OSError("disk full")
+        raised = "nothing"
+    except Exception as e:
+        raised = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"raised-{distributed.rank()}.txt"), "w") as f:
+        f.write(raised)
+    distributed.barrier()
+
+
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     task, out_dir = argv[0], argv[1]
@@ -181,6 +196,8 @@ def main(argv: list[str]) -> None:
                 json.dump({n: [d.d_sae, d.metadata.get("status")] for n, d in result.items()}, f)
             if placement == "feature_sharded":
                 evaluate_sharded(out, int(feature_shards) if feature_shards else None)
+    elif task == "fail_together":
+        fail_together(out_dir, int(argv[2]))
     elif task == "harvest":
         run_harvest(argv[2], os.path.join(out_dir, "cache"), int(argv[3]) if len(argv) > 3 else -1)
     else:

@@ -407,3 +407,12 @@ def test_torchrun_train_py_data_parallel_equals_one_process(tiny_model_dir, tiny
         for key, w in one_w.items():
             rel = float((two_w[key] - w).norm() / w.norm().clamp_min(1e-12))
             assert rel < 1e-4, f"{name}.{key}: relative difference {rel:.2e}"
+
+
+def test_a_rank_failing_in_a_block_makes_every_rank_raise(tmp_path):
+    """sae.distributed.failing_together: rank 0 fails writing what the others would read; the other
+    rank raises a one-line error saying so at once, instead of waiting at the next collective."""
+    r = launch("fail_together", tmp_path, 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "raised-0.txt").read_text() == "OSError: disk full"
+    assert (tmp_path / "raised-1.txt").read_text().startswith("UserError: the test's block: failed on 1 other rank(s)")

@@ -301,3 +301,48 @@ def test_feature_shard_files_read_whole_or_by_range_and_a_missing_one_is_named(t
     d.save(shard)  # a one-file save over it replaces the shards (else the index would still be read)
     assert sorted(p.name for p in shard.glob("sae*")) == ["sae.safetensors"]
     assert all(torch.equal(sae.load(shard).weights()[k], t) for k, t in w.items())
+
+
+def _save_shard(cfg, feature_index: int, folder: Path, seed: float) -> None:
+    """Feature shard `feature_index` of 2 of dictionary cfg saved into folder, as that rank would."""
+    shards = sharding.MeshShards(None, sharding.Layout(1, 2, 0, feature_index)).for_width(cfg.resolve_d_sae(5))
+    d = sharding.build_shard(cfg, 5, shards, "d")
+    with torch.no_grad():
+        for p in d.parameters():
+            p.fill_(seed)
+    sharding.save_feature_shards(d, cfg, shards, folder, writes=True)
+
+
+def test_a_resave_killed_between_shard_files_leaves_no_index_over_mixed_shards(tmp_path, monkeypatch):
+    """Re-saving feature shards first drops the index: a save killed after rewriting one shard file
+    leaves a folder without weights (which retrains), never the old index over old and new shards."""
+    cfg = parse_dictionary_config({"architecture": "relu", "d_sae": 8})
+    folder = tmp_path / "d"
+    _save_shard(cfg, 1, folder, 1.0)
+    _save_shard(cfg, 0, folder, 1.0)  # rank 0's save writes the index: the folder is whole
+    assert feature_shards.has_weights(folder) and float(sae.load(folder).W_dec.sum()) == 8 * 5
+    real_write = feature_shards.write_shard
+    _save_shard(cfg, 1, folder, 2.0)  # the re-save: shard 2 rewritten...
+    monkeypatch.setattr(feature_shards, "write_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # ...and killed before shard 1's
+        _save_shard(cfg, 0, folder, 2.0)
+    monkeypatch.setattr(feature_shards, "write_shard", real_write)
+    assert not feature_shards.has_weights(folder)
+    assert sorted(p.name for p in folder.glob("sae*")) == ["sae-00001-of-00002.safetensors",
+                                                           "sae-00002-of-00002.safetensors"]
+
+
+@pytest.mark.parametrize("text, reason", [('{"layout": "feature_shards", "d_sae": 8', "Expecting"),
+                                          ('{"layout": "feature_shards", "d_sae": 8, "feature_dims": {}}', "Field required"),
+                                          ('[1, 2]', "valid dictionary"),
+                                          ('{"layout": "feature_shards", "d_sae": 8, "feature_dims": {}, "shards": []}',
+                                           "do not cover")])
+def test_a_malformed_index_is_one_line_naming_it(tmp_path, text, reason):
+    cfg = parse_dictionary_config({"architecture": "relu", "d_sae": 8})
+    folder = tmp_path / "d"
+    _save_shard(cfg, 1, folder, 1.0)
+    _save_shard(cfg, 0, folder, 1.0)
+    (folder / feature_shards.INDEX_FILE).write_text(text)
+    with pytest.raises(UserError, match=reason) as e:
+        sae.load(folder)
+    assert str(e.value).startswith(str(folder / feature_shards.INDEX_FILE)) and "\n" not in str(e.value)

@@ -461,3 +461,53 @@ def test_a_checkpoint_from_before_a_new_config_field_resumes_while_that_field_is
     other = parse_dictionary_config({"architecture": "relu", "d_sae": 32, "name": "r", "skip_adam_betas": [0.5, 0.9]})
     train_dictionaries(data, [other], **kwargs)
     assert "r: restarts at step 0" in capsys.readouterr().out
+
+
+def test_relu_b_enc_learns_at_the_weights_lr_times_root_d_in(tmp_path):
+    """ReLU's b_enc has its own Adam group at √d_in times the weights' lr (with normalised inputs,
+    through the lr schedule); raw inputs and other architectures keep one lr; cfg.json says which."""
+    from sae.trainer import Trainer
+
+    data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=4)
+    configs = [parse_dictionary_config({"architecture": "relu", "d_sae": 32, "name": "relu"}),
+               parse_dictionary_config({"architecture": "relu", "d_sae": 32, "name": "raw",
+                                        "normalize_activations": False}),
+               parse_dictionary_config({"architecture": "topk", "k": 4, "d_sae": 32, "name": "topk"})]
+    seen = {}
+    trainer = Trainer(configs, total_tokens=10 * 128, out_dir=tmp_path, progress=False)
+    original = trainer._train_step
+
+    def spy(batch):
+        original(batch)
+        seen[trainer.step] = {s.name: [g["lr"] for g in s.optimizer.param_groups] for s in trainer.slots}
+
+    trainer._train_step = spy
+    trainer.fit(data)
+    weights_lr, b_enc_lr = seen[10]["relu"]  # the last step: inside the lr decay of the last fifth
+    assert weights_lr < seen[1]["relu"][0] and b_enc_lr == pytest.approx(4.0 * weights_lr)
+    assert len(seen[10]["raw"]) == 1 and len(seen[10]["topk"]) == 1
+    used = {n: json.loads((tmp_path / n / "cfg.json").read_text())["b_enc_lr_scale_used"] for n in ("relu", "raw")}
+    assert used == {"relu": 4.0, "raw": 1.0}
+
+
+def test_a_relu_checkpoint_from_before_b_enc_had_its_own_lr(tmp_path, capsys):
+    """Such a checkpoint (one Adam group, no b_enc_lr_scale in its fingerprint) restarts under the
+    default with a line saying how to resume it, and resumes with b_enc_lr_scale: 1."""
+    import shutil
+
+    data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=4)
+    old = parse_dictionary_config({"architecture": "relu", "d_sae": 32, "name": "r", "b_enc_lr_scale": 1.0})
+    kwargs = dict(total_tokens=20 * 128, checkpoint_every_tokens=5 * 128, progress=False, keep_checkpoint=True)
+    train_dictionaries(data, [old], out_dir=tmp_path / "a", **kwargs)
+    path = ckpt.latest_path(ckpt.member_dir(tmp_path / "a", "r"))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    del state["fingerprint"]["dictionary"]["b_enc_lr_scale"]  # as an earlier version wrote it
+    torch.save(state, path)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    train_dictionaries(data, [parse_dictionary_config({"architecture": "relu", "d_sae": 32, "name": "r"})],
+                       out_dir=tmp_path / "a", **kwargs)
+    assert ("r: restarts at step 0: its checkpoint" in (out := capsys.readouterr().out)
+            and "1 Adam parameter group(s) -> 2; `b_enc_lr_scale: 1` resumes a checkpoint from before" in out)
+    train_dictionaries(data, [old], out_dir=tmp_path / "b", **kwargs)
+    assert "[train] r: resumes at step 15" in capsys.readouterr().out

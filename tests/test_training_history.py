@@ -42,6 +42,26 @@ def test_a_snapshot_is_the_frequency_histogram():
     assert snap["counts"] == expected
 
 
+def _history(l0_at, fvu_at, n: int = 100) -> TrainingHistory:
+    history = TrainingHistory()
+    for t in range(1, n + 1):
+        history.update(t * 10, t, {"loss": 1.0, "l0": l0_at(t), "fvu": fvu_at(t), "dead": 0})
+    return history
+
+
+def test_the_last_fifth_says_how_far_l0_and_fvu_still_moved():
+    """Means over the last 5 % of training against the 5 % before the last fifth began."""
+    falling = _history(lambda t: 100.0 if t <= 80 else (95.0 if t <= 95 else 90.0), lambda t: 0.2)
+    moved = falling.last_fifth()
+    assert moved["l0"] == pytest.approx(-0.10) and moved["fvu"] == 0.0
+    assert (moved["from_tokens"], moved["to_tokens"]) == (800, 1000)
+    assert falling.describe_last_fifth() == "over the last fifth of training L0 moved -10.0%, FVU +0.0%: still moving"
+    settled = _history(lambda t: 40.0 + (t % 2), lambda t: 0.1 - 1e-4 * (t > 80))  # noise averaged out
+    assert settled.last_fifth()["l0"] == pytest.approx(0.0) and settled.last_fifth()["fvu"] == pytest.approx(-1e-3)
+    assert settled.describe_last_fifth().endswith("converged (both under 2 %)")
+    assert _history(lambda t: 1.0, lambda t: 1.0, n=1).last_fifth() is None
+
+
 def test_training_writes_curves_beside_each_dictionary(tmp_path):
     data = SyntheticFeatures(d_in=16, n_features=32, batch_size=BATCH, seed=2)
     trainer = Trainer(_configs(), total_tokens=45 * BATCH, out_dir=tmp_path, progress=False, log_every=5,
@@ -57,7 +77,8 @@ def test_training_writes_curves_beside_each_dictionary(tmp_path):
         assert all(s["dead"] + sum(s["counts"]) == 48 for s in history.snapshots)
         assert history.rows[-1]["fvu"] < 0.7 * history.rows[0]["fvu"]  # training reduced the error
         saved = json.loads((tmp_path / name / HISTORY_FILE).read_text())
-        assert saved == json.loads(json.dumps(history.state_dict()))
+        assert saved == json.loads(json.dumps({**history.state_dict(), "last_fifth": history.last_fifth()}))
+        assert saved["last_fifth"]["to_tokens"] == 45 * BATCH and saved["last_fifth"]["from_tokens"] == 35 * BATCH
         for png in (CURVES_FILE, HISTOGRAMS_FILE):
             assert (tmp_path / name / png).stat().st_size > 20_000
     topk = trainer.histories["topk"]

@@ -58,6 +58,9 @@ class DictionaryConfig(BaseModel):
 
     lr: float | None = Field(None, gt=0)  # None: the architecture's default (`default_lr`)
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    # b_enc's lr over the weights' (its own Adam group when not 1); None: the architecture's
+    # (relu: √d_in with normalised inputs, see ReLUDictionary.default_b_enc_lr_scale; others 1)
+    b_enc_lr_scale: float | None = Field(None, gt=0, json_schema_extra={"absent_means": 1.0})
     lr_warmup_fraction: float = Field(0.0, ge=0, le=1)  # linear warm-up over this fraction of the steps
     lr_decay_fraction: float = Field(0.2, ge=0, le=1)  # linear decay to 0 over the last fraction of the steps
     grad_clip: float | None = Field(1.0, gt=0)
@@ -290,6 +293,16 @@ class SparseDictionary(nn.Module):
     @property
     def lr(self) -> float:
         return self.cfg.lr if self.cfg.lr is not None else self.default_lr()
+
+    @classmethod
+    def default_b_enc_lr_scale(cls, cfg: "DictionaryConfig", d_in: int) -> float:
+        return 1.0
+
+    @classmethod
+    def b_enc_lr_scale_for(cls, cfg: "DictionaryConfig", d_in: int) -> float:
+        """b_enc's learning rate over the weights' (`cfg.b_enc_lr_scale`, else the default)."""
+        given = cfg.b_enc_lr_scale
+        return given if given is not None else cls.default_b_enc_lr_scale(cfg, d_in)
 
     # ---- transcoders and skip connections --------------------------------------------------
     @property

@@ -17,9 +17,10 @@ sae.safetensors, or shards), slice by slice, so that a rank loads only its own f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Literal, Mapping
 
 import torch
+from pydantic import BaseModel, ValidationError
 from safetensors import safe_open
 from torch import Tensor
 
@@ -29,6 +30,19 @@ from sae.errors import UserError
 
 INDEX_FILE = "sae.safetensors.index.json"
 LAYOUT = "feature_shards"
+
+
+class Shard(BaseModel):
+    file: str
+    features: tuple[int, int]  # [lo, hi) of the whole dictionary's features
+
+
+class Index(BaseModel):
+    """sae.safetensors.index.json."""
+    layout: Literal["feature_shards"]
+    d_sae: int
+    feature_dims: dict[str, int]  # per-feature tensor -> the dimension holding its features
+    shards: list[Shard]
 
 
 def shard_file(index: int, count: int) -> str:
@@ -58,13 +72,19 @@ def write_index(directory: Path, d_sae: int, feature_dims: Mapping[str, int], co
     """Write the index of `count` equal shards (once every shard's file is written), and remove
     what an earlier save of the folder in the other layout, or another shard count, left."""
     width = d_sae // count
-    index = {"layout": LAYOUT, "d_sae": d_sae, "feature_dims": dict(feature_dims),
-             "shards": [{"file": shard_file(i, count), "features": [i * width, (i + 1) * width]} for i in range(count)]}
-    io.write_json(directory / INDEX_FILE, index)
-    keep = {s["file"] for s in index["shards"]}
+    index = Index(layout=LAYOUT, d_sae=d_sae, feature_dims=dict(feature_dims),
+                  shards=[Shard(file=shard_file(i, count), features=(i * width, (i + 1) * width)) for i in range(count)])
+    io.write_json(directory / INDEX_FILE, index.model_dump(mode="json"))
+    keep = {s.file for s in index.shards}
     for stale in [directory / WEIGHTS_FILE, *directory.glob("sae-*-of-*.safetensors")]:
         if stale.name not in keep:
             stale.unlink(missing_ok=True)
+
+
+def unlink_index(directory: Path) -> None:
+    """Remove the index before shard files are rewritten: a save killed half-way then leaves no
+    index over a mix of old and new shards, only a folder without weights (which retrains)."""
+    (directory / INDEX_FILE).unlink(missing_ok=True)
 
 
 def remove_shards(directory: Path) -> None:
@@ -90,33 +110,34 @@ def read_features(directory: Path, feature_dims: Mapping[str, int] | None = None
         return {key: _cut(f.get_slice(key), feature_dims.get(key), lo, hi) for key in f.keys()}
 
 
-def _index(directory: Path) -> dict[str, Any]:
+def _index(directory: Path) -> Index:
     path = directory / INDEX_FILE
-    index = io.read_json(path)
-    shards = index.get("shards") if isinstance(index, dict) else None
-    if index.get("layout") != LAYOUT or not shards:
-        raise UserError(f"{path}: not a feature-shards index (layout {index.get('layout')!r}); was the folder "
-                        f"written by this library?")
-    edges = [s["features"] for s in shards]
-    if edges[0][0] != 0 or edges[-1][1] != index["d_sae"] or any(a[1] != b[0] for a, b in zip(edges, edges[1:])):
-        raise UserError(f"{path}: the shards' feature ranges {edges} do not cover 0..{index['d_sae']} in order")
-    for s in shards:
-        if not (directory / s["file"]).is_file():
-            raise UserError(f"{directory / s['file']}: missing (one of the {len(shards)} feature shards the index "
+    try:
+        index = Index.model_validate(io.read_json(path))
+    except (ValueError, ValidationError) as e:  # json.JSONDecodeError is a ValueError
+        reason = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        raise UserError(f"{path}: not a readable feature-shards index ({reason}); was the folder written by this "
+                        f"library, and copied whole?") from None
+    edges = [s.features for s in index.shards]
+    if not edges or edges[0][0] != 0 or edges[-1][1] != index.d_sae or any(a[1] != b[0] for a, b in zip(edges, edges[1:])):
+        raise UserError(f"{path}: the shards' feature ranges {edges} do not cover 0..{index.d_sae} in order")
+    for s in index.shards:
+        if not (directory / s.file).is_file():
+            raise UserError(f"{directory / s.file}: missing (one of the {len(index.shards)} feature shards the index "
                             f"lists); copy the whole folder, every sae-*-of-*.safetensors with it")
     return index
 
 
-def _read_sharded(directory: Path, index: dict[str, Any], lo: int | None, hi: int | None) -> dict[str, Tensor]:
+def _read_sharded(directory: Path, index: Index, lo: int | None, hi: int | None) -> dict[str, Tensor]:
     """The shards' tensors over [lo, hi), concatenated along each tensor's feature dimension."""
-    lo, hi = 0 if lo is None else lo, index["d_sae"] if hi is None else hi
-    dims = index["feature_dims"]
+    lo, hi = 0 if lo is None else lo, index.d_sae if hi is None else hi
+    dims = index.feature_dims
     parts: dict[str, list[Tensor]] = {}
-    for n, s in enumerate(index["shards"]):
-        a, b = s["features"]
+    for n, s in enumerate(index.shards):
+        a, b = s.features
         if n and (b <= lo or a >= hi):
             continue  # the first shard is always opened: it holds the shared tensors
-        with safe_open(str(directory / s["file"]), framework="pt") as f:
+        with safe_open(str(directory / s.file), framework="pt") as f:
             for key in f.keys():
                 if key not in dims:
                     parts.setdefault(key, []).append(f.get_tensor(key))
