@@ -38,7 +38,8 @@ class GatedConfig(ElementwiseConfig):
     l1_coefficient: float = Field(1.0, ge=0)
     sparsity_warmup_fraction: float = Field(0.05, ge=0, le=1)
     normalize_decoder: bool = True
-    b_gate_init: float = -1.0  # initial b_enc (the gate's bias), in normalised pre-activation units
+    # initial b_enc (the gate's bias), in normalised pre-activation units; 0 before it was a setting
+    b_gate_init: float = Field(-1.0, json_schema_extra={"absent_means": 0.0})
 
 
 @register
