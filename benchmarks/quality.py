@@ -75,7 +75,7 @@ OURS = {
                             [0.5, 1.0, 2.0, 4.0]),
     "topk": Sweep("topk", {"architecture": "topk"}, "k", [16, 32, 64]),
     "batchtopk": Sweep("batchtopk", {"architecture": "batchtopk"}, "k", [16, 32, 64]),
-    "jumprelu": Sweep("jumprelu", {"architecture": "jumprelu"}, "l0_coefficient", [0.1, 0.3, 1.0]),
+    "jumprelu": Sweep("jumprelu", {"architecture": "jumprelu"}, "l0_coefficient", [0.1, 0.3, 1.0, 3.0]),
     "gated": Sweep("gated", {"architecture": "gated"}, "l1_coefficient", [0.5, 1.0, 2.0]),
 }
 

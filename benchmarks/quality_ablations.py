@@ -21,6 +21,21 @@ import quality
 from ground_truth import GroundTruth
 from quality import OURS, Run, train_ours
 
+# The defaults before issue 12's JumpReLU and Gated changes: the variants of those groups are
+# measured from them (the results of README "Dictionary quality" were), "default" is today's.
+JUMPRELU_OLD = {"threshold_init": 0.1, "adam_betas": [0.9, 0.999], "normalize_decoder": True}
+GATED_OLD = {"b_gate_init": 0.0}
+
+
+def from_old_jumprelu(values: list | None = None, **changes) -> tuple[str, dict, list | None]:
+    """A variant of the old JumpReLU defaults: (sweep, overrides, knob values)."""
+    return "jumprelu", {**JUMPRELU_OLD, **changes}, values
+
+
+def from_old_gated(values: list | None = None, **changes) -> tuple[str, dict, list | None]:
+    """A variant of the old Gated defaults: (sweep, overrides, knob values)."""
+    return "gated", {**GATED_OLD, **changes}, values
+
 # group -> {variant: (our sweep, overrides, knob values or None for the sweep's own)}
 VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
     "relu": {
@@ -76,15 +91,60 @@ VARIANTS: dict[str, dict[str, tuple[str, dict, list | None]]] = {
     },
     "jumprelu": {
         "default": ("jumprelu", {}, None),
-        "lr=7e-3 theta=0.5 (1280)": ("jumprelu", {"lr": 7e-3, "threshold_init": 0.5}, [1.0, 10.0]),
-        "lr=7e-3": ("jumprelu", {"lr": 7e-3}, None),
-        "lr=7e-3 theta=0.5": ("jumprelu", {"lr": 7e-3, "threshold_init": 0.5}, None),
+        "old": ("jumprelu", JUMPRELU_OLD, None),
+        "lr=7e-3 theta=0.5 (1280)": from_old_jumprelu(lr=7e-3, threshold_init=0.5, values=[1.0, 10.0]),
+        "lr=7e-3": from_old_jumprelu(lr=7e-3),
+        "lr=7e-3 theta=0.5": from_old_jumprelu(lr=7e-3, threshold_init=0.5),
+        # issue 12's JumpReLU gap: dense features recovered poorly at low penalty
+        "theta=0.5": from_old_jumprelu(threshold_init=0.5),
+        "theta=1": from_old_jumprelu(threshold_init=1.0),
+        "lr x2": from_old_jumprelu(lr=1.4e-2),
+        "lr x2 theta=0.5": from_old_jumprelu(lr=1.4e-2, threshold_init=0.5),
+        "beta1=0.5": from_old_jumprelu(adam_betas=[0.5, 0.999]),
+        "beta1=0": from_old_jumprelu(adam_betas=[0.0, 0.999]),
+        "theta=0.5 beta1=0.5": from_old_jumprelu(threshold_init=0.5, adam_betas=[0.5, 0.999]),
+        "free decoder norm": from_old_jumprelu(normalize_decoder=False),
+        "theta=0.5 free decoder norm": from_old_jumprelu(threshold_init=0.5, normalize_decoder=False),
+        "bandwidth=0.2": from_old_jumprelu(bandwidth=0.2),
+        "raw": from_old_jumprelu(normalize_activations=False),
+        "b_dec=0": from_old_jumprelu(b_dec_init="zeros"),
+        "ste to input": from_old_jumprelu(ste_to_input=True),
+        "theta=1 ste to input": from_old_jumprelu(threshold_init=1.0, ste_to_input=True),
+        "theta=2": from_old_jumprelu(threshold_init=2.0),
+        "theta=1 lr x2": from_old_jumprelu(threshold_init=1.0, lr=1.4e-2),
+        "theta=1 beta1=0.5": from_old_jumprelu(threshold_init=1.0, adam_betas=[0.5, 0.999]),
+        "theta=1 free decoder norm": from_old_jumprelu(threshold_init=1.0, normalize_decoder=False),
+        "theta=0.7 free decoder norm": from_old_jumprelu(threshold_init=0.7, normalize_decoder=False),
+        "theta=1 lr x2 free decoder norm": from_old_jumprelu(threshold_init=1.0, lr=1.4e-2, normalize_decoder=False),
+        "theta=1 lr x2 beta1=0.5": from_old_jumprelu(threshold_init=1.0, lr=1.4e-2, adam_betas=[0.5, 0.999]),
+        "theta=0.5 lr x2 free decoder norm": from_old_jumprelu(threshold_init=0.5, lr=1.4e-2, normalize_decoder=False),
+        "theta=1 beta1=0.5 free decoder norm": from_old_jumprelu(threshold_init=1.0, adam_betas=[0.5, 0.999],
+                                                                 normalize_decoder=False),
+        "theta=1 lr x2 beta1=0.5 free decoder norm": from_old_jumprelu(threshold_init=1.0, lr=1.4e-2,
+                                                                       adam_betas=[0.5, 0.999],
+                                                                       normalize_decoder=False),
     },
     "gated": {
         "default": ("gated", {}, None),
-        "lr=1e-2 (1280)": ("gated", {"lr": 1e-2}, [1.0, 4.0]),
-        "lr=3e-3": ("gated", {"lr": 3e-3}, None),
-        "lr=1e-2": ("gated", {"lr": 1e-2}, None),
+        "old": ("gated", GATED_OLD, None),
+        "lr=1e-2 (1280)": from_old_gated(lr=1e-2, values=[1.0, 4.0]),
+        "lr=3e-3": from_old_gated(lr=3e-3),
+        "lr=1e-2": from_old_gated(lr=1e-2),
+        # issue 12's Gated gap: dense features recovered poorly at low penalty
+        "lr x2": from_old_gated(lr=2e-2),
+        "lr half": from_old_gated(lr=5e-3),
+        "beta1=0.5": from_old_gated(adam_betas=[0.5, 0.999]),
+        "beta1=0": from_old_gated(adam_betas=[0.0, 0.999]),
+        "free decoder norm": from_old_gated(normalize_decoder=False),
+        "raw": from_old_gated(normalize_activations=False),
+        "b_dec=0": from_old_gated(b_dec_init="zeros"),
+        "b_gate=-0.5": from_old_gated(b_gate_init=-0.5),
+        "b_gate=-1": from_old_gated(b_gate_init=-1.0),
+        "b_gate=-1 lr x2": from_old_gated(b_gate_init=-1.0, lr=2e-2),
+        "b_gate=-1 beta1=0.5": from_old_gated(b_gate_init=-1.0, adam_betas=[0.5, 0.999]),
+        "b_gate=-2": from_old_gated(b_gate_init=-2.0),
+        "b_gate=-1.5": from_old_gated(b_gate_init=-1.5),
+        "b_gate=-1.5 lr x2": from_old_gated(b_gate_init=-1.5, lr=2e-2),
     },
     "topk": {
         "default": ("topk", {}, None),

@@ -322,6 +322,29 @@ def test_jumprelu_straight_through_gradients():
     assert d.threshold.grad is not None and d.threshold.grad.abs().sum() > 0
 
 
+def test_jumprelu_straight_through_estimate_reaches_the_input_when_asked():
+    z = torch.tensor([[0.1, 0.9, 1.1, 2.0]], requires_grad=True)
+    theta = torch.tensor([1.0, 1.0, 1.0, 1.0], requires_grad=True)
+    jumprelu(z, theta, 0.5, ste_to_input=True).sum().backward()
+    # dz = H(z - θ) + (θ/ε) K((z-θ)/ε); dθ unchanged
+    torch.testing.assert_close(z.grad, torch.tensor([[0.0, 2.0, 3.0, 1.0]]))
+    torch.testing.assert_close(theta.grad, torch.tensor([0.0, -2.0, -2.0, 0.0]))
+    z.grad = theta.grad = None
+    heaviside_step(z, theta, 0.5, ste_to_input=True).sum().backward()
+    torch.testing.assert_close(z.grad, torch.tensor([[0.0, 2.0, 2.0, 0.0]]))
+    torch.testing.assert_close(theta.grad, torch.tensor([0.0, -2.0, -2.0, 0.0]))
+
+
+def test_gated_gate_bias_starts_and_resamples_at_b_gate_init():
+    cfg = parse_dictionary_config({"architecture": "gated", "d_sae": D_SAE, "b_gate_init": -0.75})
+    d = get_architecture("gated")(cfg, D_IN)
+    assert torch.equal(d.b_enc, torch.full_like(d.b_enc, -0.75))
+    with torch.no_grad():
+        d.b_enc.fill_(0.3)
+    d.resample(inputs(), torch.arange(d.d_sae) < 3)
+    assert d.b_enc[:3].tolist() == [-0.75] * 3 and d.b_enc[3:].eq(0.3).all()
+
+
 def test_unit_norm_decoder_projection():
     d = make("relu").train()
     with torch.no_grad():

@@ -463,6 +463,33 @@ def test_a_checkpoint_from_before_a_new_config_field_resumes_while_that_field_is
     assert "r: restarts at step 0" in capsys.readouterr().out
 
 
+def test_a_checkpoint_from_before_jumprelu_and_gated_defaults_changed_resumes_with_the_old_values_written(
+        tmp_path, capsys):
+    """JumpReLU's threshold_init and normalize_decoder and Gated's b_gate_init changed defaults: a
+    checkpoint whose author left them out (trained at 0.1, true and 0) resumes when a config
+    writes those old values, and restarts under another value."""
+    data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=4)
+    old = {"j": {"architecture": "jumprelu", "threshold_init": 0.1, "normalize_decoder": True},
+           "g": {"architecture": "gated", "b_gate_init": 0.0}}
+    configs = [parse_dictionary_config({"d_sae": 32, "name": n, **c}) for n, c in old.items()]
+    kwargs = dict(total_tokens=20 * 128, out_dir=tmp_path, checkpoint_every_tokens=5 * 128, progress=False,
+                  keep_checkpoint=True)
+    train_dictionaries(data, configs, **kwargs)
+    for name, written in old.items():
+        path = ckpt.latest_path(ckpt.member_dir(tmp_path, name))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in written.keys() - {"architecture"}:  # as a version before these defaults wrote it
+            del state["fingerprint"]["dictionary"][key]
+        torch.save(state, path)
+    capsys.readouterr()
+    train_dictionaries(data, configs, **kwargs)
+    out = capsys.readouterr().out
+    assert "[train] j: resumes at step 15" in out and "[train] g: resumes at step 15" in out
+    other = parse_dictionary_config({"architecture": "gated", "d_sae": 32, "name": "g", "b_gate_init": -0.5})
+    train_dictionaries(data, [other], **kwargs)
+    assert "g: restarts at step 0" in capsys.readouterr().out
+
+
 def test_relu_b_enc_learns_at_the_weights_lr_times_root_d_in(tmp_path):
     """ReLU's b_enc has its own Adam group at √d_in times the weights' lr (with normalised inputs,
     through the lr schedule); raw inputs and other architectures keep one lr; cfg.json says which."""

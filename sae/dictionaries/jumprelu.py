@@ -5,14 +5,25 @@ The step function has no useful gradient; θ gets straight-through estimates wit
 kernel of width `bandwidth` ε:
 
 * ∂JumpReLU(z)/∂θ ≈ -(θ/ε) · K((z - θ)/ε),  ∂JumpReLU(z)/∂z = H(z - θ);
-* ∂H(z - θ)/∂θ ≈ -(1/ε) · K((z - θ)/ε) (the L0 term passes no gradient to z),
-  K(u) = 1 for |u| < 1/2, else 0.
+* ∂H(z - θ)/∂θ ≈ -(1/ε) · K((z - θ)/ε),  K(u) = 1 for |u| < 1/2, else 0.
+
+With `ste_to_input` (Anthropic's variant; SAELens's `jumprelu_ste_to_input`) the same estimates
+also reach z with the opposite sign (both functions depend on z - θ), so the L0 term pulls
+pre-activations near θ down and trains the encoder towards sparsity; without it (DeepMind's, the
+paper's) the L0 term trains θ alone and the encoder learns from the reconstruction only.
 
 Loss: ‖x - x̂‖² (summed over dimensions, mean over tokens, normalised units)
 + λ(progress) · L0, with λ = `l0_coefficient` warmed up over `sparsity_warmup_fraction`.
 θ is kept ≥ 0 after each step. The threshold is saved as `threshold` [d_sae], in
 pre-activation units: folding the input scale leaves pre-activations unchanged
 ((x - b/s)(s·W_enc) = (s·x - b) W_enc), so the threshold needs no folding.
+
+Defaults (issue 12; benchmarks/quality_ablations.py jumprelu, README "Dictionary quality"): θ starts
+at 0.7 and decoder rows are free (`threshold_init: 0.1, normalize_decoder: true` are the old
+ones). In normalised units (E‖x‖² = d_in) a unit direction's projection of a token has std about
+1, so at θ 0.1 every latent fired on ~45 % of the tokens at init (at 0.7 on ~20 %), and Adam moves
+θ by about lr per step: the thresholds stayed far below that interference for most of a short
+run, many latents fired on most tokens and the dense true features were split across them.
 """
 
 from __future__ import annotations
@@ -34,8 +45,11 @@ class JumpReLUConfig(ElementwiseConfig):
     l0_coefficient: float = Field(0.1, ge=0)
     sparsity_warmup_fraction: float = Field(0.05, ge=0, le=1)
     bandwidth: float = Field(0.05, gt=0)  # ε of the rectangle kernel, in normalised pre-activation units
-    threshold_init: float = Field(0.1, ge=0)
-    normalize_decoder: bool = True
+    # in normalised units, where a unit direction's projection has std ~1; absent_means: the value
+    # of checkpoints from before the default changed (writing it resumes them)
+    threshold_init: float = Field(0.7, ge=0, json_schema_extra={"absent_means": 0.1})
+    ste_to_input: bool = False  # the threshold's pseudo-gradients reach the pre-activations too
+    normalize_decoder: bool = Field(False, json_schema_extra={"absent_means": True})
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -44,41 +58,43 @@ def _rectangle(u: Tensor) -> Tensor:
 
 class _JumpReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float, ste_to_input: bool) -> Tensor:
         ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return z * (z > theta).to(z.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
+        ste = (theta / eps) * _rectangle((z - theta) / eps) * g  # [B, d_sae]
         g_z = g * (z > theta).to(g.dtype)
-        g_theta = (-(theta / eps) * _rectangle((z - theta) / eps) * g).sum_to_size(theta.shape)
-        return g_z, g_theta.to(theta.dtype), None
+        if ctx.ste_to_input:
+            g_z = g_z + ste
+        return g_z, (-ste).sum_to_size(theta.shape).to(theta.dtype), None, None
 
 
 class _Step(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float, ste_to_input: bool) -> Tensor:
         ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
         return (z > theta).to(z.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        g_theta = (-(1.0 / eps) * _rectangle((z - theta) / eps) * g).sum_to_size(theta.shape)
-        return torch.zeros_like(z), g_theta.to(theta.dtype), None
+        ste = (1.0 / ctx.bandwidth) * _rectangle((z - theta) / ctx.bandwidth) * g  # [B, d_sae]
+        g_z = ste if ctx.ste_to_input else torch.zeros_like(z)
+        return g_z, (-ste).sum_to_size(theta.shape).to(theta.dtype), None, None
 
 
-def jumprelu(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
-    return _JumpReLU.apply(z, theta, bandwidth)
+def jumprelu(z: Tensor, theta: Tensor, bandwidth: float, ste_to_input: bool = False) -> Tensor:
+    return _JumpReLU.apply(z, theta, bandwidth, ste_to_input)
 
 
-def heaviside_step(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
-    return _Step.apply(z, theta, bandwidth)
+def heaviside_step(z: Tensor, theta: Tensor, bandwidth: float, ste_to_input: bool = False) -> Tensor:
+    return _Step.apply(z, theta, bandwidth, ste_to_input)
 
 
 @register
@@ -121,19 +137,22 @@ class JumpReLUDictionary(ElementwiseDictionary):
     # bf16 they biased θ low (L0 2-3% above the float32 run's on the same data, tests/test_bf16.py).
     def dense_loss(self, xs: Tensor, ys: Tensor, pre: Tensor, progress: float, shards: BatchShards) -> TrainStep:
         pre, theta = at_least_float32(pre), self.threshold
-        f = jumprelu(pre, theta, self.cfg.bandwidth)
+        f = jumprelu(pre, theta, self.cfg.bandwidth, self.cfg.ste_to_input)
         x_hat = self.decode_dense(f, self.W_dec, self.decoder_offset(xs), shards)
-        l0 = shards.feature_sum(at_least_float32(heaviside_step(pre, theta, self.cfg.bandwidth)).sum(dim=-1).mean())
+        l0 = shards.feature_sum(at_least_float32(self._step(pre, theta)).sum(dim=-1).mean())
         return self._loss(x_hat, ys, l0, progress, f=f)
 
     def sparse_loss(self, xs: Tensor, ys: Tensor, pre: Tensor, pairs: Pairs, progress: float,
                     shards: BatchShards) -> TrainStep:
         z = at_least_float32(self.selected(xs, pre, pairs))
         theta = self.threshold[pairs.cols]
-        vals = jumprelu(z, theta, self.cfg.bandwidth)
+        vals = jumprelu(z, theta, self.cfg.bandwidth, self.cfg.ste_to_input)
         x_hat = self.decode_pairs(vals, pairs, self.W_dec, self.decoder_offset(xs), shards)
-        l0 = shards.feature_sum(at_least_float32(heaviside_step(z, theta, self.cfg.bandwidth)).sum()) / pairs.n_rows
+        l0 = shards.feature_sum(at_least_float32(self._step(z, theta)).sum()) / pairs.n_rows
         return self._loss(x_hat, ys, l0, progress, counts=pair_counts(vals, pairs.cols, self.d_sae))
+
+    def _step(self, z: Tensor, theta: Tensor) -> Tensor:
+        return heaviside_step(z, theta, self.cfg.bandwidth, self.cfg.ste_to_input)
 
     def _loss(self, x_hat: Tensor, xs: Tensor, l0: Tensor, progress: float, f: Tensor | None = None,
               counts: Tensor | None = None) -> TrainStep:
