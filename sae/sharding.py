@@ -283,10 +283,10 @@ def save_feature_shards(d: SparseDictionary, cfg: DictionaryConfig, shards: Mesh
             tensors = {k: t.cpu() for k, t in folded.weights().items() if k in d.feature_dims or layout.feature_index == 0}
             feature_shards.write_shard(directory, layout.feature_index, layout.feature_shards, tensors)
     with dist.failing_together(f"saving {directory.name}'s index"):
-        if dist.is_main():
-            feature_shards.write_index(directory, d.d_sae_total, d.feature_dims, layout.feature_shards)
+        if dist.is_main():  # the index last: it marks the save finished (sae.formats.ours.detect)
             io.write_json(directory / CFG_FILE, {**folded.cfg_dict(), "d_sae": d.d_sae_total,
                                                  "hyperparameters": cfg.model_dump(mode="json")})
+            feature_shards.write_index(directory, d.d_sae_total, d.feature_dims, layout.feature_shards)
 
 
 def _gather_to_first(t: Tensor, dim: int, shards: MeshShards) -> Tensor | None:

@@ -417,10 +417,11 @@ class Trainer:
         old = saved.get("dictionary") or {}
         fields = type(cfg).model_fields
         for key in [k for k in wanted["dictionary"] if k not in old and k in fields]:
-            field = fields[key]  # a field may say which value means what versions without it did
-            before = [field.default, *([field.json_schema_extra["absent_means"]]
-                                       if isinstance(field.json_schema_extra, dict) else [])]
-            if any(ckpt.changed_settings({key: wanted["dictionary"][key]}, {key: v}) == [] for v in before):
+            # what versions without the field did: its `absent_means` when it says (a default that
+            # changed with the field, e.g. Gated's b_gate_init), else its default
+            extra = fields[key].json_schema_extra if isinstance(fields[key].json_schema_extra, dict) else {}
+            before = extra.get("absent_means", fields[key].default)
+            if ckpt.changed_settings({key: wanted["dictionary"][key]}, {key: before}) == []:
                 del wanted["dictionary"][key]
         return wanted
 
@@ -785,10 +786,11 @@ class Trainer:
                 self.histories[s.name].snapshot(self.tokens_seen, frequencies[s.name],
                                                 s.tracker.window.tokens)
 
-    def _save_history(self, name: str) -> None:
-        """The curves beside the saved dictionary, and into wandb when it logs."""
+    def _save_history(self, name: str, diverged: bool = False) -> None:
+        """The curves beside the saved dictionary, and into wandb when it logs; how far it still
+        moved at the end (not for a diverged one: its rows stop at the divergence)."""
         written = self.histories[name].save(self.out_dir / name, title=name)
-        moved = self.histories[name].describe_last_fifth()
+        moved = None if diverged else self.histories[name].describe_last_fifth()
         if moved is not None:
             self._say(f"{name}: {moved}")
         if self._wandb_run is not None:
@@ -972,12 +974,12 @@ class Trainer:
         if self.out_dir is not None and self.saved_as == "feature_shards":
             sharding.save_feature_shards(d, s.cfg, s.shards, self.out_dir / s.name, self.data_index == 0)
             if self.writes:
-                self._save_history(s.name)
+                self._save_history(s.name, s.divergence is not None)
         elif self.out_dir is not None and self.writes:
             d.save(self.out_dir / s.name)
             if not self.keep_checkpoint and not self.sharded:
                 ckpt.remove_checkpoints(ckpt.member_dir(self.out_dir, s.name))
-            self._save_history(s.name)
+            self._save_history(s.name, s.divergence is not None)
         if self.out_dir is not None and self.sharded and not self.keep_checkpoint:
             sharding.remove_shards(ckpt.member_dir(self.out_dir, s.name), self.shards.layout, self.data_index == 0)
         return d

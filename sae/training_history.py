@@ -6,7 +6,8 @@ The trainer feeds it (`update` every log window, `snapshot` when it logs frequen
 keeps it in the checkpoint (`state_dict`: plain lists and numbers, so a resumed run's curves are
 complete), and `save`s it next to the dictionary:
 
-    training_history.json         every row and snapshot (to redraw or compare runs)
+    training_history.json         every row and snapshot (to redraw or compare runs), and
+                                  `last_fifth`: how far L0 and FVU moved over the last fifth
     training_curves.png           L0, FVU, dead and dense features against tokens trained
     frequency_over_training.png   the METRICS.md frequency histogram at up to 6 points of training
 """
@@ -64,17 +65,19 @@ class TrainingHistory:
         if not start or start[-1] is self.rows[-1]:
             return None
 
-        def change(key: str) -> float:
+        def change(key: str) -> float | None:  # None: from 0 to something (no relative change)
             before = sum(r[key] for r in start) / len(start)
             after = sum(r[key] for r in end) / len(end)
-            return (after - before) / before if before else math.inf
+            if before == 0:
+                return 0.0 if after == 0 else None
+            return (after - before) / before
 
         return {"l0": change("l0"), "fvu": change("fvu"), "from_tokens": start[-1]["tokens"], "to_tokens": total}
 
     def describe_last_fifth(self) -> str | None:
         """One line on `last_fifth` for the log (None when it cannot tell)."""
         moved = self.last_fifth()
-        if moved is None:
+        if moved is None or not all(isinstance(moved[k], float) and math.isfinite(moved[k]) for k in ("l0", "fvu")):
             return None
         verdict = "converged (both under 2 %)" if max(abs(moved["l0"]), abs(moved["fvu"])) < 0.02 else "still moving"
         return (f"over the last fifth of training L0 moved {moved['l0']:+.1%}, FVU {moved['fvu']:+.1%}: {verdict}")

@@ -333,8 +333,8 @@ def test_a_resave_killed_between_shard_files_leaves_no_index_over_mixed_shards(t
 
 
 @pytest.mark.parametrize("text, reason", [('{"layout": "feature_shards", "d_sae": 8', "Expecting"),
-                                          ('{"layout": "feature_shards", "d_sae": 8, "feature_dims": {}}', "Field required"),
-                                          ('[1, 2]', "valid dictionary"),
+                                          ('{"layout": "feature_shards", "d_sae": 8, "feature_dims": {}}', "shards: Field required"),
+                                          ('[1, 2]', "the file: Input should be a valid dictionary"),
                                           ('{"layout": "feature_shards", "d_sae": 8, "feature_dims": {}, "shards": []}',
                                            "do not cover")])
 def test_a_malformed_index_is_one_line_naming_it(tmp_path, text, reason):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -481,6 +482,7 @@ def test_a_checkpoint_from_before_jumprelu_and_gated_defaults_changed_resumes_wi
         for key in written.keys() - {"architecture"}:  # as a version before these defaults wrote it
             del state["fingerprint"]["dictionary"][key]
         torch.save(state, path)
+    shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-copy")
     capsys.readouterr()
     train_dictionaries(data, configs, **kwargs)
     out = capsys.readouterr().out
@@ -488,6 +490,12 @@ def test_a_checkpoint_from_before_jumprelu_and_gated_defaults_changed_resumes_wi
     other = parse_dictionary_config({"architecture": "gated", "d_sae": 32, "name": "g", "b_gate_init": -0.5})
     train_dictionaries(data, [other], **kwargs)
     assert "g: restarts at step 0" in capsys.readouterr().out
+    # the new defaults (left out of the config) are not what those checkpoints were trained with
+    defaults = [parse_dictionary_config({"d_sae": 32, "name": n, "architecture": c["architecture"]})
+                for n, c in old.items()]
+    train_dictionaries(data, defaults, **{**kwargs, "out_dir": tmp_path.parent / f"{tmp_path.name}-copy"})
+    out = capsys.readouterr().out
+    assert "j: restarts at step 0" in out and "g: restarts at step 0" in out
 
 
 def test_relu_b_enc_learns_at_the_weights_lr_times_root_d_in(tmp_path):
@@ -520,8 +528,6 @@ def test_relu_b_enc_learns_at_the_weights_lr_times_root_d_in(tmp_path):
 def test_a_relu_checkpoint_from_before_b_enc_had_its_own_lr(tmp_path, capsys):
     """Such a checkpoint (one Adam group, no b_enc_lr_scale in its fingerprint) restarts under the
     default with a line saying how to resume it, and resumes with b_enc_lr_scale: 1."""
-    import shutil
-
     data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=4)
     old = parse_dictionary_config({"architecture": "relu", "d_sae": 32, "name": "r", "b_enc_lr_scale": 1.0})
     kwargs = dict(total_tokens=20 * 128, checkpoint_every_tokens=5 * 128, progress=False, keep_checkpoint=True)

@@ -143,3 +143,13 @@ def test_a_resumed_run_has_the_whole_history(tmp_path, stop):
         resumed = json.loads((tmp_path / "resumed" / name / HISTORY_FILE).read_text())
         assert len(straight["rows"]) == 17 and [s["tokens"] // BATCH for s in straight["snapshots"]] == [12, 24, 36, 48]
         assert resumed == straight
+
+
+def test_the_last_fifth_of_a_dictionary_at_zero_is_no_change_and_never_infinite():
+    """A collapsed dictionary (L0 0 throughout) did not move; from 0 to something has no relative
+    change (None, not inf: training_history.json stays strict JSON), and no line is printed."""
+    dead = _history(lambda t: 0.0, lambda t: 1.0)
+    assert dead.last_fifth()["l0"] == 0.0 and dead.describe_last_fifth().startswith(
+        "over the last fifth of training L0 moved +0.0%")
+    waking = _history(lambda t: 0.0 if t <= 80 else 3.0, lambda t: 1.0)
+    assert waking.last_fifth()["l0"] is None and waking.describe_last_fifth() is None

@@ -7,8 +7,8 @@ kernel of width `bandwidth` ε:
 * ∂JumpReLU(z)/∂θ ≈ -(θ/ε) · K((z - θ)/ε),  ∂JumpReLU(z)/∂z = H(z - θ);
 * ∂H(z - θ)/∂θ ≈ -(1/ε) · K((z - θ)/ε),  K(u) = 1 for |u| < 1/2, else 0.
 
-With `ste_to_input` (Anthropic's variant; SAELens's `jumprelu_ste_to_input`) the same estimates
-also reach z with the opposite sign (both functions depend on z - θ), so the L0 term pulls
+With `ste_to_input` (Anthropic's variant; SAELens's `jumprelu_ste_to_input`) the kernel terms
+reach z as well, with the opposite sign to θ's (+(θ/ε)·K and +(1/ε)·K), so the L0 term pulls
 pre-activations near θ down and trains the encoder towards sparsity; without it (DeepMind's, the
 paper's) the L0 term trains θ alone and the encoder learns from the reconstruction only.
 

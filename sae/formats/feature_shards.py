@@ -115,7 +115,8 @@ def _index(directory: Path) -> Index:
     try:
         index = Index.model_validate(io.read_json(path))
     except (ValueError, ValidationError) as e:  # json.JSONDecodeError is a ValueError
-        reason = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        first = e.errors()[0] if isinstance(e, ValidationError) else None
+        reason = f"{'.'.join(map(str, first['loc'])) or 'the file'}: {first['msg']}" if first else str(e)
         raise UserError(f"{path}: not a readable feature-shards index ({reason}); was the folder written by this "
                         f"library, and copied whole?") from None
     edges = [s.features for s in index.shards]
