@@ -189,7 +189,7 @@ def make_optimizer(dictionary: SparseDictionary, cfg: DictionaryConfig) -> torch
     dense linear map with a gradient from every token, takes `cfg.skip_adam_betas` (momentum: at
     TopK's β1 0.5 it missed the linear map of tests/test_transcoders.py, error 0.144)."""
     skip = dictionary.W_skip
-    b_enc_scale = type(dictionary).b_enc_lr_scale_for(cfg, dictionary.d_in)
+    b_enc_scale = dictionary.b_enc_lr_scale
     b_enc = dictionary.b_enc if b_enc_scale != 1 else None
     groups = [{"params": [p for p in dictionary.parameters() if p is not skip and p is not b_enc],
                "betas": tuple(cfg.adam_betas)}]
@@ -964,7 +964,7 @@ class Trainer:
             d.metadata.setdefault("input_hook", s.input_hook)
         d.metadata["tokens_trained"] = self.tokens_seen if s.divergence is None else s.good_at[1]
         d.metadata["lr_used"] = d.lr  # the hyperparameters keep lr: null when it was the default
-        d.metadata["b_enc_lr_scale_used"] = type(d).b_enc_lr_scale_for(s.cfg, d.d_in)
+        d.metadata["b_enc_lr_scale_used"] = d.b_enc_lr_scale
         if d.resample_every_tokens():
             d.metadata["features_resampled"] = s.tracker.resampled
         if s.divergence is not None:

@@ -304,6 +304,10 @@ class SparseDictionary(nn.Module):
         given = cfg.b_enc_lr_scale
         return given if given is not None else cls.default_b_enc_lr_scale(cfg, d_in)
 
+    @property
+    def b_enc_lr_scale(self) -> float:
+        return self.b_enc_lr_scale_for(self.cfg.hyperparameters, self.d_in)
+
     # ---- transcoders and skip connections --------------------------------------------------
     @property
     def is_transcoder(self) -> bool:
