@@ -82,8 +82,9 @@ def read_header(directory: str | Path) -> Header:
 def _validated_config(cls, imported: Imported):
     """(the architecture's Config from the folder's hyperparameters at its width, the names it
     does not know, which are dropped)."""
-    hyper = {**imported.hyperparameters, "architecture": imported.architecture, "d_sae": int(imported.d_sae),
-             "expansion_factor": None}
+    # a field the file lacks was not used when it was trained (ReLU's b_enc_lr_scale: 1), not the new default
+    hyper = {**cls.Config.values_when_absent(), **imported.hyperparameters, "architecture": imported.architecture,
+             "d_sae": int(imported.d_sae), "expansion_factor": None}
     known = set(cls.Config.model_fields)
     try:
         cfg = cls.Config.model_validate({k: v for k, v in hyper.items() if k in known})

@@ -415,12 +415,10 @@ class Trainer:
         skip_adam_betas, change nothing it was trained with)."""
         wanted = self.fingerprint(cfg, name)
         old = saved.get("dictionary") or {}
-        fields = type(cfg).model_fields
+        fields, when_absent = type(cfg).model_fields, type(cfg).values_when_absent()
         for key in [k for k in wanted["dictionary"] if k not in old and k in fields]:
-            # what versions without the field did: its `absent_means` when it says (a default that
-            # changed with the field, e.g. Gated's b_gate_init), else its default
-            extra = fields[key].json_schema_extra if isinstance(fields[key].json_schema_extra, dict) else {}
-            before = extra.get("absent_means", fields[key].default)
+            # what versions without the field did (e.g. Gated's b_gate_init 0), else its default
+            before = when_absent.get(key, fields[key].default)
             if ckpt.changed_settings({key: wanted["dictionary"][key]}, {key: before}) == []:
                 del wanted["dictionary"][key]
         return wanted

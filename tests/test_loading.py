@@ -134,6 +134,19 @@ def test_load_dictionary_is_trainable_and_sae_load_is_frozen(tmp_path):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (trainable.W_enc, trainable.W_dec))
 
 
+def test_a_cfg_json_without_a_later_field_reads_back_as_trained(tmp_path):
+    """A ReLU dictionary saved before b_enc had its own lr (no b_enc_lr_scale in cfg.json) was
+    trained at 1, not at the √d_in the new default resolves to; one that says keeps its value."""
+    random_dictionary("relu").save(tmp_path / "d")
+    path = tmp_path / "d" / "cfg.json"
+    cfg = json.loads(path.read_text())
+    assert sae.load(tmp_path / "d").b_enc_lr_scale == pytest.approx(cfg["d_in"] ** 0.5)
+    del cfg["hyperparameters"]["b_enc_lr_scale"]
+    path.write_text(json.dumps(cfg))
+    old = load_dictionary(tmp_path / "d")
+    assert old.cfg.hyperparameters.b_enc_lr_scale == 1.0 and old.b_enc_lr_scale == 1.0
+
+
 def test_dtype_and_device_arguments(tmp_path):
     d = random_dictionary("jumprelu")
     d.save(tmp_path / "d")

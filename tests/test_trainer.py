@@ -466,9 +466,10 @@ def test_a_checkpoint_from_before_a_new_config_field_resumes_while_that_field_is
 
 def test_a_checkpoint_from_before_jumprelu_and_gated_defaults_changed_resumes_with_the_old_values_written(
         tmp_path, capsys):
-    """JumpReLU's threshold_init and normalize_decoder and Gated's b_gate_init changed defaults: a
-    checkpoint whose author left them out (trained at 0.1, true and 0) resumes when a config
-    writes those old values, and restarts under another value."""
+    """JumpReLU's threshold_init and normalize_decoder and Gated's b_gate_init changed defaults. A
+    JumpReLU checkpoint holds the values it was trained at (0.1, true: the fields existed); a Gated
+    one from before b_gate_init lacks it (trained at 0). Both resume when a config writes those old
+    values, and restart under another value or the new defaults."""
     data = SyntheticFeatures(d_in=16, n_features=32, batch_size=128, seed=4)
     old = {"j": {"architecture": "jumprelu", "threshold_init": 0.1, "normalize_decoder": True},
            "g": {"architecture": "gated", "b_gate_init": 0.0}}
@@ -479,8 +480,9 @@ def test_a_checkpoint_from_before_jumprelu_and_gated_defaults_changed_resumes_wi
     for name, written in old.items():
         path = ckpt.latest_path(ckpt.member_dir(tmp_path, name))
         state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in written.keys() - {"architecture"}:  # as a version before these defaults wrote it
-            del state["fingerprint"]["dictionary"][key]
+        assert state["fingerprint"]["dictionary"]["threshold_init" if name == "j" else "b_gate_init"] is not None
+        if name == "g":  # as a version before b_gate_init wrote it
+            del state["fingerprint"]["dictionary"]["b_gate_init"]
         torch.save(state, path)
     shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-copy")
     capsys.readouterr()

@@ -117,6 +117,15 @@ class DictionaryConfig(BaseModel):
         except ValueError as e:
             raise ConfigError(f"dictionary {name or self.name!r}: {e}") from None
 
+    @classmethod
+    def values_when_absent(cls) -> dict[str, Any]:
+        """What a saved config or checkpoint without a field was trained with, for the fields
+        added with a default other than the old behaviour (`absent_means` on the field; ReLU's
+        b_enc_lr_scale: 1). Fields that existed before their default changed are saved with their
+        value and need no entry."""
+        extras = {name: f.json_schema_extra for name, f in cls.model_fields.items()}
+        return {name: e["absent_means"] for name, e in extras.items() if isinstance(e, dict) and "absent_means" in e}
+
     def as_written(self) -> "DictionaryConfig":
         """This config with every field its author left out at its declared default, not at the
         value a validator resolved it to (ReLU's recipe defaults). Dictionary names and checkpoint

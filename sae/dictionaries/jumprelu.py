@@ -45,11 +45,11 @@ class JumpReLUConfig(ElementwiseConfig):
     l0_coefficient: float = Field(0.1, ge=0)
     sparsity_warmup_fraction: float = Field(0.05, ge=0, le=1)
     bandwidth: float = Field(0.05, gt=0)  # ε of the rectangle kernel, in normalised pre-activation units
-    # in normalised units, where a unit direction's projection has std ~1; absent_means: the value
-    # of checkpoints from before the default changed (writing it resumes them)
-    threshold_init: float = Field(0.7, ge=0, json_schema_extra={"absent_means": 0.1})
+    # in normalised units, where a unit direction's projection has std ~1 (0.1 before 2026-12-01:
+    # checkpoints and cfg.json files from then say so, and writing it resumes them)
+    threshold_init: float = Field(0.7, ge=0)
     ste_to_input: bool = False  # the threshold's pseudo-gradients reach the pre-activations too
-    normalize_decoder: bool = Field(False, json_schema_extra={"absent_means": True})
+    normalize_decoder: bool = False  # True before 2026-12-01
 
 
 def _rectangle(u: Tensor) -> Tensor:
