@@ -338,6 +338,7 @@ def plot(runs: list[Run], path: Path, steps: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     families = sorted({r.family for r in runs})
     cols = min(3, len(families))
@@ -352,6 +353,11 @@ def plot(runs: list[Run], path: Path, steps: int) -> None:
             ax.plot(*zip(*pts), marker="o" if ours else "s", linestyle="-" if ours else "--",
                     linewidth=2 if ours else 1, label=label)
         ax.set_xscale("log")
+        # 1-2-5 ticks labelled as plain numbers: the default labels every minor tick of an axis
+        # spanning about a decade in scientific notation, and they overlap
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylim(0, 1.1)  # a peer that failed to train sits above, out of view
         ax.set_title(family)
         ax.set_xlabel("L0")
