@@ -371,30 +371,44 @@ def plot(runs: list[Run], path: Path, steps: int) -> None:
 
 
 def write_results(runs: list[Run], spec: GroundTruthSpec, truth: GroundTruth, args, out: Path) -> None:
+    header = {"size": args.size, "spec": spec.to_dict(), "steps": args.steps, "max_abs_cos": truth.max_abs_cos(),
+              "overrides": args.set, "lr": args.lr}
+    write_payload(header, runs, out)
+
+
+def write_payload(header: dict[str, Any], runs: list[Run], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"size": args.size, "spec": spec.to_dict(), "steps": args.steps, "max_abs_cos": truth.max_abs_cos(),
-               "overrides": args.set, "lr": args.lr,
-               "runs": [{"library": r.library, "label": r.label, "family": r.family, "knob": r.knob,
-                         "value": r.value, "config": r.config, **r.metrics} for r in runs]}
+    payload = {**header, "runs": [{"library": r.library, "label": r.label, "family": r.family, "knob": r.knob,
+                                   "value": r.value, "config": r.config, **r.metrics} for r in runs]}
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(out / "results.json")
-    md = table(runs, args.steps)
+    md = table(runs, header["steps"])
     (out / "frontier.md").write_text(md + "\n")
-    plot(runs, out / "frontier.png", args.steps)
+    plot(runs, out / "frontier.png", header["steps"])
     print(md)
     print(f"\nwrote {out}/results.json, frontier.md, frontier.png", file=sys.stderr)
 
 
-def merged_runs(paths: list[Path]) -> list[Run]:
-    """The runs of several results.json files (ours first), for one table and one plot."""
+def merged(paths: list[Path]) -> tuple[dict[str, Any], list[Run]]:
+    """The header (ground truth, steps) the results.json files share and their runs (ours first),
+    for one table and one plot; files measured on other data or steps are refused."""
+    files = [json.loads(path.read_text()) for path in paths]
+    header = {k: v for k, v in files[0].items() if k != "runs"}
+    for path, other in zip(paths[1:], files[1:]):
+        for key in ("spec", "steps"):
+            if other.get(key) != header.get(key):
+                raise SystemExit(f"--merge: {path} has other {key} than {paths[0]} "
+                                 f"({other.get(key)} vs {header.get(key)}); merge runs of one ground truth and step count")
+        for key in ("overrides", "lr"):  # kept when the files agree
+            if other.get(key) != header.get(key):
+                header[key] = "differ between the merged files"
     runs = []
-    for path in paths:
-        for raw in json.loads(path.read_text())["runs"]:
-            keys = ("library", "label", "family", "knob", "value", "config")
-            metrics = {k: v for k, v in raw.items() if k not in keys}
-            runs.append(Run(*(raw[k] for k in keys), metrics=metrics))
-    return sorted(runs, key=lambda r: r.library != "ours")
+    for raw in (raw for f in files for raw in f["runs"]):
+        keys = ("library", "label", "family", "knob", "value", "config")
+        metrics = {k: v for k, v in raw.items() if k not in keys}
+        runs.append(Run(*(raw[k] for k in keys), metrics=metrics))
+    return header, sorted(runs, key=lambda r: r.library != "ours")
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -441,11 +455,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.setup_peers:
         setup_peers(args.peers)
         return
+    if args.merge:
+        write_payload(*merged(args.merge), args.out)
+        return
     spec = make_spec(args)
     truth = GroundTruth(spec)
-    if args.merge:
-        write_results(merged_runs(args.merge), spec, truth, args, args.out)
-        return
     heldout = truth.heldout()
     d_sae = d_sae_for(spec)
     runs = [] if args.peers_only else our_runs(args, d_sae)
