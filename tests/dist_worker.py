@@ -50,7 +50,9 @@ CONFIGS = [
     # flip features across 0 (2.6e-6 in W_enc after 24 steps); 5e-3 keeps b_enc's step at 2e-2
     {"name": "relu", "architecture": "relu", "l1_coefficient": 3.0, "resample_every_tokens": 8 * BATCH,
      "lr": 5e-3, "hook_name": "hook.a"},
-    {"name": "jumprelu", "architecture": "jumprelu", "hook_name": "hook.b"},
+    # JumpReLU's threshold steps on the count of pre-activations inside its window: at the capped
+    # 2e-2 a float-order difference moved one across an edge on another CPU (threshold 4.2e-5 apart)
+    {"name": "jumprelu", "architecture": "jumprelu", "lr": 4e-3, "hook_name": "hook.b"},
     {"name": "gated", "architecture": "gated", "hook_name": "hook.a"},
     {"name": "matryoshka", "architecture": "matryoshka_batchtopk", "k": 3, "group_sizes": [8, 16, 24],
      "lr": 4e-3, "hook_name": "hook.b"},
