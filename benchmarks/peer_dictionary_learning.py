@@ -22,10 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dictionary_learning.trainers import (BatchTopKTrainer, GatedSAETrainer, JumpReluTrainer,  # noqa: E402
                                           StandardTrainer, TopKTrainer)
+from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer  # noqa: E402
 from peer_common import Request, save_result  # noqa: E402
 
 TRAINERS = {"standard": StandardTrainer, "topk": TopKTrainer, "batchtopk": BatchTopKTrainer,
-            "jumprelu": JumpReluTrainer, "gated": GatedSAETrainer}
+            "jumprelu": JumpReluTrainer, "gated": GatedSAETrainer,
+            "matryoshka_batchtopk": MatryoshkaBatchTopKTrainer}  # group_fractions from the request
 STEP_COUNTS = ("warmup_steps", "sparsity_warmup_steps", "threshold_start_step")
 
 
@@ -49,7 +51,7 @@ def decoder_rows(ae) -> torch.Tensor:
 
 
 def encode(ae, x: torch.Tensor) -> torch.Tensor:
-    if "use_threshold" in inspect.signature(ae.encode).parameters and type(ae).__name__ == "BatchTopKSAE":
+    if "use_threshold" in inspect.signature(ae.encode).parameters and "BatchTopK" in type(ae).__name__:
         return ae.encode(x, use_threshold=True)  # its inference mode
     return ae.encode(x)
 

@@ -23,6 +23,7 @@ from sae_lens import SAE  # noqa: E402
 from sae_lens.config import LoggingConfig, SAETrainerConfig  # noqa: E402
 from sae_lens.saes import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, GatedTrainingSAE,  # noqa: E402
                            GatedTrainingSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig,
+                           MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig,
                            StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE,
                            TopKTrainingSAEConfig)
 from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
@@ -33,6 +34,7 @@ ARCHITECTURES = {  # our request's name -> (training SAE class, its config class
     "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
     "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
     "gated": (GatedTrainingSAE, GatedTrainingSAEConfig),
+    "matryoshka_batchtopk": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig),
 }
 
 
@@ -42,7 +44,18 @@ DEFAULT_LR = dataclasses.fields(SAETrainerConfig)[[f.name for f in dataclasses.f
 def build(run: dict, d_in: int, d_sae: int):
     cls, config_cls = ARCHITECTURES[run["architecture"]]
     knobs = {k: v for k, v in run.items() if k not in ("name", "architecture")}
+    if "group_fractions" in knobs:  # its Matryoshka takes the cumulative widths of the groups
+        knobs["matryoshka_widths"] = nested_widths(knobs.pop("group_fractions"), d_sae)
     return cls(config_cls(d_in=d_in, d_sae=d_sae, **knobs))
+
+
+def nested_widths(fractions: list[float], d_sae: int) -> list[int]:
+    """Cumulative group ends at round(cumulative fraction * d_sae), the last at d_sae (as ours)."""
+    ends, total = [], 0.0
+    for fraction in fractions[:-1]:
+        total += fraction
+        ends.append(round(total * d_sae))
+    return [*ends, d_sae]
 
 
 def train(sae, request: Request) -> float:

@@ -66,6 +66,10 @@ class Sweep:
     values: list[float]
 
 
+# Matryoshka's nested groups, as fractions of d_sae (the paper's doubling widths, the remainder last);
+# every library gets the same ones, each in its own form (sizes, fractions or cumulative widths)
+MATRYOSHKA_GROUPS = [0.0625, 0.125, 0.25, 0.5625]
+
 # Our sweeps, set on --size medium with the default lrs (roughly L0 5-120 there; 15-130 at full size
 # needs other values: use --set SWEEP:KNOB=[...]).
 OURS = {
@@ -77,6 +81,8 @@ OURS = {
     "batchtopk": Sweep("batchtopk", {"architecture": "batchtopk"}, "k", [16, 32, 64]),
     "jumprelu": Sweep("jumprelu", {"architecture": "jumprelu"}, "l0_coefficient", [0.1, 0.3, 1.0, 3.0]),
     "gated": Sweep("gated", {"architecture": "gated"}, "l1_coefficient", [0.5, 1.0, 2.0]),
+    "matryoshka": Sweep("matryoshka", {"architecture": "matryoshka_batchtopk", "group_sizes": MATRYOSHKA_GROUPS},
+                        "k", [16, 32, 64]),
 }
 
 
@@ -191,6 +197,7 @@ PEER_SWEEPS = {
         "batchtopk": Sweep("batchtopk", {}, "k", [16, 32, 64]),
         "jumprelu": Sweep("jumprelu", {}, "l0_coefficient", [0.3, 1.0, 3.0]),
         "gated": Sweep("gated", {}, "l1_coefficient", [1.0, 2.0, 5.0]),
+        "matryoshka_batchtopk": Sweep("matryoshka", {"group_fractions": MATRYOSHKA_GROUPS}, "k", [16, 32, 64]),
     },
     "dictionary-learning": {
         "standard": Sweep("relu", {}, "l1_penalty", [0.03, 0.1, 0.3, 1.0, 2.0, 4.0]),
@@ -198,6 +205,7 @@ PEER_SWEEPS = {
         "batchtopk": Sweep("batchtopk", {}, "k", [16, 32, 64]),
         "jumprelu": Sweep("jumprelu", {}, "target_l0", [20, 40, 80]),
         "gated": Sweep("gated", {}, "l1_penalty", [0.3, 1.0, 3.0]),
+        "matryoshka_batchtopk": Sweep("matryoshka", {"group_fractions": MATRYOSHKA_GROUPS}, "k", [16, 32, 64]),
     },
     "eai-sparsify": {
         "topk": Sweep("topk", {}, "k", [16, 32, 64]),
@@ -235,7 +243,7 @@ def peer_runs(args: argparse.Namespace, peer: str) -> list[Run]:
         for value in values if isinstance(values, list) else [values]:
             value = scaled(sweep.knob, value, args.size)
             runs.append(Run(peer, f"{peer} {arch}", sweep.family, sweep.knob, value,
-                            {"architecture": arch, sweep.knob: value}))
+                            {**sweep.config, "architecture": arch, sweep.knob: value}))
     return runs
 
 
