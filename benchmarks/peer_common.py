@@ -53,3 +53,13 @@ def save_result(request: Request, run: dict, W_dec: torch.Tensor, x_hat: torch.T
     info = {"lr": float(lr), "train_seconds": time.perf_counter() - start, **extra}
     (request.out_dir / f"{name}.json").write_text(json.dumps(info))
     print(f"{name}: done in {info['train_seconds']:.0f} s", file=sys.stderr, flush=True)
+
+
+def nested_widths(fractions: list[float], d_sae: int) -> list[int]:
+    """Matryoshka group fractions as cumulative widths (SAELens's `matryoshka_widths`): each group
+    ends at round(cumulative fraction * d_sae), the last at d_sae, as our `group_sizes` fractions do."""
+    ends, total = [], 0.0
+    for fraction in fractions[:-1]:
+        total += fraction
+        ends.append(round(total * d_sae))
+    return [*ends, d_sae]

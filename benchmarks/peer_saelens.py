@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peer_common import Request, save_result  # noqa: E402
+from peer_common import Request, nested_widths, save_result  # noqa: E402
 from sae_lens import SAE  # noqa: E402
 from sae_lens.config import LoggingConfig, SAETrainerConfig  # noqa: E402
 from sae_lens.saes import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, GatedTrainingSAE,  # noqa: E402
@@ -47,15 +47,6 @@ def build(run: dict, d_in: int, d_sae: int):
     if "group_fractions" in knobs:  # its Matryoshka takes the cumulative widths of the groups
         knobs["matryoshka_widths"] = nested_widths(knobs.pop("group_fractions"), d_sae)
     return cls(config_cls(d_in=d_in, d_sae=d_sae, **knobs))
-
-
-def nested_widths(fractions: list[float], d_sae: int) -> list[int]:
-    """Cumulative group ends at round(cumulative fraction * d_sae), the last at d_sae (as ours)."""
-    ends, total = [], 0.0
-    for fraction in fractions[:-1]:
-        total += fraction
-        ends.append(round(total * d_sae))
-    return [*ends, d_sae]
 
 
 def train(sae, request: Request) -> float:
